@@ -1,0 +1,75 @@
+"""On-disk cache of built datasets: one builder per node, everyone else reuses the file.
+
+The key hashes everything the result depends on (``cache_key``): the data files' content hashes, the
+tokenizer (``tokenizer_fingerprint``: its full vocab/merges/normalizer JSON, special tokens and BOS
+behaviour), max_seq_len, packing, overflow/strict policy, split settings and ``TEMPLATE_VERSION``.
+
+``load_or_build`` takes an exclusive ``fcntl.flock`` on ``<key>.lock`` in the cache directory: the first
+process (on a node-local cache dir: the first per node; on a shared file system with working locks:
+the first overall) builds and writes ``<key>.pt`` atomically (temporary file + ``os.replace``); the
+others block on the lock, then load the finished file. A crashed builder releases its lock (the OS
+drops flocks of dead processes) and never leaves a partial ``.pt``.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from typing import Any, Callable, Dict, Tuple
+
+import torch
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = 1
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what decides the tokenizer's output: its serialized model, special tokens, BOS use."""
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # slow tokenizer: the vocab is what we can see
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    h.update(json.dumps(tokenizer("Hello 你好")["input_ids"]).encode())  # catches add_bos/eos settings
+    return h.hexdigest()
+
+
+def cache_key(parts: Dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def load_or_build(cache_dir: str, key: str, build: Callable[[], Dict[str, Any]]) -> Tuple[Dict[str, Any], bool]:
+    """Return (payload, was_cached). ``build`` returns a dict of tensors and plain Python values."""
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f"{key}.pt")
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks while another process builds this key
+        if os.path.exists(path):
+            payload = torch.load(path, weights_only=True)
+            if payload.get("format") == CACHE_FORMAT:
+                log.info("dataset cache hit: %s", path)
+                return payload, True
+        log.info("building dataset cache %s (LOCAL_RANK=%s)", path, os.environ.get("LOCAL_RANK", "unset"))
+        payload = dict(build(), format=CACHE_FORMAT)
+        tmp_fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}.", suffix=".tmp")
+        try:
+            with os.fdopen(tmp_fd, "wb") as fh:
+                torch.save(payload, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return payload, False
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

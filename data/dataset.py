@@ -1,0 +1,307 @@
+"""``build_dataset``: record files -> fixed-shape torch Datasets for the SFT, RM and PPO stages.
+
+Shapes (T = max_seq_len, every item padded on the right to T, all tensors int64):
+
+kind="lm" (SFT / pretraining): ``LMDataset`` item = ``(inputs, labels)``, the DeepSpeed pipeline pair
+    inputs = (input_ids [T], attention_mask [T])                 pack=False
+    inputs = (input_ids [T], attention_mask [T], segment_ids [T]) pack=True
+    labels [T]: HF convention, unshifted: labels[i] = input_ids[i] where trained, else -100 (the loss
+    shifts). attention_mask is 1 on real tokens. segment_ids is 1..k for the k records of a packed row,
+    0 on padding; attention_mask == (segment_ids > 0). Positions restart at 0 in every segment and
+    attention must not cross segments (the model builds position ids and a block-diagonal causal mask
+    from segment_ids). Uses pretrain, instruct, conversation, ref_qa and pairwise (prompt + chosen)
+    records; prompt records are counted as unused.
+kind="pairwise" (reward model): ``PairwiseDataset`` item = ``((input_ids [2, T], attention_mask [2, T]),
+    labels [2, T])``, row 0 = prompt + chosen, row 1 = prompt + rejected, labels marking each answer +
+    EOS. ``collate_pairs`` turns B items into ``[2B, T]`` tensors, the B chosen rows first, then the B
+    rejected rows in the same order, so one micro-batch always holds both sides of its pairs. The
+    reward is read at the last real token (the EOS): ``attention_mask.sum(-1) - 1``.
+kind="prompt" (PPO rollouts): ``PromptDataset`` item = ``(input_ids [T], attention_mask [T])`` LEFT-padded
+    (generation appends on the right), the prompt ending with the generation prompt "Assistant:\\n".
+    Uses prompt records and the prompts of pairwise records. Over-long prompts keep their last tokens
+    (and the BOS, when the tokenizer adds one).
+
+Pad id = tokenizer.pad_token_id, or unk_token_id when there is none; never EOS.
+Over-long samples are truncated on the right (``overflow="truncate"``, default) or dropped
+(``"drop"``); a sample left with no trained token is dropped. Every drop is counted in the stats by
+reason, as are records unused by this kind and bad records dropped in skip mode (``strict=False``).
+"""
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from data import cache as cache_mod
+from data.errors import DataError, Problem
+from data.packing import OVERFLOW_POLICIES, Samples, fit_length, pack as pack_rows, rows_to_arrays
+from data.records import LoadResult, PathsArg, Record, expand_paths, load_records
+from data.split import eval_split, split_shares
+from data.templates import TEMPLATE_VERSION, tokenizer_adds_bos
+from data.tokenize import pad_token_id, tokenize_records
+
+KINDS = ("lm", "pairwise", "prompt")
+_USES = {"lm": ("pretrain", "instruct", "conversation", "ref_qa", "pairwise"),
+         "pairwise": ("pairwise",), "prompt": ("prompt", "pairwise")}
+IGNORE_INDEX = -100
+
+
+class LMDataset(Dataset):
+    def __init__(self, samples: Samples, row_offsets: np.ndarray, row_samples: np.ndarray, max_len: int,
+                 pad_id: int, packed: bool):
+        self.samples, self.row_offsets, self.row_samples = samples, row_offsets, row_samples
+        self.max_len, self.pad_id, self.packed = max_len, pad_id, packed
+
+    def __len__(self) -> int:
+        return len(self.row_offsets) - 1
+
+    def __getitem__(self, i: int):
+        T = self.max_len
+        ids = np.full(T, self.pad_id, dtype=np.int64)
+        labels = np.full(T, IGNORE_INDEX, dtype=np.int64)
+        seg = np.zeros(T, dtype=np.int64)
+        pos = 0
+        for k, s in enumerate(self.row_samples[self.row_offsets[i]:self.row_offsets[i + 1]], start=1):
+            tok, tgt = self.samples.get(s)
+            n = len(tok)
+            ids[pos:pos + n] = tok
+            labels[pos:pos + n] = np.where(tgt, tok, IGNORE_INDEX)
+            seg[pos:pos + n] = k
+            pos += n
+        ids, labels, seg = torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(seg)
+        mask = (seg > 0).long()
+        return ((ids, mask, seg) if self.packed else (ids, mask)), labels
+
+
+class PairwiseDataset(Dataset):
+    """Samples 2k (chosen) and 2k+1 (rejected) form pair k."""
+
+    def __init__(self, samples: Samples, max_len: int, pad_id: int):
+        self.samples, self.max_len, self.pad_id = samples, max_len, pad_id
+
+    def __len__(self) -> int:
+        return len(self.samples) // 2
+
+    def __getitem__(self, i: int):
+        ids = np.full((2, self.max_len), self.pad_id, dtype=np.int64)
+        labels = np.full((2, self.max_len), IGNORE_INDEX, dtype=np.int64)
+        mask = np.zeros((2, self.max_len), dtype=np.int64)
+        for side in range(2):
+            tok, tgt = self.samples.get(2 * i + side)
+            ids[side, :len(tok)] = tok
+            labels[side, :len(tok)] = np.where(tgt, tok, IGNORE_INDEX)
+            mask[side, :len(tok)] = 1
+        return (torch.from_numpy(ids), torch.from_numpy(mask)), torch.from_numpy(labels)
+
+
+def collate_pairs(batch):
+    """B pairwise items -> ((input_ids [2B, T], attention_mask [2B, T]), labels [2B, T]); chosen first."""
+    ids = torch.stack([b[0][0] for b in batch])  # [B, 2, T]
+    mask = torch.stack([b[0][1] for b in batch])
+    labels = torch.stack([b[1] for b in batch])
+    flat = lambda x: x.transpose(0, 1).reshape(-1, x.shape[-1])  # [2, B, T] -> [2B, T]
+    return (flat(ids), flat(mask)), flat(labels)
+
+
+class PromptDataset(Dataset):
+    def __init__(self, samples: Samples, max_len: int, pad_id: int):
+        self.samples, self.max_len, self.pad_id = samples, max_len, pad_id
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        tok, _ = self.samples.get(i)
+        ids = np.full(self.max_len, self.pad_id, dtype=np.int64)
+        mask = np.zeros(self.max_len, dtype=np.int64)
+        ids[self.max_len - len(tok):] = tok  # left padding
+        mask[self.max_len - len(tok):] = 1
+        return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+class Built(NamedTuple):
+    train: Dataset
+    eval: Optional[Dataset]
+    stats: Dict[str, Any]
+
+
+def build_dataset(data_paths: PathsArg, tokenizer, max_seq_len: int, *, kind: str = "lm", pack: bool = False,
+                  overflow: str = "truncate", strict: bool = True, eval_paths: Optional[PathsArg] = None,
+                  eval_fraction: float = 0.0, data_split: Union[str, Sequence[float], None] = None,
+                  split_index: int = 0, seed: int = 1234, cache_dir: Optional[str] = None,
+                  batch_size: int = 1000) -> Built:
+    """Validate, render, tokenize, fit and (optionally) pack; returns ``Built(train, eval, stats)``.
+
+    data_paths / eval_paths: a path, a glob, a directory or a list of them (.json arrays, .jsonl).
+    kind: "lm" | "pairwise" | "prompt" (see the module docstring for item shapes).
+    pack: pack several samples per row (kind="lm" only).
+    overflow: "truncate" (default) or "drop" samples longer than max_seq_len.
+    strict: raise ``DataError`` listing every bad record; else drop them and count by reason.
+    eval_fraction: hold out this fraction of the (selected) records when eval_paths is not given.
+    data_split, split_index: e.g. "2,4,4" and 0/1/2: use only that disjoint share of the records.
+    cache_dir: reuse/build ``<cache_dir>/<key>.pt`` (one builder per node, see ``data.cache``).
+    stats: {"files", "records", "types", "invalid", "unused", "special_token", "train": {...}, "eval": ...}.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: use one of {', '.join(KINDS)}")
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"overflow {overflow!r}: use one of {', '.join(OVERFLOW_POLICIES)}")
+    if pack and kind != "lm":
+        raise ValueError(f"pack=True applies to kind='lm' only (got kind={kind!r})")
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+    args = dict(kind=kind, pack=pack, overflow=overflow, strict=strict, eval_fraction=eval_fraction,
+                data_split=data_split, split_index=split_index, seed=seed, max_seq_len=max_seq_len,
+                batch_size=batch_size)
+
+    def build() -> Dict[str, Any]:
+        return _build(data_paths, eval_paths, tokenizer, **args)
+
+    if cache_dir is None:
+        payload = build()
+    else:
+        key = cache_mod.cache_key(dict(args, files=_file_hashes(data_paths), eval_files=_file_hashes(eval_paths),
+                                       tokenizer=cache_mod.tokenizer_fingerprint(tokenizer),
+                                       template=TEMPLATE_VERSION, batch_size=None))
+        payload, hit = cache_mod.load_or_build(cache_dir, key, build)
+        payload["stats"]["cache"] = {"key": key, "hit": hit, "path": os.path.join(cache_dir, key + ".pt")}
+    return Built(_make(payload, "train"), _make(payload, "eval"), payload["stats"])
+
+
+def _file_hashes(paths: Optional[PathsArg]) -> List[Tuple[str, str]]:
+    import hashlib
+    if paths is None:
+        return []
+    files, problems = expand_paths(paths)
+    if problems:
+        raise DataError(problems, "data files not found")
+    out = []
+    for f in files:
+        with open(f, "rb") as fh:
+            out.append((os.path.abspath(f), hashlib.file_digest(fh, "sha256").hexdigest()))
+    return out
+
+
+def _make(payload: Dict[str, Any], split: str) -> Optional[Dataset]:
+    part = payload.get(split)
+    if part is None:
+        return None
+    samples = Samples.from_state(part["samples"])
+    T, pad, kind = payload["max_seq_len"], payload["pad_id"], payload["kind"]
+    if kind == "lm":
+        return LMDataset(samples, part["row_offsets"].numpy(), part["row_samples"].numpy(), T, pad, payload["pack"])
+    if kind == "pairwise":
+        return PairwiseDataset(samples, T, pad)
+    return PromptDataset(samples, T, pad)
+
+
+def _build(data_paths, eval_paths, tokenizer, *, kind, pack, overflow, strict, eval_fraction, data_split,
+           split_index, seed, max_seq_len, batch_size) -> Dict[str, Any]:
+    main = load_records(data_paths)
+    extra = load_records(eval_paths) if eval_paths is not None else LoadResult([], [], [])
+    problems: List[Problem] = main.problems + extra.problems
+    records = main.records
+    stats: Dict[str, Any] = {"files": [list(f) for f in main.files + extra.files],
+                             "records": len(records) + len(extra.records)}
+    idx = np.arange(len(records))
+    if data_split is not None:
+        shares = split_shares(len(records), data_split, seed)
+        if not 0 <= split_index < len(shares):
+            raise ValueError(f"split_index {split_index} out of range for data_split {data_split!r}")
+        idx = shares[split_index]
+        stats["data_split"] = {"spec": str(data_split), "index": split_index, "records": len(idx)}
+    if eval_paths is not None:
+        train_recs, eval_recs = [records[i] for i in idx], extra.records
+    else:
+        tr, ev = eval_split(idx, eval_fraction, seed)
+        train_recs, eval_recs = [records[i] for i in tr], [records[i] for i in ev]
+
+    stats["types"] = dict(collections.Counter(r.type for r in train_recs + eval_recs))
+    parts, special = {}, []
+    for name, recs in (("train", train_recs), ("eval", eval_recs)):
+        part, bad = _tokenize_part(recs, tokenizer, kind, pack, overflow, max_seq_len, batch_size)
+        parts[name] = part
+        special.extend(bad)
+    problems += special
+    if problems and strict:
+        raise DataError(problems, "invalid data (use strict=False / --skip-bad to drop bad records)")
+    stats["invalid"] = dict(collections.Counter(p.reason for p in problems))
+    for name in ("train", "eval"):
+        stats[name] = parts[name].pop("stats")
+    stats["unused"] = {t: stats["train"]["unused"].get(t, 0) + stats["eval"]["unused"].get(t, 0)
+                       for t in set(stats["train"]["unused"]) | set(stats["eval"]["unused"])}
+    has_eval = eval_paths is not None or eval_fraction > 0
+    return {"kind": kind, "pack": pack, "max_seq_len": max_seq_len, "pad_id": pad_token_id(tokenizer),
+            "train": parts["train"], "eval": parts["eval"] if has_eval else None, "stats": stats}
+
+
+def _tokenize_part(records: List[Record], tokenizer, kind, pack, overflow, T, batch_size):
+    """Records of one split -> (payload part with samples/rows/stats, special-token problems)."""
+    used = [r for r in records if r.type in _USES[kind]]
+    unused = collections.Counter(r.type for r in records if r.type not in _USES[kind])
+    origin = {}  # id(entry record) -> type of the user's record, for the stats
+    if kind == "pairwise":
+        entries = [(r, side) for r in used for side in ("chosen", "rejected")]
+    elif kind == "prompt":  # a pairwise record contributes its prompt only
+        entries = [(Record("prompt", {k: v for k, v in r.fields.items() if k in ("prompt", "rounds")},
+                           r.file, r.index, r.line), "") for r in used]
+        origin = {id(e[0]): r.type for e, r in zip(entries, used)}
+    else:
+        entries = [(r, "chosen") for r in used]
+    encoded, problems = tokenize_records(entries, tokenizer, batch_size)
+    bad_records = {(p.file, p.record) for p in problems}
+
+    dropped, types = collections.Counter(), collections.Counter()
+    truncated, kept = 0, []
+    group = 2 if kind == "pairwise" else 1
+    bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    for g in range(0, len(entries), group):
+        rec = entries[g][0]
+        if (rec.file, rec.index) in bad_records:
+            continue
+        fitted, reason, cut = [], None, False
+        for ids, tgt in encoded[g:g + group]:
+            if kind == "prompt":
+                keep_bos = bos is not None and len(ids) > T and ids[0] == bos
+                res, reason, c = fit_length(ids[1:] if keep_bos else ids, tgt[1:] if keep_bos else tgt,
+                                            T - 1 if keep_bos else T, overflow, keep="tail")
+                if res is not None and keep_bos:
+                    res = (np.concatenate([ids[:1], res[0]]), np.concatenate([tgt[:1], res[1]]))
+            else:
+                res, reason, c = fit_length(ids, tgt, T, overflow)
+            cut |= c
+            if res is None:
+                break
+            fitted.append(res)
+        if reason is not None:
+            dropped[reason] += 1
+            continue
+        truncated += cut
+        types[origin.get(id(rec), rec.type)] += 1
+        kept.extend(fitted)
+
+    samples = Samples.from_list(kept)
+    lengths = samples.lengths()
+    if kind == "lm":
+        rows = pack_rows(lengths.tolist(), T) if pack else [[i] for i in range(len(samples))]
+        row_offsets, row_samples = rows_to_arrays(rows)
+        n_rows = len(rows)
+    else:
+        row_offsets = row_samples = None
+        n_rows = len(samples) // group
+    real = int(lengths.sum())
+    computed = n_rows * T * group
+    stats = {"samples": n_rows if kind != "lm" else len(samples), "rows": n_rows, "types": dict(types),
+             "unused": dict(unused), "truncated": int(truncated), "dropped": dict(dropped),
+             "real_tokens": real, "target_tokens": int(samples.target.sum()), "computed_tokens": computed,
+             "efficiency": real / computed if computed else 0.0,
+             "max_len": int(lengths.max()) if len(lengths) else 0,
+             "mean_len": float(lengths.mean()) if len(lengths) else 0.0}
+    part = {"samples": samples.state(), "stats": stats}
+    if row_offsets is not None:
+        part["row_offsets"], part["row_samples"] = torch.from_numpy(row_offsets), torch.from_numpy(row_samples)
+    return part, problems

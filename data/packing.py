@@ -1,0 +1,98 @@
+"""Length policy, sample storage and packing of samples into ``max_seq_len`` rows.
+
+Samples live in ``Samples``: one flat int32 token array + bool target array + offsets, so a million
+records cost ~5 bytes/token instead of a padded [N, max_seq_len] matrix. Rows are materialised per item.
+
+Packing is best-fit decreasing: samples sorted by length (longest first, ties by index, so it is
+deterministic) each go into the open row with the least room that still fits them.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+OVERFLOW_POLICIES = ("truncate", "drop")
+
+
+@dataclasses.dataclass
+class Samples:
+    tokens: np.ndarray  # int32 [total tokens]
+    target: np.ndarray  # bool  [total tokens], True = trained
+    offsets: np.ndarray  # int64 [n + 1]; sample i is tokens[offsets[i]:offsets[i+1]]
+
+    @classmethod
+    def from_list(cls, samples: Sequence[Tuple[np.ndarray, np.ndarray]]) -> "Samples":
+        lengths = np.array([len(ids) for ids, _ in samples], dtype=np.int64)
+        offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dtype=dt))
+        return cls(cat([s[0] for s in samples], np.int32), cat([s[1] for s in samples], bool), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def get(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[a:b], self.target[a:b]
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        return {"tokens": torch.from_numpy(self.tokens), "target": torch.from_numpy(self.target),
+                "offsets": torch.from_numpy(self.offsets)}
+
+    @classmethod
+    def from_state(cls, st: Dict[str, torch.Tensor]) -> "Samples":
+        return cls(st["tokens"].numpy(), st["target"].numpy(), st["offsets"].numpy())
+
+
+def fit_length(ids: np.ndarray, target: np.ndarray, max_len: int, overflow: str, keep: str = "head"
+               ) -> Tuple[Optional[Tuple[np.ndarray, np.ndarray]], Optional[str], bool]:
+    """Apply the overflow policy -> (sample or None, drop reason or None, was_truncated).
+
+    ``keep="head"`` truncates on the right (LM samples); ``"tail"`` keeps the last tokens (prompts: the
+    generation prompt is at the end), re-using the first token when it is a tokenizer-added BOS is the
+    caller's job. A sample with no trained token left is dropped ("no_target_tokens") unless ``keep``
+    is "tail" (prompts have no targets)."""
+    truncated = False
+    if len(ids) > max_len:
+        if overflow == "drop":
+            return None, "too_long", False
+        ids, target = (ids[:max_len], target[:max_len]) if keep == "head" else (ids[-max_len:], target[-max_len:])
+        truncated = True
+    if keep == "head" and not target.any():
+        return None, "no_target_tokens", truncated
+    return (ids, target), None, truncated
+
+
+def pack(lengths: Sequence[int], max_len: int) -> List[List[int]]:
+    """Best-fit decreasing: sample indices grouped into rows of total length <= max_len."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: List[List[int]] = []
+    free: List[Tuple[int, int]] = []  # sorted (room left, row id) of rows that still have room
+    for i in order:
+        n = int(lengths[i])
+        assert 0 < n <= max_len, "samples must be fitted to max_len before packing"
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+        else:
+            room, r = max_len, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    return rows
+
+
+def rows_to_arrays(rows: Sequence[Sequence[int]]) -> Tuple[np.ndarray, np.ndarray]:
+    """Rows of sample indices -> (row_offsets int64 [R+1], row_samples int64 [n])."""
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    flat = np.fromiter((i for r in rows for i in r), dtype=np.int64, count=int(offsets[-1]))
+    return offsets, flat

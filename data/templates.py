@@ -1,0 +1,157 @@
+"""The prompt format of every record type: the single source of truth.
+
+Every non-pretrain record is rendered as a chat. Turns are joined by a blank line; each answer ends
+with the tokenizer's EOS token (the end-of-turn token):
+
+    Reference:\\n{reference}            (ref_qa only: a "system" message)
+    \\n\\nHuman:\\n{ask}
+    \\n\\nAssistant:\\n{ans}</s>
+    \\n\\nHuman:\\n{ask} ...
+
+- instruct:     one Human turn with ``instruct`` (+ "\\n\\n" + ``input`` when given), then ``output``.
+- conversation: the rounds in order; asks and answers may repeat in a row (each is its own turn).
+- ref_qa:       the reference as a leading "Reference:" block, then the rounds.
+- pairwise:     the prompt (a string = one Human turn, or rounds), then ``chosen`` or ``rejected``.
+- prompt:       the prompt followed by the generation prompt "\\n\\nAssistant:\\n" (for PPO rollouts).
+- pretrain:     the raw text + EOS, no template.
+
+Trained spans (labels kept, everything else -100): each answer's text plus its EOS, i.e. the instruct
+``output``, every ``ans`` turn of conversation/ref_qa, and the pairwise ``chosen`` (``rejected`` is
+rendered the same way for reward scoring). The "Assistant:\\n" header is never trained. In a pairwise
+or prompt record, ``ans`` turns of the prompt are context (not trained). Pretrain trains on all tokens.
+
+The answer always starts right after a newline, so the first answer token never merges with the
+header for either tokenizer (LLaMA's SentencePiece and BLOOM's byte-level BPE both split at "\\n").
+
+BOS is the tokenizer's business: the rendered text has no BOS and is tokenized with
+``add_special_tokens=True`` (LLaMA adds BOS, BLOOM adds nothing). ``chat_template(add_bos=True)``
+prefixes ``{{ bos_token }}`` so ``apply_chat_template(..., tokenize=True)`` (which does not add special
+tokens) gives the same ids as training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Dict, List, Optional, Sequence, Tuple
+
+SEP = "\n\n"  # between turns
+HEADERS = {"system": "Reference:\n", "user": "Human:\n", "assistant": "Assistant:\n"}
+ROLE_OF = {"ask": "user", "ans": "assistant"}
+
+# Jinja twin of render_messages(). Keep the two in step (tests/test_data_templates.py checks equality).
+_JINJA_BODY = (
+    "{%- for message in messages -%}"
+    "{%- if not loop.first -%}{{ '\\n\\n' }}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}{{ 'Reference:\\n' + message['content'] }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'Human:\\n' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ 'Assistant:\\n' + message['content'] + eos_token }}"
+    "{%- else -%}{{ raise_exception('unknown role ' + message['role'] + "
+    "'; use system (reference), user or assistant') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if messages -%}{{ '\\n\\n' }}{%- endif -%}{{ 'Assistant:\\n' }}"
+    "{%- endif -%}"
+)
+
+
+def chat_template(add_bos: bool) -> str:
+    """The Jinja chat template; ``add_bos`` for tokenizers that add BOS themselves (LLaMA)."""
+    return ("{{ bos_token }}" if add_bos else "") + _JINJA_BODY
+
+
+CHAT_TEMPLATE = chat_template(add_bos=False)
+# Changes whenever the format changes: part of the dataset cache key.
+TEMPLATE_VERSION = "1-" + hashlib.sha256((_JINJA_BODY + repr(HEADERS) + SEP).encode()).hexdigest()[:12]
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a")["input_ids"]
+    return bos is not None and len(ids) > 0 and ids[0] == bos
+
+
+def set_chat_template(tokenizer) -> str:
+    """Store our chat template on ``tokenizer`` (saved by ``save_pretrained``); returns it."""
+    tokenizer.chat_template = chat_template(tokenizer_adds_bos(tokenizer))
+    return tokenizer.chat_template
+
+
+def rounds_to_messages(rounds: Sequence[Sequence[str]], reference: Optional[str] = None) -> List[Dict[str, str]]:
+    """``[["ask", q], ["ans", a]]`` (+ optional reference) -> HF chat messages (system/user/assistant)."""
+    messages = [{"role": "system", "content": reference}] if reference is not None else []
+    return messages + [{"role": ROLE_OF[role], "content": text} for role, text in rounds]
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A run of rendered text. ``field`` names the record field it came from (None for markup)."""
+    text: str
+    trained: bool = False
+    field: Optional[str] = None
+
+
+def render_messages(turns: Sequence[Tuple[str, str, Optional[str], bool]], eos_token: str,
+                    add_generation_prompt: bool = False) -> List[Piece]:
+    """(role, content, field, trained) turns -> pieces; the text equals the Jinja template's output."""
+    pieces: List[Piece] = []
+    for i, (role, content, field, trained) in enumerate(turns):
+        if i:
+            pieces.append(Piece(SEP))
+        pieces.append(Piece(HEADERS[role]))
+        pieces.append(Piece(content, trained, field))
+        if role == "assistant":
+            pieces.append(Piece(eos_token, trained))
+    if add_generation_prompt:
+        if turns:
+            pieces.append(Piece(SEP))
+        pieces.append(Piece(HEADERS["assistant"]))
+    return pieces
+
+
+def _prompt_turns(fields: dict) -> List[Tuple[str, str, Optional[str], bool]]:
+    """The prompt of a pairwise/prompt record; its answers are context, not trained."""
+    if "prompt" in fields:
+        return [("user", fields["prompt"], "prompt", False)]
+    return [(ROLE_OF[r], t, f"rounds[{i}][1]", False) for i, (r, t) in enumerate(fields["rounds"])]
+
+
+def record_turns(rtype: str, fields: dict, side: str = "chosen") -> List[Tuple[str, str, Optional[str], bool]]:
+    """A chat-type record -> (role, content, field, trained) turns. ``side``: pairwise answer to use."""
+    if rtype == "instruct":
+        ask = fields["instruct"] + (SEP + fields["input"] if "input" in fields else "")
+        return [("user", ask, "instruct", False), ("assistant", fields["output"], "output", True)]
+    if rtype in ("conversation", "ref_qa"):
+        turns = [("system", fields["reference"], "reference", False)] if rtype == "ref_qa" else []
+        return turns + [(ROLE_OF[r], t, f"rounds[{i}][1]", r == "ans") for i, (r, t) in enumerate(fields["rounds"])]
+    if rtype == "pairwise":
+        return _prompt_turns(fields) + [("assistant", fields[side], side, True)]
+    if rtype == "prompt":
+        return _prompt_turns(fields)
+    raise ValueError(f"record type {rtype!r} has no chat form")
+
+
+def record_messages(rtype: str, fields: dict, side: str = "chosen") -> List[Dict[str, str]]:
+    """HF chat messages for a record (what ``apply_chat_template`` takes)."""
+    return [{"role": role, "content": content} for role, content, _, _ in record_turns(rtype, fields, side)]
+
+
+def render_record(rtype: str, fields: dict, eos_token: str, side: str = "chosen") -> List[Piece]:
+    """A validated record -> pieces whose concatenation is the training text (without BOS)."""
+    if rtype == "pretrain":
+        return [Piece(fields["text"], True, "text"), Piece(eos_token, True)]
+    return render_messages(record_turns(rtype, fields, side), eos_token, add_generation_prompt=rtype == "prompt")
+
+
+def join_pieces(pieces: Sequence[Piece]) -> Tuple[str, List[Tuple[int, int]]]:
+    """Pieces -> (text, trained character spans [start, end)); adjacent trained pieces merge."""
+    parts, spans, pos = [], [], 0
+    for p in pieces:
+        if p.trained and p.text:
+            if spans and spans[-1][1] == pos:
+                spans[-1] = (spans[-1][0], pos + len(p.text))
+            else:
+                spans.append((pos, pos + len(p.text)))
+        parts.append(p.text)
+        pos += len(p.text)
+    return "".join(parts), spans
