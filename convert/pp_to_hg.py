@@ -1,0 +1,154 @@
+"""Pipeline layer files -> HF folder (sharded safetensors + index, config, tokenizer), streaming:
+one pipe layer is in memory at a time, written straight into its shard.
+
+Everything is checked before anything is written (every expected layer file is there, every key
+and shape matches the config), the output is built in a temporary folder and renamed at the end.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig
+from transformers.utils.hub import convert_file_size_to_int
+
+from models.pipeline import layer_key_rules, pipe_key_to_hf, pipe_layer_names
+from models.registry import get_architecture
+
+from .errors import ConversionError
+from .hg_to_pp import expected_layer_shapes
+from .output_dir import check_dest, replace_dir, temp_dir_beside
+from .pipe_dir import copy_side_files, find_layer_files, find_side_file, read_metadata, resolve_checkpoint_dir
+from .safetensors_stream import StreamingSafetensorsWriter, TensorSpec
+
+HF_CLASS_SUFFIX = {"lm": "ForCausalLM", "value": "ForSequenceClassification"}
+ARCH_CLASS_PREFIX = {"llama": "Llama", "bloom": "Bloom"}
+
+
+def load_layer(path: Path) -> dict[str, torch.Tensor]:
+    """A layer file, memory-mapped: tensors are read from disk only when touched."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ConversionError(f"{path}: cannot read layer file ({type(e).__name__}: {e})") from None
+    if "module" in state and isinstance(state["module"], dict):
+        state = state["module"]
+    return state
+
+
+def plan_pipe_to_hf(ckpt_dir: Path, config, head: str) -> tuple[list[TensorSpec], dict[str, tuple[Path, str]]]:
+    """Check the layer files against the config; return (HF tensor specs in pipe order,
+    {HF name: (layer file, key in it)})."""
+    rules = layer_key_rules(config, head)
+    expected = expected_layer_shapes(config, head)
+    files = find_layer_files(ckpt_dir)
+    names = pipe_layer_names(config, head)
+    needed = [r.index for r in rules if r.file_expected]
+    missing = [i for i in needed if i not in files]
+    if missing:
+        raise ConversionError(
+            f"{ckpt_dir}: missing layer files for pipe layers " + ", ".join(f"{i} ({names[i]})" for i in missing)
+            + f" (the {config.model_type} config has {len(names)} pipe layers: embedding, {len(names) - 3} blocks, final_norm, "
+            f"{head}_head). On a multi-node run each node writes the layers of its own stages: copy all layer files into one folder"
+        )
+    extra = sorted(i for i in files if i >= len(names) or (i not in needed))
+    if extra:
+        raise ConversionError(f"{ckpt_dir}: layer files {extra} do not belong to a {len(names)}-layer {config.model_type} pipeline with a {head} head (wrong config.json?)")
+    specs, sources, problems = [], {}, []
+    for index in needed:
+        state = load_layer(files[index])
+        want = expected[index]
+        for key in sorted(set(want) - set(state)):
+            problems.append(f"{files[index].name}: missing {key}")
+        for key in sorted(set(state) - set(want)):
+            problems.append(f"{files[index].name}: unexpected {key}")
+        for key, tensor in state.items():
+            if key in want and tuple(tensor.shape) != want[key]:
+                problems.append(f"{files[index].name}: {key} has shape {list(tensor.shape)}, config expects {list(want[key])}")
+            elif key in want:
+                hf_name = pipe_key_to_hf(rules, index, key)
+                specs.append(TensorSpec(hf_name, tensor.dtype, tuple(tensor.shape)))
+                sources[hf_name] = (files[index], key)
+        del state
+    if problems:
+        raise ConversionError(f"{ckpt_dir}: layer files do not match config.json: " + "; ".join(problems))
+    return specs, sources
+
+
+def shard_specs(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Consecutive groups of tensors of at most max_shard_bytes each (a larger tensor gets its own shard)."""
+    shards, current, size = [], [], 0
+    for spec in specs:
+        if current and size + spec.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(spec)
+        size += spec.nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def pp_to_hg(input_path: str, save_path: str, max_shard_size: str = "5GB", overwrite: bool = False, progress: bool = True) -> Path:
+    src, dest = Path(input_path), Path(save_path)
+    ckpt_dir, search = resolve_checkpoint_dir(src)
+    config_path = find_side_file(search, "config.json")
+    if config_path is None:
+        raise ConversionError(f"{ckpt_dir}: no config.json here or in {search[-1]} (hg_to_pp and training checkpoints write one)")
+    check_dest(dest, overwrite)
+    config = AutoConfig.from_pretrained(config_path.parent)
+    get_architecture(config.model_type)
+    meta = read_metadata(search)
+    head = meta.get("head", "lm")
+    specs, sources = plan_pipe_to_hf(ckpt_dir, config, head)
+    try:
+        max_bytes = convert_file_size_to_int(max_shard_size)
+    except (ValueError, TypeError):
+        raise ConversionError(f"--max-shard-size {max_shard_size!r}: use a size such as 5GB or 500MB") from None
+    shards = shard_specs(specs, max_bytes)
+
+    tmp = temp_dir_beside(dest)
+    try:
+        weight_map = _write_shards(tmp, shards, sources, progress)
+        _write_config(tmp, config, specs, head)
+        copy_side_files(search, tmp, skip=("config.json",))
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _write_shards(out: Path, shards: list[list[TensorSpec]], sources: dict[str, tuple[Path, str]], progress: bool) -> dict[str, str]:
+    names = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    # Specs are in pipe-layer order, so one layer file (memory-mapped) is open at a time.
+    current_path, current_state = None, {}
+    weight_map = {}
+    bar = tqdm(total=len({p for p, _ in sources.values()}), desc="pp_to_hg", unit="layer", disable=not progress)
+    for shard_name, shard in zip(names, shards):
+        with StreamingSafetensorsWriter(out / shard_name, shard, metadata={"format": "pt"}) as writer:
+            for spec in shard:
+                path, key = sources[spec.name]
+                if path != current_path:
+                    current_path, current_state = path, load_layer(path)
+                    bar.update(1)
+                writer.write(spec.name, current_state.pop(key))
+                weight_map[spec.name] = shard_name
+    bar.close()
+    return weight_map
+
+
+def _write_config(out: Path, config, specs: list[TensorSpec], head: str) -> None:
+    float_dtypes = {s.dtype for s in specs if s.dtype.is_floating_point}
+    if len(float_dtypes) != 1:
+        raise ConversionError(f"layer files mix dtypes {sorted(map(str, float_dtypes))}; convert them to one dtype first")
+    config.dtype = next(iter(float_dtypes))
+    config.architectures = [ARCH_CLASS_PREFIX[config.model_type] + HF_CLASS_SUFFIX[head]]
+    if head == "value":
+        config.num_labels = 1
+    config.save_pretrained(out)

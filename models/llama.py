@@ -1,0 +1,75 @@
+"""LLaMA pipe layers. Blocks subclass transformers' `LlamaDecoderLayer`, so numerics and state-dict
+keys are HF's (minus the `model.layers.{i}.` prefix). Covers grouped-query attention
+(`num_key_value_heads`), `rope_parameters`/`rope_scaling`/`rope_theta`, tied or untied embeddings.
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from .stage_io import join_stage_outputs, position_ids_from, same_segment_mask_fn, split_stage_inputs
+
+
+class LlamaEmbedding(nn.Module):
+    """(input_ids, mask[, seg]) -> (hidden float[B,T,H], mask[, seg])."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+
+    @property
+    def embedding_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight
+
+    def forward(self, inputs: tuple) -> tuple:
+        input_ids, attention_mask, segment_ids = split_stage_inputs(inputs)
+        return join_stage_outputs(self.embed_tokens(input_ids), attention_mask, segment_ids)
+
+
+class LlamaPipeBlock(LlamaDecoderLayer):
+    """One decoder layer; rebuilds positions, RoPE cos/sin and the causal mask from the int mask.
+
+    The rotary module holds only a non-persistent `inv_freq` buffer, so the state dict is exactly
+    HF's decoder-layer state dict.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.config = config
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+
+    def forward(self, inputs: tuple, past_key_values=None) -> tuple:
+        hidden, attention_mask, segment_ids = split_stage_inputs(inputs)
+        position_ids = position_ids_from(attention_mask, segment_ids)
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+            and_mask_function=None if segment_ids is None else same_segment_mask_fn(segment_ids),
+        )
+        cos_sin = self.rotary_emb(hidden, position_ids=position_ids)
+        hidden = super().forward(
+            hidden,
+            attention_mask=causal_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+            position_embeddings=cos_sin,
+        )
+        return join_stage_outputs(hidden, attention_mask, segment_ids)
+
+
+class LlamaFinalNorm(nn.Module):
+    """(hidden, mask[, seg]) -> (normed hidden, mask[, seg])."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, inputs: tuple) -> tuple:
+        hidden, attention_mask, segment_ids = split_stage_inputs(inputs)
+        return join_stage_outputs(self.norm(hidden), attention_mask, segment_ids)

@@ -1,0 +1,87 @@
+"""Architectures as data, keyed by HF `config.model_type`.
+
+Each entry names the layer classes and the declarative HF <-> pipe key rules; `models.pipeline`
+turns these into the pipe-layer list and the two-way checkpoint mapping. Adding an architecture
+means adding one entry here and one module of layer classes.
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    # Layer classes: embedding(config), block(config, layer_idx), final_norm(config).
+    embedding: type
+    block: type
+    final_norm: type
+    # HF key prefix -> pipe key prefix, per pipe-layer kind. "{i}" is the block index.
+    embedding_keys: tuple[tuple[str, str], ...]
+    block_keys: tuple[str, str]
+    final_norm_keys: tuple[tuple[str, str], ...]
+    # HF's base-model prefix: checkpoints saved from the bare base model (e.g. bigscience/bloom)
+    # lack it, and get it added on read.
+    base_prefix: str
+    # Attention implementations that work for this architecture, default first.
+    attn_implementations: tuple[str, ...]
+    # HF keys that are derived buffers, never weights (e.g. old LLaMA's rotary inv_freq).
+    ignored_hf_key_suffixes: tuple[str, ...] = ()
+    # `config.tie_word_embeddings` default when a config omits it.
+    tied_by_default: bool = False
+    # Number of attention heads / hidden size accessors differ across configs.
+    num_layers_attr: str = "num_hidden_layers"
+
+
+def _llama() -> Architecture:
+    from . import llama
+
+    return Architecture(
+        model_type="llama",
+        embedding=llama.LlamaEmbedding,
+        block=llama.LlamaPipeBlock,
+        final_norm=llama.LlamaFinalNorm,
+        embedding_keys=(("model.embed_tokens.", "embed_tokens."),),
+        block_keys=("model.layers.{i}.", ""),
+        final_norm_keys=(("model.norm.", "norm."),),
+        base_prefix="model.",
+        attn_implementations=("sdpa", "eager", "flash_attention_2"),
+        ignored_hf_key_suffixes=(".rotary_emb.inv_freq",),
+    )
+
+
+def _bloom() -> Architecture:
+    from . import bloom
+
+    return Architecture(
+        model_type="bloom",
+        embedding=bloom.BloomEmbedding,
+        block=bloom.BloomPipeBlock,
+        final_norm=bloom.BloomFinalNorm,
+        embedding_keys=(
+            ("transformer.word_embeddings.", "word_embeddings."),
+            ("transformer.word_embeddings_layernorm.", "word_embeddings_layernorm."),
+        ),
+        block_keys=("transformer.h.{i}.", ""),
+        final_norm_keys=(("transformer.ln_f.", "ln_f."),),
+        base_prefix="transformer.",
+        attn_implementations=("eager",),
+        tied_by_default=True,
+    )
+
+
+_REGISTRY: dict[str, Callable[[], Architecture]] = {"llama": _llama, "bloom": _bloom}
+SUPPORTED_MODEL_TYPES = tuple(sorted(_REGISTRY))
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def get_architecture(model_type: str) -> Architecture:
+    try:
+        return _REGISTRY[model_type]()
+    except KeyError:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "(the model_type key of the model's config.json)"
+        ) from None
