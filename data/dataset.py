@@ -255,6 +255,7 @@ def _tokenize_part(records: List[Record], tokenizer, kind, pack, overflow, T, ba
     encoded, problems = tokenize_records(entries, tokenizer, batch_size)
     bad_records = {(p.file, p.record) for p in problems}
 
+    raw = np.array([len(e[0]) for e in encoded if e is not None], dtype=np.int64)  # before fitting
     dropped, types = collections.Counter(), collections.Counter()
     truncated, kept = 0, []
     group = 2 if kind == "pairwise" else 1
@@ -299,9 +300,17 @@ def _tokenize_part(records: List[Record], tokenizer, kind, pack, overflow, T, ba
              "unused": dict(unused), "truncated": int(truncated), "dropped": dict(dropped),
              "real_tokens": real, "target_tokens": int(samples.target.sum()), "computed_tokens": computed,
              "efficiency": real / computed if computed else 0.0,
-             "max_len": int(lengths.max()) if len(lengths) else 0,
-             "mean_len": float(lengths.mean()) if len(lengths) else 0.0}
+             "length_before_fit": _describe(raw), "length": _describe(lengths)}
     part = {"samples": samples.state(), "stats": stats}
     if row_offsets is not None:
         part["row_offsets"], part["row_samples"] = torch.from_numpy(row_offsets), torch.from_numpy(row_samples)
     return part, problems
+
+
+def _describe(lengths: np.ndarray) -> Dict[str, float]:
+    """Token-length summary {n, min, mean, p50, p95, max}."""
+    if not len(lengths):
+        return {"n": 0}
+    q = np.percentile(lengths, [50, 95])
+    return {"n": int(len(lengths)), "min": int(lengths.min()), "mean": round(float(lengths.mean()), 1),
+            "p50": round(float(q[0]), 1), "p95": round(float(q[1]), 1), "max": int(lengths.max())}
