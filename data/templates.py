@@ -23,10 +23,11 @@ or prompt record, ``ans`` turns of the prompt are context (not trained). Pretrai
 The answer always starts right after a newline, so the first answer token never merges with the
 header for either tokenizer (LLaMA's SentencePiece and BLOOM's byte-level BPE both split at "\\n").
 
-BOS is the tokenizer's business: the rendered text has no BOS and is tokenized with
-``add_special_tokens=True`` (LLaMA adds BOS, BLOOM adds nothing). ``chat_template(add_bos=True)``
-prefixes ``{{ bos_token }}`` so ``apply_chat_template(..., tokenize=True)`` (which does not add special
-tokens) gives the same ids as training.
+BOS follows the tokenizer's convention (LLaMA adds BOS, BLOOM does not): ``render_record`` returns
+text without BOS; ``data.tokenize`` prepends the BOS text to chat-type records when the tokenizer adds
+BOS and tokenizes with ``add_special_tokens=False``, exactly like ``apply_chat_template(..., tokenize=True)``
+with ``chat_template(add_bos=True)`` (which starts with ``{{ bos_token }}``). Pretrain text is tokenized
+with ``add_special_tokens=True``.
 """
 from __future__ import annotations
 

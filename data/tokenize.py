@@ -12,6 +12,14 @@ never concatenate separately tokenized pieces (that would change tokens at the s
 reliable for both tiny tokenizers: LLaMA's byte-fallback tokens of one character all carry that
 character's span, and a leading "\u2581" piece's span includes the space it stands for.
 
+BOS: pretrain text is tokenized with ``add_special_tokens=True`` (the tokenizer's own convention: LLaMA
+adds BOS, BLOOM adds nothing). Chat-type records are tokenized exactly as
+``apply_chat_template(..., tokenize=True)`` does it: the BOS *text* is prepended when the tokenizer adds
+BOS (``chat_template(add_bos=True)`` starts with ``{{ bos_token }}``) and ``add_special_tokens=False``.
+The difference matters for LLaMA: after "<s>" SentencePiece adds no dummy-prefix space, so "Human" is
+one token id while ``tok("Human...")`` gives "\u2581Human". Training on the chat template's ids keeps
+training and inference (HF chat template, vLLM, ...) token-identical.
+
 The EOS/end-of-turn token is rendered as its text (e.g. "</s>") and the tokenizer maps it to its id. So a
 record whose own text contains a special-token string would inject control tokens: such records are
 reported as bad (reason "special_token").
@@ -24,7 +32,7 @@ import numpy as np
 
 from data.errors import Problem
 from data.records import Record
-from data.templates import Piece, join_pieces, render_record
+from data.templates import Piece, join_pieces, render_record, tokenizer_adds_bos
 
 
 def pad_token_id(tokenizer) -> int:
@@ -57,11 +65,11 @@ def special_token_problems(record: Record, pieces: Sequence[Piece], specials: Se
 
 
 def encode(tokenizer, texts: Sequence[str], spans: Sequence[Sequence[Tuple[int, int]]],
-           batch_size: int = 1000) -> List[Tuple[np.ndarray, np.ndarray]]:
+           batch_size: int = 1000, add_special_tokens: bool = True) -> List[Tuple[np.ndarray, np.ndarray]]:
     """Tokenize ``texts`` in batches -> [(ids int32 [L], target bool [L])], target from char ``spans``."""
     out = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[start:start + batch_size]), add_special_tokens=True,
+        enc = tokenizer(list(texts[start:start + batch_size]), add_special_tokens=add_special_tokens,
                         return_offsets_mapping=True, return_attention_mask=False)
         for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans[start:start + batch_size]):
             ids = np.asarray(ids, dtype=np.int32)
@@ -84,18 +92,23 @@ def tokenize_records(records: Iterable[Tuple[Record, str]], tokenizer, batch_siz
 
     ``side`` is "chosen"/"rejected" for pairwise records (ignored otherwise)."""
     eos = eos_token(tokenizer)
+    bos = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else ""
     specials = [s for s in tokenizer.all_special_tokens if s]
-    texts, spans, keep, problems = [], [], [], []
+    groups = {True: ([], []), False: ([], [])}  # add_special_tokens -> (texts, spans)
+    route, problems = [], []  # per entry: None (bad) or the group it went to
     for rec, side in records:
         pieces = render_record(rec.type, rec.fields, eos, side)
         bad = special_token_problems(rec, pieces, specials)
         if bad:
             problems.extend(bad)
-            keep.append(False)
+            route.append(None)
             continue
         text, sp = join_pieces(pieces)
-        texts.append(text)
-        spans.append(sp)
-        keep.append(True)
-    encoded = iter(encode(tokenizer, texts, spans, batch_size))
-    return [next(encoded) if k else None for k in keep], problems
+        raw = rec.type == "pretrain"
+        if not raw and bos:  # as the chat template renders it: BOS text, no added special tokens
+            text, sp = bos + text, [(a + len(bos), b + len(bos)) for a, b in sp]
+        groups[raw][0].append(text)
+        groups[raw][1].append(sp)
+        route.append(raw)
+    encoded = {k: iter(encode(tokenizer, t, s, batch_size, add_special_tokens=k)) for k, (t, s) in groups.items()}
+    return [None if k is None else next(encoded[k]) for k in route], problems
