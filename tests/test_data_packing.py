@@ -78,5 +78,6 @@ def test_packed_loss_equals_unpacked():
     n = int((labels[:, 1:] != -100).sum())
     assert n == packed.stats["train"]["target_tokens"]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
-    assert abs(float(leaky - ref)) > 1.0  # attending across records would change it: the test can fail
+    # attending across records changes the sum well beyond the tolerance (~0.06 here): the test can fail
+    assert abs(float(leaky - ref)) > 0.3
     assert abs(float(ref) / n - np.log(1024)) < 0.5  # a random model: ~ln(vocab) per token, so the sum is real
