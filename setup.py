@@ -1,0 +1,29 @@
+"""pipetune: pipeline-parallel full fine-tuning of BLOOM and LLaMA on DeepSpeed.
+
+Versions are pinned to the ones tested together (CPU: torch 2.13.0+cpu; see README for GPUs).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="pipetune",
+    version="0.1.0",
+    description="Pipeline-parallel full fine-tuning (SFT, reward model, PPO) of BLOOM and LLaMA on DeepSpeed",
+    python_requires=">=3.10",
+    packages=find_packages(include=["models", "models.*", "data", "data.*", "trainer", "trainer.*", "convert", "convert.*"]),
+    py_modules=["train_ds", "convert_model", "demo"],
+    package_data={"data": ["samples/*.json", "samples/*.jsonl"]},
+    install_requires=[
+        "torch==2.13.0",
+        "deepspeed==0.19.8",
+        "transformers==5.23.0",
+        "tokenizers==0.23.3",
+        "sentencepiece==0.2.3",
+        "protobuf==7.36.2",
+        "lion-pytorch==0.2.5",
+        "safetensors==0.8.0",
+        "tqdm==4.70.1",
+        "Jinja2==3.1.6",
+        "numpy==2.4.6",
+    ],
+    extras_require={"test": ["pytest==9.2.0"]},
+)

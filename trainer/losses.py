@@ -1,0 +1,17 @@
+"""Loss functions for the last pipeline stage: `loss_fn(outputs, labels)` as DeepSpeed calls it.
+
+Labels follow HF's convention: int64[B,T], unshifted, -100 where no loss is taken; the loss shifts
+(logits at t predict the token at t+1).
+"""
+import torch
+import torch.nn.functional as F
+
+
+def causal_lm_loss(logits: torch.Tensor, labels) -> torch.Tensor:
+    """Mean cross-entropy over this micro-batch's target tokens (HF's per-batch loss).
+    logits float[B,T,V], labels int64[B,T] (or a tuple whose first item is labels)."""
+    if isinstance(labels, (tuple, list)):
+        labels = labels[0]
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100)
