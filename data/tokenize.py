@@ -70,7 +70,8 @@ def encode(tokenizer, texts: Sequence[str], spans: Sequence[Sequence[Tuple[int, 
     out = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[start:start + batch_size]), add_special_tokens=add_special_tokens,
-                        return_offsets_mapping=True, return_attention_mask=False)
+                        return_offsets_mapping=True, return_attention_mask=False,
+                        verbose=False)  # no "longer than model_max_length" warning: we fit lengths
         for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans[start:start + batch_size]):
             ids = np.asarray(ids, dtype=np.int32)
             off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # [L, 2] char [start, end)

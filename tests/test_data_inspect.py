@@ -1,0 +1,39 @@
+"""python -m data.inspect: exit codes, error lines without traceback, marked rendering."""
+import subprocess
+import sys
+
+from data.inspect import main
+from data_fixtures import MIXED, ROOT, TOKENIZER_DIRS, write_json
+
+
+def test_valid_without_tokenizer(capsys):
+    assert main([MIXED]) == 0
+    out = capsys.readouterr().out
+    assert "valid records: 39" in out and '"prompt": 5' in out
+
+
+def test_bad_file_exits_nonzero_without_traceback(tmp_path):
+    path = write_json(tmp_path / "bad.json", [{"type": "pretrain", "text": "ok"}, {"type": "conversation",
+                                                                                   "rounds": [["ask", "q"]]}])
+    proc = subprocess.run([sys.executable, "-m", "data.inspect", path], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[0] == (f"{path}: record 1: field 'rounds': has no answer: add at least one "
+                                           "[\"ans\", text] turn (nothing would be trained on)")
+    assert "Traceback" not in proc.stderr and "--skip-bad" in proc.stderr
+    skip = subprocess.run([sys.executable, "-m", "data.inspect", path, "--skip-bad"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert skip.returncode == 0 and 'dropped bad records: {"no_answer": 1}' in skip.stdout
+
+
+def test_with_tokenizer_shows_trained_part(capsys):
+    assert main([MIXED, "--tokenizer-path", TOKENIZER_DIRS["bloom"], "--max-seq-len", "64", "--show", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "truncated:" in out and "tokens per sample before fitting" in out
+    assert "Human:\nSummarize the following text." in out
+    assert "Assistant:\n⟦Language models learn from text and can answer, code and translate.</s>⟧" in out
+
+
+def test_bad_with_tokenizer(tmp_path, capsys):
+    path = write_json(tmp_path / "bad.json", [{"type": "instruct", "instruct": "a", "output": "x</s>"}])
+    assert main([path, "--tokenizer-path", TOKENIZER_DIRS["llama"]]) == 1
+    assert "field 'output': contains the special token text '</s>'" in capsys.readouterr().err
