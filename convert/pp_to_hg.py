@@ -113,6 +113,7 @@ def pp_to_hg(input_path: str, save_path: str, max_shard_size: str = "5GB", overw
         weight_map = _write_shards(tmp, shards, sources, progress)
         _write_config(tmp, config, specs, head)
         copy_side_files(search, tmp, skip=("config.json",))
+        _write_chat_template(tmp)
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -141,6 +142,19 @@ def _write_shards(out: Path, shards: list[list[TensorSpec]], sources: dict[str, 
                 weight_map[spec.name] = shard_name
     bar.close()
     return weight_map
+
+
+def _write_chat_template(out: Path) -> None:
+    """Store the training prompt format with the tokenizer (`chat_template.jinja`, which
+    transformers loads with the tokenizer), so `apply_chat_template` reproduces training prompts."""
+    from transformers import AutoTokenizer
+
+    from data.templates import set_chat_template
+
+    if not any((out / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return  # no tokenizer to attach it to
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    (out / "chat_template.jinja").write_text(set_chat_template(tokenizer))
 
 
 def _write_config(out: Path, config, specs: list[TensorSpec], head: str) -> None:

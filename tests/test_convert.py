@@ -142,6 +142,12 @@ def test_exported_folder_loads_and_generates_like_source(tiny_hf, tmp_path):
     src = tiny_hf("llama")
     out = pp_to_hg(hg_to_pp(src, tmp_path / "pp", progress=False), tmp_path / "hf", progress=False)
     tok = AutoTokenizer.from_pretrained(out)
+    # The training prompt format travels with the tokenizer.
+    from data.templates import chat_template
+
+    assert tok.chat_template == chat_template(add_bos=True)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "<s>Human:\nHi\n\nAssistant:\n"
     assert tok.decode(tok("hello world 你好", add_special_tokens=False)["input_ids"]) == "hello world 你好"
     ids = tok("The capital of France", return_tensors="pt")
     a = AutoModelForCausalLM.from_pretrained(src).generate(**ids, max_new_tokens=8, do_sample=False)

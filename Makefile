@@ -1,0 +1,26 @@
+# Two commands take a fresh machine to a running job and to passing tests:
+#   make quickstart    install into .venv, then run the tiny-model pipeline end to end
+#   make test          install into .venv, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: quickstart test install clean
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 (pinned in setup.py) resolves to the local CPU build on the CPU machines here.
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+quickstart: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash tools/quickstart.sh
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf runs .pytest_cache data/.cache
