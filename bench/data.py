@@ -76,7 +76,7 @@ def main() -> None:
             results[pack] = st
             print(f"pack={str(pack):5}  build {dt:6.2f} s  {args.records / dt:8.0f} records/s  "
                   f"{st['real_tokens'] / dt:9.0f} tokens/s  samples {st['samples']}  rows {st['rows']}  "
-                  f"truncated {st['truncated']}  efficiency {st["efficiency"]:.4f}")
+                  f"truncated {st['truncated']}  efficiency {st['efficiency']:.4f}")
         t0 = time.perf_counter()
         cache = os.path.join(tmp, "cache")
         build_dataset(path, tok, args.max_seq_len, pack=True, cache_dir=cache)
@@ -84,7 +84,7 @@ def main() -> None:
         build_dataset(path, tok, args.max_seq_len, pack=True, cache_dir=cache)
         t2 = time.perf_counter()
         print(f"cache: first build {t1 - t0:.2f} s, reuse {t2 - t1:.2f} s")
-        print(f"packing efficiency {results[True]["efficiency"]:.4f} vs {results[False]["efficiency"]:.4f} "
+        print(f"packing efficiency {results[True]['efficiency']:.4f} vs {results[False]['efficiency']:.4f} "
               f"unpacked: {results[True]['efficiency'] / results[False]['efficiency']:.2f}x fewer computed tokens "
               f"per real token")
 
