@@ -29,6 +29,7 @@ reason, as are records unused by this kind and bad records dropped in skip mode 
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -169,11 +170,16 @@ def build_dataset(data_paths: PathsArg, tokenizer, max_seq_len: int, *, kind: st
                                        template=TEMPLATE_VERSION, batch_size=None))
         payload, hit = cache_mod.load_or_build(cache_dir, key, build)
         payload["stats"]["cache"] = {"key": key, "hit": hit, "path": os.path.join(cache_dir, key + ".pt")}
-    return Built(_make(payload, "train"), _make(payload, "eval"), payload["stats"])
+    train = _make(payload, "train")
+    if len(train) == 0:
+        st = payload["stats"]["train"]
+        raise ValueError(f"no {kind} samples left to train on (types used: {st['types']}, not used by kind={kind!r}: "
+                         f"{st['unused']}, dropped: {st['dropped']}); check the data, kind, max_seq_len and "
+                         "overflow policy with `python -m data.inspect`")
+    return Built(train, _make(payload, "eval"), payload["stats"])
 
 
 def _file_hashes(paths: Optional[PathsArg]) -> List[Tuple[str, str]]:
-    import hashlib
     if paths is None:
         return []
     files, problems = expand_paths(paths)

@@ -67,6 +67,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                               overflow=args.overflow, strict=not args.skip_bad)
     except DataError as e:
         return _fail(e)
+    except ValueError as e:  # e.g. nothing left to train on
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     st, tr = built.stats, built.stats["train"]
     print(f"files: {len(st['files'])}  valid records: {st['records']}  kind: {args.kind}  "
           f"max_seq_len: {args.max_seq_len}")

@@ -209,3 +209,9 @@ def _race(cache_dir, q):
         return {"x": 42}
     payload, hit = cache_mod.load_or_build(cache_dir, "k", build)
     q.put((hit, payload["x"]))
+
+
+def test_nothing_to_train_on_is_an_error(tmp_path):
+    path = write_json(tmp_path / "p.json", [{"type": "prompt", "prompt": "hi"}])
+    with pytest.raises(ValueError, match=r"no lm samples left to train on .*'prompt': 1"):
+        build_dataset(path, load_tokenizer("bloom"), T)
