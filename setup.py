@@ -24,6 +24,7 @@ setup(
         "tqdm==4.70.1",
         "Jinja2==3.1.6",
         "numpy==2.4.6",
+        "matplotlib==3.11.2",
     ],
     extras_require={"test": ["pytest==9.2.0"]},
 )

@@ -15,3 +15,16 @@ def causal_lm_loss(logits: torch.Tensor, labels) -> torch.Tensor:
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:].to(shift_logits.device)
     return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100)
+
+
+def global_token_mean_loss(logits: torch.Tensor, labels) -> torch.Tensor:
+    """The training loss: this micro-batch's summed token cross-entropy times
+    `loss_scale` = grad_accum * D / N_global (see trainer.batches), so that DeepSpeed's averaging
+    over micro-batches and data-parallel ranks yields the mean over the global batch's tokens.
+    labels: (labels int64[B,T], loss_scale float64 scalar)."""
+    labels, loss_scale = labels
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                            ignore_index=-100, reduction="sum")
+    return total * loss_scale.to(total.device, torch.float32)

@@ -1,0 +1,107 @@
+"""Global batches for the pipeline engine, with the loss normaliser of DESIGN.md section 4.
+
+The loss of a step must be the mean over all target tokens of the *global* batch (all micro-batches
+of all data-parallel ranks), as HF Trainer's `num_items_in_batch` does, not a mean of per-micro-batch
+means. DeepSpeed divides each micro-batch loss by gradient_accumulation_steps and averages
+gradients over the D data-parallel ranks, so each micro-batch returns
+    sum(token losses in the micro-batch) / N_global * grad_accum * D
+and the engine's reported loss and the gradients come out as sum(all token losses) / N_global.
+N_global is computed from the deterministic global order on every rank: no communication.
+
+Rank r of D takes `order[r::D]` of the epoch's global order (`data.sampler.ResumableSampler`), and a
+step takes micro_batch * grad_accum of those, so the D ranks' steps together cover one contiguous
+slice of the global order.
+"""
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from data.sampler import ResumableSampler
+
+
+def n_target_tokens(labels: torch.Tensor) -> int:
+    """Tokens the causal LM loss is taken on: labels after the shift (position 0 predicts nothing)."""
+    return int((labels[..., 1:] != -100).sum())
+
+
+class GlobalBatches:
+    """Step-wise iteration over epochs; state (epoch, position) saved with every checkpoint."""
+
+    def __init__(self, dataset, micro_batch: int, grad_accum: int, dp_rank: int, dp_size: int, seed: int):
+        self.dataset, self.micro_batch, self.grad_accum = dataset, micro_batch, grad_accum
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.rows_per_step = micro_batch * grad_accum  # per data-parallel rank
+        self.sampler = ResumableSampler(len(dataset), dp_rank, dp_size, seed=seed, shuffle=True, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // self.rows_per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training data has {len(dataset)} rows, fewer than one global batch "
+                f"({self.rows_per_step * dp_size} = micro batch {micro_batch} x grad accum {grad_accum} x data-parallel {dp_size}): "
+                "add data or lower train_batch_size"
+            )
+        self._n_targets = {}
+
+    def _targets(self, index: int) -> int:
+        if index not in self._n_targets:
+            self._n_targets[index] = n_target_tokens(self.dataset[index][1])
+        return self._n_targets[index]
+
+    def next_step(self) -> tuple[list, int, int]:
+        """(this rank's micro-batches [(inputs, labels)] * grad_accum, N_global targets, real tokens of the global batch)."""
+        if self.sampler.position + self.rows_per_step > len(self.sampler):
+            self.sampler.set_epoch(self.sampler.epoch + 1)  # the remainder (< one step) is skipped
+        epoch, pos = self.sampler.epoch, self.sampler.position
+        order = self.sampler.global_order(epoch)
+        global_slice = order[pos * self.dp_size:(pos + self.rows_per_step) * self.dp_size]
+        n_global = sum(self._targets(int(i)) for i in global_slice)
+        mine = self.sampler.rank_indices(epoch)[pos:pos + self.rows_per_step]
+        self.sampler.position = pos + self.rows_per_step
+        items = [self.dataset[int(i)] for i in mine]
+        micro = [collate(items[k:k + self.micro_batch]) for k in range(0, len(items), self.micro_batch)]
+        real_tokens = int(sum(int(self.dataset[int(i)][0][1].sum()) for i in global_slice))
+        return micro, n_global, real_tokens
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+
+def collate(items: list) -> tuple:
+    """[(inputs tuple of [T], labels [T])] -> (inputs tuple of [B,T], labels [B,T])."""
+    inputs = tuple(torch.stack([it[0][k] for it in items]) for k in range(len(items[0][0])))
+    return inputs, torch.stack([it[1] for it in items])
+
+
+def with_normaliser(micro_batches: list, n_global: int, scale: float) -> Iterator:
+    """Micro-batches as the engine pulls them: (inputs, (labels, loss_scale)) where
+    loss_scale = grad_accum * D / N_global (a float64 scalar tensor: no int overflow, exact)."""
+    factor = torch.tensor(scale / max(n_global, 1), dtype=torch.float64)
+    for inputs, labels in micro_batches:
+        yield inputs, (labels, factor)
+
+
+def eval_batches(dataset, micro_batch: int, grad_accum: int, dp_rank: int, dp_size: int) -> Iterator[tuple[list, int]]:
+    """The eval set in global batches (in order); the last one is filled with copies of row 0 whose
+    labels are all -100 (they add no loss and no tokens)."""
+    global_rows = micro_batch * grad_accum * dp_size
+    n = len(dataset)
+    for start in range(0, n, global_rows):
+        idx = list(range(start, min(start + global_rows, n)))
+        n_global = sum(n_target_tokens(dataset[i][1]) for i in idx)
+        idx += [-1] * (global_rows - len(idx))
+        mine = idx[dp_rank::dp_size]
+        items = []
+        for i in mine:
+            if i < 0:
+                inputs, labels = dataset[0]
+                items.append((inputs, torch.full_like(labels, -100)))
+            else:
+                items.append(dataset[i])
+        yield [collate(items[k:k + micro_batch]) for k in range(0, len(items), micro_batch)], n_global

@@ -1,0 +1,266 @@
+"""The training config: one JSON file holding DeepSpeed's own keys (passed through to DeepSpeed)
+and pipetune's project keys (documented and validated here, before anything heavy happens).
+
+Project keys (all optional unless marked):
+
+  model_path      (required) a `convert_model.py hg_to_pp` folder (or a training save_path);
+                  with from_scratch, any folder with config.json + tokenizer files
+  from_scratch    false: load weights from model_path; true: seeded init from its config.json
+  save_path       (required) where checkpoints, logs and the loss curve go
+  data_path       (required) a .json/.jsonl file, a glob, a folder, or a list of them
+  eval_data_path  separate eval files; or eval_fraction: a share of data_path held out (0 = none)
+  max_seq_len     tokens per row (default 512); pack: pack several records per row (false)
+  overflow        over-long records: "truncate" (default) or "drop"
+  skip_bad_records  false (strict: any bad record stops the run) | true (drop and count them)
+  n_epochs / train_steps  how long to train: train_steps wins when both are given
+  model_topo      {"process_topology": {"axes": ["pipe", "data"], "dims": [P, D]}, "parts": [...] | "auto"}
+  use_grad_ckpt   activation checkpointing of the transformer blocks (false)
+  use_flash_attn  flash_attention_2 (LLaMA on CUDA with flash-attn installed) (false)
+  seed            (1234) data order, init, dropout
+  save_interval   steps between checkpoints (0: only at the end); keep_last: checkpoints kept (2)
+  eval_interval   steps between evaluations (0: only at the end)
+  resume          "auto" (continue from save_path/latest when present), "never", or a checkpoint folder
+  no_decay        parameter-name patterns without weight decay (default: biases and norm weights)
+  stage           "sft" (causal LM loss on the trained tokens)
+  cache_dir       tokenized-data cache (default: save_path/.data_cache)
+"""
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+# DeepSpeed's top-level config keys (DeepSpeed 0.19): these pass through untouched.
+DEEPSPEED_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "bf16", "bfloat16", "fp16", "amp", "zero_optimization", "gradient_clipping", "steps_per_print", "wall_clock_breakdown",
+    "tensorboard", "csv_monitor", "wandb", "comet", "flops_profiler", "activation_checkpointing", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "communication_data_type", "prescale_gradients", "gradient_predivide_factor",
+    "sparse_gradients", "dump_state", "data_types", "pipeline", "checkpoint", "aio", "memory_breakdown", "elasticity",
+    "autotuning", "compression_training", "data_efficiency", "timers", "torch_autocast", "disable_allgather",
+    "seq_parallel_communication_data_type", "graph_harvesting", "use_data_before_expert_parallelism", "sparse_attention",
+    "eigenvalue", "progressive_layer_drop", "curriculum_learning", "nebula", "weight_quantization",
+    "load_universal_checkpoint", "use_node_local_storage", "hybrid_engine", "compile", "dataloader_drop_last",
+})
+
+DEFAULT_NO_DECAY = ("bias", "norm.weight", "layernorm.weight", "ln_f.weight")
+
+
+class ConfigError(ValueError):
+    """One or more problems with the training config; str() lists them, one per line."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{path}: {len(problems)} problem(s) in the training config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class ModelTopo:
+    pipe: int
+    data: int
+    parts: Union[list[int], str]  # layers per stage, or "auto"
+
+
+@dataclass
+class TrainConfig:
+    model_path: str
+    save_path: str
+    data_path: Any
+    model_topo: ModelTopo
+    ds_config: dict
+    from_scratch: bool = False
+    eval_data_path: Any = None
+    eval_fraction: float = 0.0
+    max_seq_len: int = 512
+    pack: bool = False
+    overflow: str = "truncate"
+    skip_bad_records: bool = False
+    n_epochs: Optional[int] = None
+    train_steps: Optional[int] = None
+    use_grad_ckpt: bool = False
+    use_flash_attn: bool = False
+    seed: int = 1234
+    save_interval: int = 0
+    keep_last: int = 2
+    eval_interval: int = 0
+    resume: str = "auto"
+    no_decay: tuple = DEFAULT_NO_DECAY
+    stage: str = "sft"
+    cache_dir: Optional[str] = None
+    config_path: str = ""
+
+    # Derived values (DeepSpeed's batch arithmetic).
+    @property
+    def micro_batch(self) -> int:
+        return int(self.ds_config["train_micro_batch_size_per_gpu"])
+
+    @property
+    def grad_accum(self) -> int:
+        return int(self.ds_config["gradient_accumulation_steps"])
+
+    @property
+    def global_batch(self) -> int:
+        return int(self.ds_config["train_batch_size"])
+
+    @property
+    def precision(self) -> str:
+        if self.ds_config.get("bf16", {}).get("enabled") or self.ds_config.get("bfloat16", {}).get("enabled"):
+            return "bf16"
+        return "fp16" if self.ds_config.get("fp16", {}).get("enabled") else "fp32"
+
+    def data_cache_dir(self) -> str:
+        return self.cache_dir or os.path.join(self.save_path, ".data_cache")
+
+
+PROJECT_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig)) - {"ds_config", "config_path"}
+_TYPES = {
+    "from_scratch": bool, "eval_fraction": (int, float), "max_seq_len": int, "pack": bool, "overflow": str,
+    "skip_bad_records": bool, "n_epochs": int, "train_steps": int, "use_grad_ckpt": bool, "use_flash_attn": bool,
+    "seed": int, "save_interval": int, "keep_last": int, "eval_interval": int, "resume": str, "stage": str,
+    "model_path": str, "save_path": str, "cache_dir": str, "no_decay": list,
+}
+STAGES = ("sft",)
+
+
+def load_config(path: str, world_size: Optional[int] = None, device_supports_fp16: bool = True) -> TrainConfig:
+    """Read and validate; raise ConfigError listing every problem found."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(path, ["file not found"]) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(path, [f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(path, ["the top level must be a JSON object"])
+    return validate(raw, path, world_size, device_supports_fp16)
+
+
+def validate(raw: dict, path: str = "<config>", world_size: Optional[int] = None, device_supports_fp16: bool = True) -> TrainConfig:
+    problems: list[str] = []
+    project = {k: v for k, v in raw.items() if k in PROJECT_KEYS}
+    ds = {k: v for k, v in raw.items() if k in DEEPSPEED_KEYS}
+    for key in sorted(set(raw) - PROJECT_KEYS - DEEPSPEED_KEYS):
+        close = difflib.get_close_matches(key, sorted(PROJECT_KEYS | DEEPSPEED_KEYS), n=1, cutoff=0.6)
+        problems.append(f"unknown key {key!r}" + (f": did you mean {close[0]!r}?" if close else " (see trainer/config.py for the project keys)"))
+    for key in ("model_path", "save_path", "data_path", "model_topo"):
+        if key not in raw:
+            problems.append(f"missing required key {key!r}")
+    for key, typ in _TYPES.items():
+        if key in project and project[key] is not None and (not isinstance(project[key], typ) or (typ is int and isinstance(project[key], bool))):
+            problems.append(f"{key} must be {_type_name(typ)}, got {json.dumps(project[key])}")
+    if problems:
+        raise ConfigError(path, problems)
+
+    topo = _validate_topo(raw["model_topo"], world_size, problems)
+    _validate_values(project, problems)
+    _validate_batch(ds, topo, problems)
+    _validate_precision_and_zero(ds, device_supports_fp16, problems)
+    if problems:
+        raise ConfigError(path, problems)
+    fields = {k: v for k, v in project.items() if k != "model_topo"}
+    if "no_decay" in fields:
+        fields["no_decay"] = tuple(fields["no_decay"])
+    return TrainConfig(model_topo=topo, ds_config=ds, config_path=str(path), **fields)
+
+
+def _type_name(typ) -> str:
+    names = {bool: "true or false", int: "an integer", str: "a string", list: "a list", (int, float): "a number"}
+    return names.get(typ, str(typ))
+
+
+def _validate_topo(topo: Any, world_size: Optional[int], problems: list[str]) -> Optional[ModelTopo]:
+    if not isinstance(topo, dict):
+        problems.append('model_topo must be an object: {"process_topology": {"axes": ["pipe", "data"], "dims": [P, D]}, "parts": [...]}')
+        return None
+    extra = set(topo) - {"process_topology", "parts"}
+    if extra:
+        problems.append(f"model_topo: unknown keys {sorted(extra)} (use process_topology and parts)")
+    pt = topo.get("process_topology")
+    if not isinstance(pt, dict) or pt.get("axes") != ["pipe", "data"]:
+        problems.append('model_topo.process_topology.axes must be ["pipe", "data"]')
+        return None
+    dims = pt.get("dims")
+    if not (isinstance(dims, list) and len(dims) == 2 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims)):
+        problems.append(f"model_topo.process_topology.dims must be two positive integers [P, D], got {json.dumps(dims)}")
+        return None
+    pipe, data = dims
+    if world_size is not None and pipe * data != world_size:
+        problems.append(
+            f"model_topo.process_topology.dims {dims}: pipe x data = {pipe * data} but the job has {world_size} ranks "
+            f"(WORLD_SIZE); make P x D = {world_size} or launch {pipe * data} ranks"
+        )
+    parts = topo.get("parts", "auto")
+    if parts != "auto" and not (isinstance(parts, list) and all(isinstance(p, int) and not isinstance(p, bool) for p in parts)):
+        problems.append(f'model_topo.parts must be a list of layer counts (one per stage) or "auto", got {json.dumps(parts)}')
+    elif isinstance(parts, list):
+        if len(parts) != pipe:
+            problems.append(f"model_topo.parts has {len(parts)} entries but dims[0] says {pipe} pipeline stages")
+        if any(p < 1 for p in parts):
+            problems.append(f"model_topo.parts {parts}: every stage needs at least one layer")
+    return ModelTopo(pipe, data, parts)
+
+
+def _validate_values(project: dict, problems: list[str]) -> None:
+    if project.get("overflow", "truncate") not in ("truncate", "drop"):
+        problems.append(f"overflow must be \"truncate\" or \"drop\", got {project['overflow']!r}")
+    if project.get("stage", "sft") not in STAGES:
+        problems.append(f"stage {project['stage']!r} is not available; use one of {list(STAGES)}")
+    if not 0 <= project.get("eval_fraction", 0) < 1:
+        problems.append("eval_fraction must be in [0, 1)")
+    if project.get("eval_fraction") and project.get("eval_data_path"):
+        problems.append("give eval_data_path or eval_fraction, not both")
+    for key in ("max_seq_len", "keep_last"):
+        if key in project and project[key] < 1:
+            problems.append(f"{key} must be at least 1")
+    for key in ("save_interval", "eval_interval", "n_epochs", "train_steps"):
+        if project.get(key) is not None and project[key] < 0:
+            problems.append(f"{key} must not be negative")
+    if not project.get("n_epochs") and not project.get("train_steps"):
+        problems.append("say how long to train: n_epochs and/or train_steps (train_steps wins when both are given)")
+
+
+def _validate_batch(ds: dict, topo: Optional[ModelTopo], problems: list[str]) -> None:
+    """Fill DeepSpeed's batch triple the way DeepSpeed does, and check it multiplies out."""
+    tb, mb, ga = (ds.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"))
+    for name, v in (("train_batch_size", tb), ("train_micro_batch_size_per_gpu", mb), ("gradient_accumulation_steps", ga)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            problems.append(f"{name} must be a positive integer, got {json.dumps(v)}")
+            return
+    if topo is None:
+        return
+    d = topo.data
+    if mb is None:
+        problems.append("train_micro_batch_size_per_gpu is required (rows per micro-batch)")
+        return
+    if ga is None and tb is not None:
+        if tb % (mb * d):
+            problems.append(f"train_batch_size {tb} is not a multiple of train_micro_batch_size_per_gpu {mb} x data-parallel size {d}")
+            return
+        ga = tb // (mb * d)
+    ga = ga or 1
+    if tb is None:
+        tb = mb * ga * d
+    if tb != mb * ga * d:
+        problems.append(
+            f"batch sizes do not multiply out: train_batch_size {tb} != train_micro_batch_size_per_gpu {mb} x "
+            f"gradient_accumulation_steps {ga} x data-parallel size {d} = {mb * ga * d}"
+        )
+        return
+    ds.update(train_batch_size=tb, train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=ga)
+
+
+def _validate_precision_and_zero(ds: dict, device_supports_fp16: bool, problems: list[str]) -> None:
+    fp16 = ds.get("fp16", {}).get("enabled", False)
+    bf16 = ds.get("bf16", {}).get("enabled", False) or ds.get("bfloat16", {}).get("enabled", False)
+    if fp16 and bf16:
+        problems.append("fp16 and bf16 are both enabled: choose one")
+    if fp16 and not device_supports_fp16:
+        problems.append("fp16 is enabled but this device cannot train in fp16 (DeepSpeed's CPU accelerator): use bf16 or fp32")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1):
+        problems.append(
+            f"zero_optimization.stage {stage}: the pipeline engine supports ZeRO stage 0 or 1 only (stage 2/3 partition "
+            "gradients/parameters, which pipeline parallelism does not allow); use stage 1, optionally with offload_optimizer"
+        )
