@@ -26,7 +26,7 @@ def auto_parts(layer_params: list[int], hidden: int, seq_len: int, num_stages: i
     if num_stages > len(layer_params):
         raise ValueError(f"{num_stages} pipeline stages but only {len(layer_params)} pipe layers: reduce dims[0]")
     bounds = partition_balanced(layer_costs(layer_params, hidden, seq_len, n_blocks), num_stages)
-    return [bounds[i + 1] - bounds[i] for i in range(num_stages)]
+    return [int(bounds[i + 1] - bounds[i]) for i in range(num_stages)]
 
 
 def stage_report(parts: list[int], names: list[str], layer_params: list[int], param_bytes: int, hidden: int,

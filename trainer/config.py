@@ -150,7 +150,7 @@ def validate(raw: dict, path: str = "<config>", world_size: Optional[int] = None
     for key, typ in _TYPES.items():
         if key in project and project[key] is not None and (not isinstance(project[key], typ) or (typ is int and isinstance(project[key], bool))):
             problems.append(f"{key} must be {_type_name(typ)}, got {json.dumps(project[key])}")
-    if problems:
+    if any(p.startswith(("missing required", *(f"{k} must be" for k in _TYPES))) for p in problems) or "model_topo" not in raw:
         raise ConfigError(path, problems)
 
     topo = _validate_topo(raw["model_topo"], world_size, problems)
@@ -214,7 +214,7 @@ def _validate_values(project: dict, problems: list[str]) -> None:
     for key in ("max_seq_len", "keep_last"):
         if key in project and project[key] < 1:
             problems.append(f"{key} must be at least 1")
-    for key in ("save_interval", "eval_interval", "n_epochs", "train_steps"):
+    for key in ("save_interval", "eval_interval", "n_epochs", "train_steps", "seed"):
         if project.get(key) is not None and project[key] < 0:
             problems.append(f"{key} must not be negative")
     if not project.get("n_epochs") and not project.get("train_steps"):
@@ -231,9 +231,17 @@ def _validate_batch(ds: dict, topo: Optional[ModelTopo], problems: list[str]) ->
     if topo is None:
         return
     d = topo.data
-    if mb is None:
-        problems.append("train_micro_batch_size_per_gpu is required (rows per micro-batch)")
+    # DeepSpeed's rules: any two of the three determine the third; gradient_accumulation_steps
+    # alone defaults to 1.
+    if mb is None and tb is None:
+        problems.append("give train_micro_batch_size_per_gpu (rows per micro-batch) and/or train_batch_size")
         return
+    if mb is None:
+        ga = ga or 1
+        if tb % (ga * d):
+            problems.append(f"train_batch_size {tb} is not a multiple of gradient_accumulation_steps {ga} x data-parallel size {d}")
+            return
+        mb = tb // (ga * d)
     if ga is None and tb is not None:
         if tb % (mb * d):
             problems.append(f"train_batch_size {tb} is not a multiple of train_micro_batch_size_per_gpu {mb} x data-parallel size {d}")
@@ -252,6 +260,12 @@ def _validate_batch(ds: dict, topo: Optional[ModelTopo], problems: list[str]) ->
 
 
 def _validate_precision_and_zero(ds: dict, device_supports_fp16: bool, problems: list[str]) -> None:
+    not_objects = [key for key in ("fp16", "bf16", "bfloat16", "zero_optimization", "optimizer", "scheduler")
+                   if key in ds and not isinstance(ds[key], dict)]
+    for key in not_objects:
+        problems.append(f"{key} must be an object (e.g. {{\"enabled\": true}} / {{\"stage\": 1}}), got {json.dumps(ds[key])}")
+    if not_objects:
+        return
     fp16 = ds.get("fp16", {}).get("enabled", False)
     bf16 = ds.get("bf16", {}).get("enabled", False) or ds.get("bfloat16", {}).get("enabled", False)
     if fp16 and bf16:

@@ -1,0 +1,43 @@
+"""Run under `deepspeed --num_gpus 2`: several training configs one after another in one launch
+(launching ranks costs ~10 s each time). Writes one JSON line per config to --out (rank 0):
+{"config", "history", "evals", "step"}.
+"""
+import argparse
+import json
+import os
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", action="append", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from trainer.config import load_config
+    from trainer.distributed import finish, world
+    from trainer.sft import run
+
+    rank, world_size, _ = world()
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = []
+    for path in args.config:
+        cfg = load_config(path, world_size=world_size, device_supports_fp16=get_accelerator().is_fp16_supported())
+        summary = run(cfg, rank, world_size, "cpu")
+        results.append({"config": path, **summary})
+        torch.distributed.barrier()
+    if rank == 0:
+        with open(args.out, "w") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    finish()
+
+
+if __name__ == "__main__":
+    main()
