@@ -44,10 +44,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     device_name = torch.cuda.get_device_name() if accel.device_name() == "cuda" else accel.device_name()
-    try:
-        from trainer.sft import run
+    from trainer.sft import NonFiniteLoss, run
 
+    try:
         summary = run(cfg, rank, world_size, device_name)
+    except NonFiniteLoss as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     except DataError as e:
         if rank == 0:
             print("error: the training data has problems (fix them or set \"skip_bad_records\": true):", file=sys.stderr)

@@ -214,3 +214,24 @@ def test_killed_during_save_resumes_exactly(runs, model_dirs):
         b = torch.load(save / "global_step6" / f.name, weights_only=True)
         worst = max((a[k] - b[k]).abs().max().item() for k in a)
         assert worst <= 1e-6, (f.name, worst)
+
+
+def test_non_finite_loss_stops_without_saving_bad_weights(runs, model_dirs):
+    """A diverging run (SGD with lr 1e30, no clipping) stops with a clear message at the first
+    non-finite loss or weights, keeps the last good checkpoint, and writes none after it."""
+    _, tmp = runs
+    _, pp = model_dirs
+    config = make_config(tmp, "diverges", pp, train_steps=4, save_interval=1, gradient_clipping=0.0,
+                         optimizer={"type": "SGD", "params": {"lr": 1e30}})
+    proc = launch("train_ds.py", "--config", str(config), check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out
+    assert "error: step " in out and ("hold NaN/inf; not saving" in out or "the training loss is nan" in out)
+    save = tmp / "diverges"
+    saved = sorted(p.name for p in save.glob("global_step*"))
+    for tag in saved:  # every checkpoint written has finite weights
+        for f in (save / tag).glob("layer_*-model_states.pt"):
+            assert all(torch.isfinite(t).all() for t in torch.load(f, weights_only=True).values()), (tag, f.name)
+    if saved:
+        assert (save / "latest").read_text() == saved[-1]

@@ -162,9 +162,22 @@ def evaluate(engine, data, cfg: TrainConfig, dp_rank: int, n_eval_rows: int, ran
 
 
 def _save(engine, cfg, step, batches, history, evals, rank) -> None:
+    _check_finite_weights(engine, step)
     state = {"step": step, "history": history, "evals": evals,
              "data": broadcast_object(batches.state_dict() if rank == 0 else None)}
     checkpoint.save(engine, cfg.save_path, step, state, cfg.keep_last)
+
+
+def _check_finite_weights(engine, step: int) -> None:
+    """Collective: refuse to write a checkpoint whose weights hold NaN/inf on any rank."""
+    bad = torch.zeros((), dtype=torch.float32)
+    for p in engine.module.parameters():
+        if not torch.isfinite(p.detach()).all():
+            bad += 1
+    torch.distributed.all_reduce(bad)
+    if bad.item():
+        raise NonFiniteLoss(f"step {step}: {int(bad.item())} parameter tensors hold NaN/inf; not saving this checkpoint "
+                            f"(the last good one is the one save_path/latest names, if any). Lower the learning rate or check the data")
 
 
 def _write_events(engine, events) -> None:
