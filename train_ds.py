@@ -44,10 +44,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     device_name = torch.cuda.get_device_name() if accel.device_name() == "cuda" else accel.device_name()
-    from trainer.sft import NonFiniteLoss, run
+    from trainer.loop import NonFiniteLoss, run
+    from trainer.stages import get_stage
 
     try:
-        summary = run(cfg, rank, world_size, device_name)
+        summary = run(cfg, get_stage(cfg.stage), rank, world_size, device_name)
     except NonFiniteLoss as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)

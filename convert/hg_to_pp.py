@@ -79,7 +79,18 @@ def _hf_name(rules, index: int, pipe_key: str) -> str:
     return pipe_key_to_hf(rules, index, pipe_key)
 
 
-def hg_to_pp(input_path: str, save_path: str, dtype: str = "auto", overwrite: bool = False, head: str = "lm",
+def head_of(config) -> str:
+    """"value" for an HF *ForSequenceClassification model with one label (a reward model or
+    critic), else "lm"."""
+    if any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or [])):
+        if getattr(config, "num_labels", 1) != 1:
+            raise ConversionError(f"sequence-classification model with num_labels={config.num_labels}: only a scalar "
+                                  "value head (num_labels 1, a reward model) converts to a pipeline")
+        return "value"
+    return "lm"
+
+
+def hg_to_pp(input_path: str, save_path: str, dtype: str = "auto", overwrite: bool = False, head: Optional[str] = None,
              progress: bool = True) -> Path:
     src, dest = Path(input_path), Path(save_path)
     check_local_dir(src, "--input-path")
@@ -88,6 +99,7 @@ def hg_to_pp(input_path: str, save_path: str, dtype: str = "auto", overwrite: bo
     check_dest(dest, overwrite)
     config = AutoConfig.from_pretrained(src)
     get_architecture(config.model_type)  # fails early on unsupported model types
+    head = head or head_of(config)
     if dtype != "auto" and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
     ckpt = HFCheckpoint(src)

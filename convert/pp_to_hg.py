@@ -90,17 +90,37 @@ def shard_specs(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[Tens
     return shards
 
 
-def pp_to_hg(input_path: str, save_path: str, max_shard_size: str = "5GB", overwrite: bool = False, progress: bool = True) -> Path:
-    src, dest = Path(input_path), Path(save_path)
-    ckpt_dir, search = resolve_checkpoint_dir(src)
+def open_pipe_checkpoint(input_path) -> tuple[Path, list[Path], object, str]:
+    """A pipeline checkpoint path (hg_to_pp output, training save_path, global_stepN) ->
+    (folder of the layer files, folders holding its side files in search order, HF config, head)."""
+    ckpt_dir, search = resolve_checkpoint_dir(Path(input_path))
     config_path = find_side_file(search, "config.json")
     if config_path is None:
         raise ConversionError(f"{ckpt_dir}: no config.json here or in {search[-1]} (hg_to_pp and training checkpoints write one)")
-    check_dest(dest, overwrite)
     config = AutoConfig.from_pretrained(config_path.parent)
     get_architecture(config.model_type)
-    meta = read_metadata(search)
-    head = meta.get("head", "lm")
+    head = read_metadata(search).get("head", "lm")
+    return ckpt_dir, search, config, head
+
+
+def iter_hf_tensors(specs: list[TensorSpec], sources: dict[str, tuple[Path, str]], on_layer_file=None):
+    """Yield (HF name, tensor) for `specs` in order (pipe-layer order, as `plan_pipe_to_hf` returns
+    them), with one memory-mapped layer file open at a time. `on_layer_file(path)` is called as each
+    file is opened. Used by pp_to_hg (writing shards) and demo.py (building a model in memory)."""
+    current_path, current_state = None, {}
+    for spec in specs:
+        path, key = sources[spec.name]
+        if path != current_path:
+            current_path, current_state = path, load_layer(path)
+            if on_layer_file is not None:
+                on_layer_file(path)
+        yield spec.name, current_state.pop(key)
+
+
+def pp_to_hg(input_path: str, save_path: str, max_shard_size: str = "5GB", overwrite: bool = False, progress: bool = True) -> Path:
+    dest = Path(save_path)
+    ckpt_dir, search, config, head = open_pipe_checkpoint(input_path)
+    check_dest(dest, overwrite)
     specs, sources = plan_pipe_to_hf(ckpt_dir, config, head)
     try:
         max_bytes = convert_file_size_to_int(max_shard_size)
@@ -111,8 +131,8 @@ def pp_to_hg(input_path: str, save_path: str, max_shard_size: str = "5GB", overw
     tmp = temp_dir_beside(dest)
     try:
         weight_map = _write_shards(tmp, shards, sources, progress)
-        _write_config(tmp, config, specs, head)
         copy_side_files(search, tmp, skip=("config.json",))
+        _write_config(tmp, config, specs, head)
         _write_chat_template(tmp)
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
@@ -127,19 +147,16 @@ def pp_to_hg(input_path: str, save_path: str, max_shard_size: str = "5GB", overw
 def _write_shards(out: Path, shards: list[list[TensorSpec]], sources: dict[str, tuple[Path, str]], progress: bool) -> dict[str, str]:
     names = (["model.safetensors"] if len(shards) == 1
              else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    # Specs are in pipe-layer order, so one layer file (memory-mapped) is open at a time.
-    current_path, current_state = None, {}
     weight_map = {}
     bar = tqdm(total=len({p for p, _ in sources.values()}), desc="pp_to_hg", unit="layer", disable=not progress)
+    tensors = iter_hf_tensors([spec for shard in shards for spec in shard], sources, on_layer_file=lambda _: bar.update(1))
     for shard_name, shard in zip(names, shards):
         with StreamingSafetensorsWriter(out / shard_name, shard, metadata={"format": "pt"}) as writer:
             for spec in shard:
-                path, key = sources[spec.name]
-                if path != current_path:
-                    current_path, current_state = path, load_layer(path)
-                    bar.update(1)
-                writer.write(spec.name, current_state.pop(key))
-                weight_map[spec.name] = shard_name
+                name, tensor = next(tensors)
+                assert name == spec.name
+                writer.write(name, tensor)
+                weight_map[name] = shard_name
     bar.close()
     return weight_map
 
@@ -164,5 +181,13 @@ def _write_config(out: Path, config, specs: list[TensorSpec], head: str) -> None
     config.dtype = next(iter(float_dtypes))
     config.architectures = [ARCH_CLASS_PREFIX[config.model_type] + HF_CLASS_SUFFIX[head]]
     if head == "value":
+        # *ForSequenceClassification scores the last token that is not pad_token_id: give it the
+        # pad id training used (pad token, else unk; never EOS, which ends the scored answer).
         config.num_labels = 1
+        if config.pad_token_id is None and any((out / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+            from transformers import AutoTokenizer
+
+            from data.tokenize import pad_token_id
+
+            config.pad_token_id = pad_token_id(AutoTokenizer.from_pretrained(out))
     config.save_pretrained(out)

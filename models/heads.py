@@ -36,3 +36,16 @@ def tied_lm_head(embedding_module: nn.Module, inputs: tuple) -> torch.Tensor:
 
 
 HEADS = {"lm": LMHead, "value": ValueHead}
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """int64[B]: index of each row's last real token (right or left padding alike). The score of a
+    sequence is the value head's output there (the answer's EOS): the one rule shared by reward-model
+    training, its evaluation, the HF export check and PPO scoring."""
+    seq_len = attention_mask.shape[-1]
+    return (seq_len - 1 - attention_mask.long().flip(-1).argmax(-1)).long()
+
+
+def sequence_scores(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values float[B,T], index int64[B] -> float32[B] scores."""
+    return values.float().gather(1, index.to(values.device).view(-1, 1)).squeeze(1)

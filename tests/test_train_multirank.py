@@ -6,6 +6,7 @@ Launches are grouped (each costs ~10-15 s of start-up): one launch trains most c
 (tests/multirank/train_runs.py), and the kill/resume test needs two more.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -149,8 +150,9 @@ def test_loss_falls_with_eval_logs_and_curve(runs):
     trained = losses(summary)
     assert len(trained) >= 40
     assert sum(trained[-5:]) / 5 < trained[0] - 1.0, trained
-    evals = [e for _, e in summary["evals"]]
+    evals = [e["loss"] for _, e in summary["evals"]]
     assert len(evals) >= 3 and evals[-1] < evals[0]
+    assert summary["evals"][-1][1]["perplexity"] == pytest.approx(math.exp(evals[-1]))
     assert (save / "loss_curve.png").stat().st_size > 10_000
     assert (save / "latest").read_text() == f"global_step{summary['step']}"
     csv = (tmp / "falls-logs" / "falls" / "Train_loss.csv").read_text().splitlines()

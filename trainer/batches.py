@@ -28,8 +28,9 @@ def n_target_tokens(labels: torch.Tensor) -> int:
 class GlobalBatches:
     """Step-wise iteration over epochs; state (epoch, position) saved with every checkpoint."""
 
-    def __init__(self, dataset, micro_batch: int, grad_accum: int, dp_rank: int, dp_size: int, seed: int):
+    def __init__(self, dataset, micro_batch: int, grad_accum: int, dp_rank: int, dp_size: int, seed: int, collate=None):
         self.dataset, self.micro_batch, self.grad_accum = dataset, micro_batch, grad_accum
+        self.collate = collate or globals()["collate"]
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.rows_per_step = micro_batch * grad_accum  # per data-parallel rank
         self.sampler = ResumableSampler(len(dataset), dp_rank, dp_size, seed=seed, shuffle=True, drop_last=True)
@@ -58,7 +59,7 @@ class GlobalBatches:
         mine = self.sampler.rank_indices(epoch)[pos:pos + self.rows_per_step]
         self.sampler.position = pos + self.rows_per_step
         items = [self.dataset[int(i)] for i in mine]
-        micro = [collate(items[k:k + self.micro_batch]) for k in range(0, len(items), self.micro_batch)]
+        micro = [self.collate(items[k:k + self.micro_batch]) for k in range(0, len(items), self.micro_batch)]
         real_tokens = int(sum(int(self.dataset[int(i)][0][1].sum()) for i in global_slice))
         return micro, n_global, real_tokens
 

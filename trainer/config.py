@@ -21,7 +21,8 @@ Project keys (all optional unless marked):
   eval_interval   steps between evaluations (0: only at the end)
   resume          "auto" (continue from save_path/latest when present), "never", or a checkpoint folder
   no_decay        parameter-name patterns without weight decay (default: biases and norm weights)
-  stage           "sft" (causal LM loss on the trained tokens)
+  stage           "sft" (causal LM loss on the trained tokens) or "rm" (reward model: pairwise records,
+                  value head, -logsigmoid(score_chosen - score_rejected))
   cache_dir       tokenized-data cache (default: save_path/.data_cache)
 """
 import dataclasses
@@ -121,7 +122,7 @@ _TYPES = {
     "seed": int, "save_interval": int, "keep_last": int, "eval_interval": int, "resume": str, "stage": str,
     "model_path": str, "save_path": str, "cache_dir": str, "no_decay": list,
 }
-STAGES = ("sft",)
+STAGES = ("sft", "rm")
 
 
 def load_config(path: str, world_size: Optional[int] = None, device_supports_fp16: bool = True) -> TrainConfig:

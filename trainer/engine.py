@@ -8,12 +8,14 @@ first step (DESIGN.md section 5).
 import copy
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from models.pipeline import build_layer_specs, num_blocks, pipe_layer_names, prepare_config
 from models.registry import get_architecture
+from convert.pipe_dir import read_metadata
 
 from .auto_parts import auto_parts, stage_report
 from .config import TrainConfig
@@ -32,6 +34,7 @@ class Built:
     model_config: object
     parts: list[int]
     layer_names: list[str]
+    head: str
 
 
 def layer_param_counts(model_config, head: str = "lm") -> list[int]:
@@ -64,6 +67,18 @@ def describe_split(cfg: TrainConfig, model_config, parts: list[int], head: str =
                         model_config.num_attention_heads)
 
 
+def init_head(module: PartitionedPipelineModule, model_config, seed: int, head_index: int) -> None:
+    """Seeded normal(0, initializer_range) init of a new head (e.g. the RM's value head)."""
+    std = getattr(model_config, "initializer_range", 0.02)
+    local = head_index - module._local_start
+    if not 0 <= local < len(module.forward_funcs) or not isinstance(module.forward_funcs[local], nn.Module):
+        return
+    gen = torch.Generator().manual_seed(seed * 100003 + head_index)
+    with torch.no_grad():
+        for p in module.forward_funcs[local].parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
 def init_from_scratch(module: PartitionedPipelineModule, model_config, seed: int) -> None:
     """HF-style init (normal(0, initializer_range) for linear/embedding weights, zero biases, unit
     norms), seeded per global layer index so the weights do not depend on the partition."""
@@ -86,9 +101,13 @@ def init_from_scratch(module: PartitionedPipelineModule, model_config, seed: int
     module._synchronize_tied_weights()
 
 
-def build_engine(cfg: TrainConfig, hf_config, total_steps: int, weights: str, head: str = "lm") -> Built:
+def build_engine(cfg: TrainConfig, hf_config, total_steps: int, weights: str, head: str = "lm",
+                 loss_fn=global_token_mean_loss) -> Built:
     """weights: "load" (strictly from cfg.model_path), "init" (from_scratch) or "checkpoint" (the
-    caller resumes with engine.load_checkpoint, which restores module and optimizer together)."""
+    caller resumes with engine.load_checkpoint, which restores module and optimizer together).
+
+    Loading a value-head pipeline (RM, PPO critic) from an LM checkpoint takes every layer but the
+    head, whose weights are then the seeded init; from a value-head checkpoint, every layer."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -103,13 +122,18 @@ def build_engine(cfg: TrainConfig, hf_config, total_steps: int, weights: str, he
         build_layer_specs(model_config, head),
         boundaries=boundaries_from_parts(parts, cfg.model_topo.pipe, names),
         topology=PipeDataParallelTopology(num_pp=cfg.model_topo.pipe, num_dp=cfg.model_topo.data),
-        loss_fn=global_token_mean_loss,
+        loss_fn=loss_fn,
         activation_checkpoint_interval=1 if cfg.use_grad_ckpt else 0,
         # Only blocks: checkpointing the embedding fails (its input needs no grad).
         checkpointable_layers=[arch.block.__name__] if cfg.use_grad_ckpt else None,
     )
     if weights == "load":
-        module.load_state_dir(cfg.model_path, checkpoint_engine=TorchCheckpointEngine(), strict=True)
+        source_head = read_metadata([Path(cfg.model_path)]).get("head", "lm")
+        if source_head == head:
+            module.load_state_dir(cfg.model_path, checkpoint_engine=TorchCheckpointEngine(), strict=True)
+        else:
+            init_head(module, model_config, cfg.seed, len(names) - 1)
+            module.load_state_dir_except(cfg.model_path, TorchCheckpointEngine(), skip={len(names) - 1})
     elif weights == "init":
         init_from_scratch(module, model_config, cfg.seed)
     # fp16/bf16: deepspeed.initialize casts parameters (buffers such as RoPE's inv_freq stay fp32).
@@ -125,7 +149,7 @@ def build_engine(cfg: TrainConfig, hf_config, total_steps: int, weights: str, he
             ds_config.setdefault("zero_allow_untested_optimizer", True)
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, optimizer=optimizer, config=ds_config)
     _record_grad_norm(engine)
-    return Built(engine, module, model_config, parts, names)
+    return Built(engine, module, model_config, parts, names, head)
 
 
 def _fill_scheduler_steps(ds_config: dict, total_steps: int) -> None:

@@ -25,3 +25,18 @@ class PartitionedPipelineModule(PipelineModule):
         self.parts = list(self._explicit_boundaries)
         stage_id = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+    def load_state_dir_except(self, load_dir, checkpoint_engine, skip: set[int]) -> None:
+        """`load_state_dir` (strict) for every local layer whose global index is not in `skip`
+        (e.g. an LM checkpoint's head when this pipeline has a value head)."""
+        import os
+
+        for local, layer in enumerate(self.forward_funcs):
+            index = self._local_start + local
+            if index in skip or not hasattr(layer, "load_state_dict"):
+                continue
+            path = self.ckpt_layer_path(load_dir, local)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: missing layer file for pipe layer {index}")
+            layer.load_state_dict(checkpoint_engine.load(path, map_location="cpu"), strict=True)
+        self._synchronize_tied_weights()
