@@ -7,6 +7,7 @@ and shape matches the config), the output is built in a temporary folder and ren
 import json
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -37,9 +38,10 @@ def load_layer(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def plan_pipe_to_hf(ckpt_dir: Path, config, head: str) -> tuple[list[TensorSpec], dict[str, tuple[Path, str]]]:
+def plan_pipe_to_hf(ckpt_dir: Path, config, head: str, search: Optional[list[Path]] = None
+                    ) -> tuple[list[TensorSpec], dict[str, tuple[Path, str]]]:
     """Check the layer files against the config; return (HF tensor specs in pipe order,
-    {HF name: (layer file, key in it)})."""
+    {HF name: (layer file, key in it)}). `search`: folders with the run's side files."""
     rules = layer_key_rules(config, head)
     expected = expected_layer_shapes(config, head)
     files = find_layer_files(ckpt_dir)
@@ -51,6 +53,7 @@ def plan_pipe_to_hf(ckpt_dir: Path, config, head: str) -> tuple[list[TensorSpec]
             f"{ckpt_dir}: missing layer files for pipe layers " + ", ".join(f"{i} ({names[i]})" for i in missing)
             + f" (the {config.model_type} config has {len(names)} pipe layers: embedding, {len(names) - 3} blocks, final_norm, "
             f"{head}_head). On a multi-node run each node writes the layers of its own stages: copy all layer files into one folder"
+            + _where_written(missing, search or [ckpt_dir, ckpt_dir.parent])
         )
     extra = sorted(i for i in files if i >= len(names) or (i not in needed))
     if extra:
@@ -74,6 +77,20 @@ def plan_pipe_to_hf(ckpt_dir: Path, config, head: str) -> tuple[list[TensorSpec]
     if problems:
         raise ConversionError(f"{ckpt_dir}: layer files do not match config.json: " + "; ".join(problems))
     return specs, sources
+
+
+def _where_written(missing: list[int], search: list[Path]) -> str:
+    """'; layer 5 was written by stage 1 on node(s) b' from the training run's topology.json."""
+    path = find_side_file(search, "topology.json")
+    if path is None:
+        return ""
+    topo = json.loads(path.read_text())
+    by_stage = {}
+    for i in missing:
+        if i < len(topo["layer_stage"]):
+            by_stage.setdefault(topo["layer_stage"][i], []).append(i)
+    return "; " + "; ".join(f"layers {', '.join(map(str, layers))} were written by stage {s} on node(s) "
+                            f"{', '.join(topo['stage_hosts'][str(s)])}" for s, layers in sorted(by_stage.items()))
 
 
 def shard_specs(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -121,7 +138,7 @@ def pp_to_hg(input_path: str, save_path: str, max_shard_size: str = "5GB", overw
     dest = Path(save_path)
     ckpt_dir, search, config, head = open_pipe_checkpoint(input_path)
     check_dest(dest, overwrite)
-    specs, sources = plan_pipe_to_hf(ckpt_dir, config, head)
+    specs, sources = plan_pipe_to_hf(ckpt_dir, config, head, search)
     try:
         max_bytes = convert_file_size_to_int(max_shard_size)
     except (ValueError, TypeError):
