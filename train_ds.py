@@ -45,11 +45,12 @@ def main(argv=None) -> int:
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     device_name = torch.cuda.get_device_name() if accel.device_name() == "cuda" else accel.device_name()
     from trainer.loop import NonFiniteLoss, run
+    from trainer.preflight import PreflightError
     from trainer.stages import get_stage
 
     try:
         summary = run(cfg, get_stage(cfg.stage), rank, world_size, device_name)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, PreflightError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1

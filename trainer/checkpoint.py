@@ -28,6 +28,7 @@ import torch
 
 from convert.pipe_dir import copy_side_files, write_metadata
 
+TOPOLOGY_FILE = "topology.json"
 TAG_RE = re.compile(r"^global_step(\d+)$")
 # Test hook: SIGKILL this process after DeepSpeed wrote the checkpoint but before `latest` moved.
 KILL_DURING_SAVE_ENV = "PIPETUNE_TEST_KILL_DURING_SAVE_AT_STEP"
@@ -48,6 +49,15 @@ def prepare_save_path(save_path: str, model_path: str, config_path: str, model_c
                    tie_word_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)), head=head,
                    dtype=dtype, source=str(Path(model_path).resolve()))
     shutil.copy2(config_path, out / "train_config.json")
+
+
+def write_topology(save_path: str, parts: list[int], layer_names: list[str], dp: int, hosts: list[str]) -> None:
+    """SAVE_PATH/topology.json: which stage, and which nodes, hold each pipe layer. pp_to_hg uses it
+    to say where a missing layer file was written (node-local save_paths)."""
+    stage_hosts = {str(s): sorted({hosts[r] for r in range(s * dp, (s + 1) * dp)}) for s in range(len(parts))}
+    layer_stage = [s for s, n in enumerate(parts) for _ in range(n)]
+    _write_json_atomic(Path(save_path) / TOPOLOGY_FILE, {"parts": parts, "data_parallel": dp, "layer_names": layer_names,
+                                                         "layer_stage": layer_stage, "stage_hosts": stage_hosts})
 
 
 def rng_state() -> dict:

@@ -25,6 +25,7 @@ from .config import TrainConfig
 from .distributed import broadcast_object
 from .engine import build_engine, describe_split, layer_param_counts, resolve_parts
 from .metrics import flops_per_token, mfu, peak_flops, write_loss_curve
+from .preflight import preflight
 
 logger = logging.getLogger("pipetune")
 
@@ -77,6 +78,7 @@ def run(cfg: TrainConfig, stage: Stage, rank: int, world_size: int, device_name:
     pipe, dp = cfg.model_topo.pipe, cfg.model_topo.data
     pipe_stage, dp_rank = rank // dp, rank % dp  # PipeDataParallelTopology: rank = stage * D + dp_rank
     is_data_stage = pipe_stage in (0, pipe - 1)
+    hosts = preflight(cfg, rank, world_size)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
     hf_config = AutoConfig.from_pretrained(cfg.model_path)
 
@@ -107,6 +109,7 @@ def run(cfg: TrainConfig, stage: Stage, rank: int, world_size: int, device_name:
     if rank == 0:
         checkpoint.prepare_save_path(cfg.save_path, cfg.model_path, cfg.config_path, hf_config, stage.head,
                                      built.layer_names, cfg.precision)
+        checkpoint.write_topology(cfg.save_path, built.parts, built.layer_names, dp, hosts)
 
     start_step, history, evals = 0, [], []
     if resume_from:
