@@ -332,9 +332,10 @@ class ChatModel:
         return Reply(self.tokenizer.decode(new, skip_special_tokens=True), new, seconds, "eos" if finished else "length")
 
 
-def setup_engine(model, tokenizer, args, ranks: Ranks, device: str):
+def setup_engine(model, tokenizer, args, ranks: Ranks, device: str, reload):
     """Move the model to `device`; under several ranks (or --ds-inference) wrap it with
-    `deepspeed.init_inference`: AutoTP over all ranks, kernel injection where supported."""
+    `deepspeed.init_inference`: AutoTP over all ranks, kernel injection where supported.
+    `reload()` gives a fresh (model, tokenizer) if a kernel-injection attempt must be undone."""
     import torch
 
     use_ds = ranks.world_size > 1 or args.ds_inference
@@ -352,9 +353,30 @@ def setup_engine(model, tokenizer, args, ranks: Ranks, device: str):
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": ranks.world_size}, dtype=model.dtype,
-                                      replace_with_kernel_inject=inject)
-    model = engine.module
+
+    def init(model, inject: bool):
+        engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": ranks.world_size}, dtype=model.dtype,
+                                          replace_with_kernel_inject=inject)
+        return engine.module
+
+    if inject and args.kernel_inject == "auto":
+        # DeepSpeed's injection policies follow older transformers module layouts: try it on a
+        # 2-token warm-up, and fall back to plain AutoTP rather than fail.
+        try:
+            injected = init(model, True)
+            warm = torch.tensor([[tokenizer.eos_token_id] * 2], device=device)
+            with torch.no_grad():
+                injected.generate(input_ids=warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, do_sample=False,
+                                  pad_token_id=tokenizer.eos_token_id)
+            model = injected
+        except Exception as e:  # noqa: BLE001  (any failure: injection is an optimisation)
+            print(f"[kernel injection failed ({type(e).__name__}: {_first_line(e)}); using AutoTP without it "
+                  "(--kernel-inject off skips the attempt)]")
+            inject = False
+            model, _ = reload()
+            model = init(model, False)
+    else:
+        model = init(model, inject)
     if ranks.world_size > 1 and not inject and model.config.model_type == "bloom":
         keep_bloom_attention_mask(model)
     return model, f"DeepSpeed init_inference (AutoTP tp_size={ranks.world_size}, kernel injection {'on' if inject else 'off'})"
@@ -659,7 +681,8 @@ def run(args, stdin: IO[str], stdout: IO[str], stderr: IO[str]) -> int:
     # Library prints while loading (DeepSpeed's "AutoTP: ...") must not mix with replies on stdout.
     with contextlib.redirect_stdout(err):
         model, tokenizer = load_model(args.model_path, args.dtype)
-        model, engine_name = setup_engine(model, tokenizer, args, ranks, device)
+        model, engine_name = setup_engine(model, tokenizer, args, ranks, device,
+                                          reload=lambda: load_model(args.model_path, args.dtype))
     max_context = context_length(model.config, tokenizer, args.max_context)
     if max_context <= args.max_new_tokens:
         raise DemoError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's context of "
