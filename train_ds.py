@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from trainer.config import ConfigError, load_config
-    from trainer.distributed import finish, report_crash, world
+    from trainer.distributed import deepspeed_safe_cuda_arch_list, finish, report_crash, world
 
     rank, world_size, _ = world()
     try:
@@ -35,6 +35,9 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
 
+    fixed = deepspeed_safe_cuda_arch_list()
+    if fixed and rank == 0:
+        logging.getLogger("pipetune").info("TORCH_CUDA_ARCH_LIST -> %r for DeepSpeed's op builder", fixed)
     import torch
     import deepspeed
 

@@ -263,3 +263,13 @@ def test_causal_lm_loss_accepts_label_tuple():
     # global_token_mean_loss with scale 1/N is the same mean.
     n = n_target_tokens(labels)
     torch.testing.assert_close(global_token_mean_loss(logits, (labels, torch.tensor(1.0 / n, dtype=torch.float64))), expected)
+
+
+def test_cuda_arch_list_suffixes_are_dropped_for_deepspeed():
+    from trainer.distributed import deepspeed_safe_cuda_arch_list
+
+    env = {"TORCH_CUDA_ARCH_LIST": "8.0;9.0a+PTX 10.0f"}
+    assert deepspeed_safe_cuda_arch_list(env) == "8.0 9.0+PTX 10.0"
+    assert env["TORCH_CUDA_ARCH_LIST"] == "8.0 9.0+PTX 10.0"
+    assert deepspeed_safe_cuda_arch_list(env) is None  # already plain: unchanged
+    assert deepspeed_safe_cuda_arch_list({}) is None

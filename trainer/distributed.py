@@ -32,3 +32,26 @@ def report_crash(rank: int, exc: BaseException) -> None:
     sys.stderr.write(f"[rank {rank}] training failed: {type(exc).__name__}: {exc}\n")
     traceback.print_exc(file=sys.stderr)
     sys.stderr.flush()
+
+
+def deepspeed_safe_cuda_arch_list(environ=os.environ):
+    """DeepSpeed 0.19's JIT op builder (`compute_capability_args`) parses each TORCH_CUDA_ARCH_LIST
+    entry with int(), so an arch suffix such as "9.0a" (set by some CUDA images for Hopper) aborts the
+    first op build (FusedAdam) with a ValueError. Drop the suffixes for this process and its ranks;
+    returns the new value when it changed, else None."""
+    value = environ.get("TORCH_CUDA_ARCH_LIST")
+    if not value:
+        return None
+    parts = value.replace(";", " ").split()
+
+    def plain(entry: str) -> str:
+        ptx = entry.endswith("+PTX")
+        arch = entry[:-4] if ptx else entry
+        arch = arch.rstrip("abf") if arch[:1].isdigit() else arch
+        return arch + ("+PTX" if ptx else "")
+
+    fixed = " ".join(plain(p) for p in parts)
+    if fixed == " ".join(parts):
+        return None
+    environ["TORCH_CUDA_ARCH_LIST"] = fixed
+    return fixed
