@@ -125,6 +125,12 @@ def runs(model_dirs, tmp_path_factory):
                                     optimizer={"type": "LionPytorch", "params": {"lr": 1e-4, "weight_decay": 0.1, "use_triton": True}}),
         "zero1_offload": make_config(tmp, "zero1_offload", pp, train_steps=2,
                                      zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}}),
+        # An RM initialised from the "falls" SFT run's save_path (its `latest`), lr 0: every layer but the
+        # new value head must come out equal to the SFT checkpoint's.
+        "rm_from_sft_save_path": make_config(tmp, "rm_from_sft_save_path", tmp / "falls", stage="rm", train_steps=2,
+                                             data_path=str(REPO / "data" / "samples" / "pairwise.json"),
+                                             train_batch_size=2, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=2,
+                                             optimizer={"type": "SGD", "params": {"lr": 0.0}}),
         "resume_reference": make_config(tmp, "resume_reference", pp, train_steps=6,
                                         scheduler={"type": "WarmupDecayLR", "params": {"warmup_max_lr": 1e-3, "warmup_num_steps": 2}}),
     }
@@ -189,6 +195,21 @@ def test_variants_take_the_same_first_steps(runs):
     assert lion[0] == pytest.approx(reference[0], abs=1e-6) and lion[1] != pytest.approx(lion[0], abs=1e-7)
     layer = torch.load(runs["bf16"][1] / "global_step2" / "layer_01-model_states.pt", weights_only=True)
     assert {t.dtype for t in layer.values()} == {torch.bfloat16}
+
+
+def test_rm_starts_from_an_sft_training_save_path(runs):
+    runs, tmp = runs
+    summary, save = runs["rm_from_sft_save_path"]
+    assert len(summary["history"]) == 2 and all(math.isfinite(l) for _, l in summary["history"])
+    sft = tmp / "falls" / (tmp / "falls" / "latest").read_text()
+    rm = save / "global_step2"
+    n = json.loads((save / "pipetune.json").read_text())["num_pipe_layers"]
+    for i in range(n - 1):
+        a = torch.load(sft / f"layer_{i:02d}-model_states.pt", weights_only=True)
+        b = torch.load(rm / f"layer_{i:02d}-model_states.pt", weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), i
+    head = torch.load(rm / f"layer_{n - 1:02d}-model_states.pt", weights_only=True)
+    assert list(head) == ["score.weight"] and head["score.weight"].shape == (1, 64)
 
 
 def test_killed_during_save_resumes_exactly(runs, model_dirs):

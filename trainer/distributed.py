@@ -11,6 +11,13 @@ def world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def collective_device() -> torch.device:
+    """Where tensors for collectives must live: NCCL reduces only CUDA tensors, gloo CPU ones."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s Python object on every rank."""
     buf = [obj]

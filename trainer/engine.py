@@ -15,7 +15,7 @@ from torch import nn
 
 from models.pipeline import build_layer_specs, num_blocks, pipe_layer_names, prepare_config
 from models.registry import get_architecture
-from convert.pipe_dir import read_metadata
+from convert.pipe_dir import read_metadata, resolve_checkpoint_dir
 
 from .auto_parts import auto_parts, stage_report
 from .config import TrainConfig
@@ -128,12 +128,14 @@ def build_engine(cfg: TrainConfig, hf_config, total_steps: int, weights: str, he
         checkpointable_layers=[arch.block.__name__] if cfg.use_grad_ckpt else None,
     )
     if weights == "load":
-        source_head = read_metadata([Path(cfg.model_path)]).get("head", "lm")
+        # model_path: a hg_to_pp folder, or a training save_path (its `latest` tag) / global_stepN.
+        layer_dir, search = resolve_checkpoint_dir(Path(cfg.model_path))
+        source_head = read_metadata(search).get("head", "lm")
         if source_head == head:
-            module.load_state_dir(cfg.model_path, checkpoint_engine=TorchCheckpointEngine(), strict=True)
+            module.load_state_dir(str(layer_dir), checkpoint_engine=TorchCheckpointEngine(), strict=True)
         else:
             init_head(module, model_config, cfg.seed, len(names) - 1)
-            module.load_state_dir_except(cfg.model_path, TorchCheckpointEngine(), skip={len(names) - 1})
+            module.load_state_dir_except(str(layer_dir), TorchCheckpointEngine(), skip={len(names) - 1})
     elif weights == "init":
         init_from_scratch(module, model_config, cfg.seed)
     # fp16/bf16: deepspeed.initialize casts parameters (buffers such as RoPE's inv_freq stay fp32).
@@ -176,6 +178,8 @@ def _record_grad_norm(engine) -> None:
     """
     import deepspeed.comm as dist
 
+    from .distributed import collective_device
+
     if engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization():
         return
     module = engine.module
@@ -188,7 +192,7 @@ def _record_grad_norm(engine) -> None:
 
     def clip_and_record():
         grads = [p.grad for p in module.parameters() if p.grad is not None]
-        local = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else None)
+        local = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else collective_device())
         for p in module.parameters():
             if p.grad is not None and id(p) not in counted_elsewhere:
                 local += p.grad.detach().float().pow(2).sum()

@@ -22,7 +22,7 @@ from data.errors import DataError
 from . import checkpoint
 from .batches import GlobalBatches
 from .config import TrainConfig
-from .distributed import broadcast_object
+from .distributed import broadcast_object, collective_device
 from .engine import build_engine, describe_split, layer_param_counts, resolve_parts
 from .metrics import flops_per_token, mfu, peak_flops, write_loss_curve
 from .preflight import preflight
@@ -67,6 +67,19 @@ def build_data(cfg: TrainConfig, tokenizer, kind: str):
     )
 
 
+def model_side_dir(cfg: TrainConfig) -> Path:
+    """The folder with model_path's config.json and tokenizer: model_path itself, or for a
+    global_stepN folder of a training run, the save_path above it."""
+    from convert.pipe_dir import find_side_file, resolve_checkpoint_dir
+
+    path = Path(cfg.model_path)
+    if cfg.from_scratch or not path.is_dir():
+        return path
+    _, search = resolve_checkpoint_dir(path)
+    found = find_side_file(search, "config.json")
+    return found.parent if found is not None else path
+
+
 def plan_length(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return cfg.train_steps if cfg.train_steps else cfg.n_epochs * steps_per_epoch
 
@@ -79,8 +92,9 @@ def run(cfg: TrainConfig, stage: Stage, rank: int, world_size: int, device_name:
     pipe_stage, dp_rank = rank // dp, rank % dp  # PipeDataParallelTopology: rank = stage * D + dp_rank
     is_data_stage = pipe_stage in (0, pipe - 1)
     hosts = preflight(cfg, rank, world_size)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
-    hf_config = AutoConfig.from_pretrained(cfg.model_path)
+    model_dir = model_side_dir(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf_config = AutoConfig.from_pretrained(model_dir)
 
     # Data: rank 0 validates and tokenizes (filling the cache) before any other rank reads it; a
     # data error stops every rank (rank 0 reports it).
@@ -107,7 +121,7 @@ def run(cfg: TrainConfig, stage: Stage, rank: int, world_size: int, device_name:
     built = build_engine(cfg, hf_config, total_steps, weights, head=stage.head, loss_fn=stage.loss_fn)
     engine = built.engine
     if rank == 0:
-        checkpoint.prepare_save_path(cfg.save_path, cfg.model_path, cfg.config_path, hf_config, stage.head,
+        checkpoint.prepare_save_path(cfg.save_path, str(model_dir), cfg.config_path, hf_config, stage.head,
                                      built.layer_names, cfg.precision)
         checkpoint.write_topology(cfg.save_path, built.parts, built.layer_names, dp, hosts)
 
@@ -214,7 +228,7 @@ def _save(engine, cfg, step, batches, history, evals, rank) -> None:
 
 def _check_finite_weights(engine, step: int) -> None:
     """Collective: refuse to write a checkpoint whose weights hold NaN/inf on any rank."""
-    bad = torch.zeros((), dtype=torch.float32)
+    bad = torch.zeros((), dtype=torch.float32, device=collective_device())
     for p in engine.module.parameters():
         if not torch.isfinite(p.detach()).all():
             bad += 1

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from data.dataset import collate_pairs
 from models.heads import last_token_index, sequence_scores
 
+from .distributed import collective_device
 from .loop import Context, Stage
 
 
@@ -50,10 +51,12 @@ def evaluate(ctx: Context) -> dict:
             (_, mask), _ = batch
             scores = sequence_scores(values, last_token_index(mask)).double()
             chosen, rejected = scores.chunk(2)
-            weight = torch.tensor(real, dtype=torch.float64)
+            weight = torch.tensor(real, dtype=torch.float64, device=scores.device)
             sums += torch.stack([weight.sum(), ((chosen > rejected).double() * weight).sum(), (chosen * weight).sum(),
-                                 (rejected * weight).sum(), (-F.logsigmoid(chosen - rejected) * weight).sum()])
+                                 (rejected * weight).sum(), (-F.logsigmoid(chosen - rejected) * weight).sum()]).cpu()
+    sums = sums.to(collective_device())
     torch.distributed.all_reduce(sums)
+    sums = sums.cpu()
     n = max(sums[0].item(), 1.0)
     return {"loss": sums[4].item() / n, "accuracy": sums[1].item() / n, "chosen_score": sums[2].item() / n,
             "rejected_score": sums[3].item() / n}
