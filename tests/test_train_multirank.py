@@ -131,6 +131,12 @@ def runs(model_dirs, tmp_path_factory):
                                              data_path=str(REPO / "data" / "samples" / "pairwise.json"),
                                              train_batch_size=2, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=2,
                                              optimizer={"type": "SGD", "params": {"lr": 0.0}}),
+        # from_scratch: model_path only needs config.json + tokenizer; the seeded init must not depend
+        # on the partition (2 stages vs 1 stage x 2 data-parallel ranks take the same first step).
+        "scratch_two_stage": make_config(tmp, "scratch_two_stage", REPO / "configs" / "tiny-llama", from_scratch=True, train_steps=2),
+        "scratch_one_stage": make_config(tmp, "scratch_one_stage", REPO / "configs" / "tiny-llama", from_scratch=True, train_steps=2,
+                                         train_micro_batch_size_per_gpu=1,
+                                         model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}, "parts": [7]}),
         "resume_reference": make_config(tmp, "resume_reference", pp, train_steps=6,
                                         scheduler={"type": "WarmupDecayLR", "params": {"warmup_max_lr": 1e-3, "warmup_num_steps": 2}}),
     }
@@ -195,6 +201,14 @@ def test_variants_take_the_same_first_steps(runs):
     assert lion[0] == pytest.approx(reference[0], abs=1e-6) and lion[1] != pytest.approx(lion[0], abs=1e-7)
     layer = torch.load(runs["bf16"][1] / "global_step2" / "layer_01-model_states.pt", weights_only=True)
     assert {t.dtype for t in layer.values()} == {torch.bfloat16}
+
+
+def test_from_scratch_init_is_seeded_and_partition_independent(runs):
+    runs, _ = runs
+    two, one = losses(runs["scratch_two_stage"][0]), losses(runs["scratch_one_stage"][0])
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=0, atol=2e-6)
+    assert abs(two[0] - math.log(1024)) < 0.05  # HF-style init (std 0.02): near-uniform predictions
+    assert two[0] != pytest.approx(losses(runs["two_stage_adamw"][0])[0], abs=1e-4)  # not the loaded weights
 
 
 def test_rm_starts_from_an_sft_training_save_path(runs):
