@@ -12,9 +12,10 @@ kind="lm" (SFT / pretraining): ``LMDataset`` item = ``(inputs, labels)``, the De
     from segment_ids). Uses pretrain, instruct, conversation, ref_qa and pairwise (prompt + chosen)
     records; prompt records are counted as unused.
 kind="pairwise" (reward model): ``PairwiseDataset`` item = ``((input_ids [2, T], attention_mask [2, T]),
-    labels [2, T])``, row 0 = prompt + chosen, row 1 = prompt + rejected, labels marking each answer +
-    EOS. ``collate_pairs`` turns B items into ``[2B, T]`` tensors, the B chosen rows first, then the B
-    rejected rows in the same order, so one micro-batch always holds both sides of its pairs. The
+    labels [2, T], margin float32 [])``, row 0 = prompt + chosen, row 1 = prompt + rejected, labels marking
+    each answer + EOS, margin the record's ``margin`` (0 when absent). ``collate_pairs`` turns B items into
+    ``[2B, T]`` tensors (+ margins [B]), the B chosen rows first, then the B rejected rows in the same
+    order, so one micro-batch always holds both sides of its pairs. The
     reward is read at the last real token (the EOS): ``attention_mask.sum(-1) - 1``.
 kind="prompt" (PPO rollouts): ``PromptDataset`` item = ``(input_ids [T], attention_mask [T])`` LEFT-padded
     (generation appends on the right), the prompt ending with the generation prompt "Assistant:\\n".
@@ -49,6 +50,7 @@ KINDS = ("lm", "pairwise", "prompt")
 _USES = {"lm": ("pretrain", "instruct", "conversation", "ref_qa", "pairwise"),
          "pairwise": ("pairwise",), "prompt": ("prompt", "pairwise")}
 IGNORE_INDEX = -100
+PAYLOAD_VERSION = 2  # in the cache key: 2 added pairwise margins
 
 
 class LMDataset(Dataset):
@@ -81,8 +83,9 @@ class LMDataset(Dataset):
 class PairwiseDataset(Dataset):
     """Samples 2k (chosen) and 2k+1 (rejected) form pair k."""
 
-    def __init__(self, samples: Samples, max_len: int, pad_id: int):
+    def __init__(self, samples: Samples, max_len: int, pad_id: int, margins: np.ndarray):
         self.samples, self.max_len, self.pad_id = samples, max_len, pad_id
+        self.margins = margins  # float32 [n pairs]
 
     def __len__(self) -> int:
         return len(self.samples) // 2
@@ -96,16 +99,19 @@ class PairwiseDataset(Dataset):
             ids[side, :len(tok)] = tok
             labels[side, :len(tok)] = np.where(tgt, tok, IGNORE_INDEX)
             mask[side, :len(tok)] = 1
-        return (torch.from_numpy(ids), torch.from_numpy(mask)), torch.from_numpy(labels)
+        margin = torch.tensor(float(self.margins[i]), dtype=torch.float32)
+        return (torch.from_numpy(ids), torch.from_numpy(mask)), torch.from_numpy(labels), margin
 
 
 def collate_pairs(batch):
-    """B pairwise items -> ((input_ids [2B, T], attention_mask [2B, T]), labels [2B, T]); chosen first."""
+    """B pairwise items -> ((input_ids [2B, T], attention_mask [2B, T]), labels [2B, T], margins [B]);
+    chosen rows first."""
     ids = torch.stack([b[0][0] for b in batch])  # [B, 2, T]
     mask = torch.stack([b[0][1] for b in batch])
     labels = torch.stack([b[1] for b in batch])
+    margins = torch.stack([b[2] for b in batch])
     flat = lambda x: x.transpose(0, 1).reshape(-1, x.shape[-1])  # [2, B, T] -> [2B, T]
-    return (flat(ids), flat(mask)), flat(labels)
+    return (flat(ids), flat(mask)), flat(labels), margins
 
 
 class PromptDataset(Dataset):
@@ -167,7 +173,7 @@ def build_dataset(data_paths: PathsArg, tokenizer, max_seq_len: int, *, kind: st
     else:
         key = cache_mod.cache_key(dict(args, files=_file_hashes(data_paths), eval_files=_file_hashes(eval_paths),
                                        tokenizer=cache_mod.tokenizer_fingerprint(tokenizer),
-                                       template=TEMPLATE_VERSION, batch_size=None))
+                                       template=TEMPLATE_VERSION, batch_size=None, payload=PAYLOAD_VERSION))
         payload, hit = cache_mod.load_or_build(cache_dir, key, build)
         payload["stats"]["cache"] = {"key": key, "hit": hit, "path": os.path.join(cache_dir, key + ".pt")}
     train = _make(payload, "train")
@@ -201,7 +207,7 @@ def _make(payload: Dict[str, Any], split: str) -> Optional[Dataset]:
     if kind == "lm":
         return LMDataset(samples, part["row_offsets"].numpy(), part["row_samples"].numpy(), T, pad, payload["pack"])
     if kind == "pairwise":
-        return PairwiseDataset(samples, T, pad)
+        return PairwiseDataset(samples, T, pad, part["margins"].numpy())
     return PromptDataset(samples, T, pad)
 
 
@@ -263,7 +269,7 @@ def _tokenize_part(records: List[Record], tokenizer, kind, pack, overflow, T, ba
 
     raw = np.array([len(e[0]) for e in encoded if e is not None], dtype=np.int64)  # before fitting
     dropped, types = collections.Counter(), collections.Counter()
-    truncated, kept = 0, []
+    truncated, kept, margins = 0, [], []
     group = 2 if kind == "pairwise" else 1
     bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
     for g in range(0, len(entries), group):
@@ -290,6 +296,8 @@ def _tokenize_part(records: List[Record], tokenizer, kind, pack, overflow, T, ba
         truncated += cut
         types[origin.get(id(rec), rec.type)] += 1
         kept.extend(fitted)
+        if kind == "pairwise":
+            margins.append(float(rec.fields.get("margin", 0.0)))
 
     samples = Samples.from_list(kept)
     lengths = samples.lengths()
@@ -308,6 +316,8 @@ def _tokenize_part(records: List[Record], tokenizer, kind, pack, overflow, T, ba
              "efficiency": real / computed if computed else 0.0,
              "length_before_fit": _describe(raw), "length": _describe(lengths)}
     part = {"samples": samples.state(), "stats": stats}
+    if kind == "pairwise":
+        part["margins"] = torch.tensor(margins, dtype=torch.float32)
     if row_offsets is not None:
         part["row_offsets"], part["row_samples"] = torch.from_numpy(row_offsets), torch.from_numpy(row_samples)
     return part, problems

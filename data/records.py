@@ -6,7 +6,7 @@ Record types (see docs/data_format.md):
     instruct      {"instruct", "input"?, "output"}       "input" is absent rather than empty
     conversation  {"rounds": [["ask"|"ans", text], ...]}  at least one "ans"
     ref_qa        {"reference", "rounds"}
-    pairwise      {"prompt" | "rounds", "chosen", "rejected"}
+    pairwise      {"prompt" | "rounds", "chosen", "rejected", "margin"?}  (margin: a number, default 0)
     prompt        {"prompt" | "rounds"}
 
 Every record may also carry "id" and "meta" (ignored). Any other key is an error, so typos such as
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import hashlib
 import json
 import os
@@ -176,6 +177,12 @@ def validate_record(obj: Any, file: str, index: int, line: Optional[int] = None
     allowed = set(required) | set(optional) | {"type", *IGNORED_KEYS}
     if rounds_rule:
         allowed |= {"rounds"} | ({"prompt"} if rounds_rule == "prompt_or_rounds" else set())
+    if rtype == "pairwise":
+        allowed.add("margin")
+        margin = obj.get("margin", 0.0)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            problems.append(bad("margin", f"must be a finite number (how much the chosen answer should outscore the "
+                                f"rejected one), got {json.dumps(margin)}", "bad_value"))
     for key in obj:
         if key not in allowed:
             problems.append(bad(key, f"unknown field for type {rtype!r}; allowed: "

@@ -72,16 +72,17 @@ def test_drop_policy(tmp_path):
 def test_pairwise_items_and_collate(tok):
     built = build_dataset(MIXED, tok, T, kind="pairwise")
     assert len(built.train) == 6
-    (ids, mask), labels = built.train[0]
+    (ids, mask), labels, margin = built.train[0]
     assert ids.shape == mask.shape == labels.shape == (2, T)
+    assert margin.dtype == torch.float32 and margin.item() == 0.0  # no margin field: 0
     chosen = tok.decode(labels[0][labels[0] != -100].tolist())
     rejected = tok.decode(labels[1][labels[1] != -100].tolist())
     assert chosen == "The capital of France is Paris." + tok.eos_token
     assert rejected == "France is a country in Europe." + tok.eos_token
     last = mask.sum(-1) - 1  # reward is read at the last real token: EOS
     assert ids[0, last[0]] == ids[1, last[1]] == tok.eos_token_id
-    (bids, bmask), blabels = collate_pairs([built.train[i] for i in range(3)])
-    assert bids.shape == (6, T)
+    (bids, bmask), blabels, bmargins = collate_pairs([built.train[i] for i in range(3)])
+    assert bids.shape == (6, T) and bmargins.shape == (3,)
     for i in range(3):  # chosen rows first, then rejected rows, same pair order
         assert torch.equal(bids[i], built.train[i][0][0][0]) and torch.equal(bids[3 + i], built.train[i][0][0][1])
         assert torch.equal(blabels[3 + i], built.train[i][1][1])

@@ -29,7 +29,28 @@ def test_pairwise_loss_is_mean_negative_logsigmoid_of_score_margin():
     index = torch.tensor([1, 1, 1, 0])  # chosen rows 0, 1; rejected rows 2, 3
     chosen, rejected = torch.tensor([2.0, 0.5]), torch.tensor([-1.0, 0.2])
     expected = -F.logsigmoid(chosen - rejected).mean()
-    torch.testing.assert_close(pairwise_loss(values, (index,)), expected)
+    torch.testing.assert_close(pairwise_loss(values, (index, torch.zeros(2))), expected)
+    margin = torch.tensor([1.0, 0.0])  # the first pair must win by at least 1 to cost as little
+    torch.testing.assert_close(pairwise_loss(values, (index, margin)), -F.logsigmoid(chosen - rejected - margin).mean())
+
+
+def test_margins_travel_from_records_to_batches(tmp_path):
+    from transformers import AutoTokenizer
+
+    from data.dataset import build_dataset, collate_pairs
+    from data.errors import DataError
+
+    records = [{"type": "pairwise", "prompt": "Pick one.", "chosen": "Yes.", "rejected": "No.", "margin": m}
+               for m in (2.5, 0, -1)] + [{"type": "pairwise", "prompt": "Again.", "chosen": "Yes.", "rejected": "No."}]
+    (tmp_path / "p.json").write_text(json.dumps(records))
+    tok = AutoTokenizer.from_pretrained(REPO / "configs" / "tiny-llama")
+    built = build_dataset(str(tmp_path / "p.json"), tok, 32, kind="pairwise")
+    assert [float(built.train[i][2]) for i in range(4)] == [2.5, 0.0, -1.0, 0.0]
+    assert collate_pairs([built.train[i] for i in range(4)])[2].tolist() == [2.5, 0.0, -1.0, 0.0]
+    (tmp_path / "bad.json").write_text(json.dumps([{**records[0], "margin": "big"}, {**records[0], "margin": True}]))
+    with pytest.raises(DataError) as err:
+        build_dataset(str(tmp_path / "bad.json"), tok, 32, kind="pairwise")
+    assert len(err.value.lines) == 2 and all("field 'margin': must be a finite number" in line for line in err.value.lines)
 
 
 def load_layers(pp_dir: Path, head: str, config_dir: Path):

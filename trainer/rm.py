@@ -4,7 +4,8 @@ The last pipe layer is the final norm's output through a scalar value head (hidd
 micro-batch holds both sides of its pairs: B pairwise records give 2B rows, the B chosen rows
 first, then the B rejected rows in the same order (`data.dataset.collate_pairs`). A sequence's score
 is the value at its last real token (`models.heads.last_token_index`), and the loss is
-    -logsigmoid(score_chosen - score_rejected), averaged over pairs.
+    -logsigmoid(score_chosen - score_rejected - margin), averaged over pairs
+(margin: the record's optional `margin`, 0 when absent, as in Llama 2's reward model).
 Every micro-batch holds the same number of pairs, so DeepSpeed's mean over micro-batches and
 data-parallel ranks is the mean over the global batch's pairs.
 """
@@ -19,16 +20,17 @@ from .loop import Context, Stage
 
 
 def pairwise_loss(values: torch.Tensor, labels) -> torch.Tensor:
-    """values float[2B,T] (chosen rows, then rejected); labels (last_index int64[2B],)."""
-    scores = sequence_scores(values, labels[0])
+    """values float[2B,T] (chosen rows, then rejected); labels (last_index int64[2B], margin float[B])."""
+    index, margin = labels
+    scores = sequence_scores(values, index)
     chosen, rejected = scores.chunk(2)
-    return -F.logsigmoid(chosen - rejected).mean()
+    return -F.logsigmoid(chosen - rejected - margin.to(scores.device, torch.float32)).mean()
 
 
 def feed(micro_batches: list, n_global: int = 0, loss_scale: float = 1.0):
-    """(inputs, labels) as the engine pulls them: the labels are the score positions."""
-    for (input_ids, attention_mask), _answer_labels in micro_batches:
-        yield (input_ids, attention_mask), (last_token_index(attention_mask),)
+    """(inputs, labels) as the engine pulls them: the labels are the score positions and margins."""
+    for (input_ids, attention_mask), _answer_labels, margin in micro_batches:
+        yield (input_ids, attention_mask), (last_token_index(attention_mask), margin)
 
 
 def evaluate(ctx: Context) -> dict:
@@ -48,12 +50,12 @@ def evaluate(ctx: Context) -> dict:
             it = feed([batch])
         _, values = ctx.engine.eval_batch(data_iter=it, return_logits=True, num_micro_batches=1, bcast_loss=False)
         if ctx.is_last_stage:
-            (_, mask), _ = batch
+            (_, mask), _, margin = batch
             scores = sequence_scores(values, last_token_index(mask)).double()
             chosen, rejected = scores.chunk(2)
             weight = torch.tensor(real, dtype=torch.float64, device=scores.device)
             sums += torch.stack([weight.sum(), ((chosen > rejected).double() * weight).sum(), (chosen * weight).sum(),
-                                 (rejected * weight).sum(), (-F.logsigmoid(chosen - rejected) * weight).sum()]).cpu()
+                                 (rejected * weight).sum(), (-F.logsigmoid(chosen - rejected - margin.to(scores)) * weight).sum()]).cpu()
     sums = sums.to(collective_device())
     torch.distributed.all_reduce(sums)
     sums = sums.cpu()
