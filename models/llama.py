@@ -2,7 +2,6 @@
 keys are HF's (minus the `model.layers.{i}.` prefix). Covers grouped-query attention
 (`num_key_value_heads`), `rope_parameters`/`rope_scaling`/`rope_theta`, tied or untied embeddings.
 """
-from typing import Optional
 
 import torch
 from torch import nn

@@ -19,7 +19,6 @@ function of the embedding module), so the head's weight is read from layer 0.
 """
 import copy
 import functools
-import re
 from dataclasses import dataclass
 from typing import Optional
 

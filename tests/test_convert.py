@@ -12,7 +12,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from convert.errors import ConversionError
 from convert.hg_to_pp import hg_to_pp
 from convert.pp_to_hg import pp_to_hg
 from convert.safetensors_stream import StreamingSafetensorsWriter, TensorSpec

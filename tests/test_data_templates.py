@@ -1,8 +1,6 @@
 """Rendering of every type, mask exactness on both tokenizers, and the chat-template equality."""
-import json
 
 import numpy as np
-import pytest
 
 from data.records import load_records
 from data.templates import (CHAT_TEMPLATE, join_pieces, record_messages, render_record, rounds_to_messages,

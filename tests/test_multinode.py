@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO
 from convert.errors import ConversionError

@@ -8,7 +8,6 @@ nanoGPT's estimate_mfu and PaLM appendix B):
     final norm  ~H
     head        2 * vocab * H
 """
-import math
 
 from deepspeed.runtime.utils import partition_balanced
 

@@ -14,7 +14,6 @@ slice of the global order.
 """
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from data.sampler import ResumableSampler

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.pipeline import build_layer_specs, num_blocks, pipe_layer_names, prepare_config
+from models.pipeline import build_layer_specs, pipe_layer_names, prepare_config
 from models.registry import get_architecture
 from convert.pipe_dir import read_metadata, resolve_checkpoint_dir
 

@@ -4,7 +4,6 @@ handed to DeepSpeed. Weight decay is excluded for biases and norm weights (confi
 """
 import importlib.util
 import logging
-import re
 
 import torch
 

@@ -6,7 +6,6 @@ Writes one JSON line per model to --out (rank 0): {"model", "pipe_loss", "hf_los
 """
 import argparse
 import json
-import os
 
 import torch
 
