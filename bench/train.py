@@ -320,16 +320,6 @@ def worker(work: Path) -> int:
     return 0
 
 
-def cuda_arch_list_for_deepspeed(arch_list):
-    """'8.0;9.0a' -> '8.0;9.0' (None when nothing needs changing)."""
-    import re
-
-    if not arch_list:
-        return None
-    fixed = re.sub(r"(\d+\.\d+)[a-zA-Z]+", r"\1", arch_list)
-    return fixed if fixed != arch_list else None
-
-
 def launch_pipeline(settings: dict, work: Path, log: Path) -> list:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -338,11 +328,13 @@ def launch_pipeline(settings: dict, work: Path, log: Path) -> list:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if settings["accelerator"] == "cpu":
         env["OMP_NUM_THREADS"] = str(settings["threads_per_rank"])
-    fixed = cuda_arch_list_for_deepspeed(env.get("TORCH_CUDA_ARCH_LIST"))
+    from trainer.distributed import deepspeed_safe_cuda_arch_list
+
+    before = env.get("TORCH_CUDA_ARCH_LIST")
+    fixed = deepspeed_safe_cuda_arch_list(env)  # rewrites env in place
     if fixed is not None:
-        print(f"  note: TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']!r} -> {fixed!r} for the launch (DeepSpeed 0.19's "
+        print(f"  note: TORCH_CUDA_ARCH_LIST={before!r} -> {fixed!r} for the launch (DeepSpeed 0.19's "
               "JIT op builder cannot parse arch suffixes such as '9.0a': int('0a') fails in compute_capability_args)")
-        env["TORCH_CUDA_ARCH_LIST"] = fixed
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(settings["stages"]), "--master_addr",
            "127.0.0.1", "--master_port", str(port), str(Path(__file__).resolve()), "--worker", str(work)]
     with open(log, "w") as f:

@@ -9,7 +9,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from models.pipeline import (
-    build_layers, hf_key_to_pipe, is_ignored_hf_key, is_tied, layer_key_rules, normalise_hf_keys,
+    build_layers, hf_key_to_pipe, is_ignored_hf_key, pipe_key_to_hf, is_tied, layer_key_rules, normalise_hf_keys,
     pipe_layer_names, prepare_config, tied_head_hf_key,
 )
 from models.registry import get_architecture
@@ -59,7 +59,7 @@ def plan_hf_to_pipe(config, ckpt: HFCheckpoint, head: str = "lm") -> dict[int, d
             wrong_shape.append(f"{src_key}: checkpoint {list(ckpt.shape(src_key))}, config expects {list(expected[index][pipe_key])}")
         plan[index][pipe_key] = src_key
     missing = [
-        f"{_hf_name(rules, i, k)}" for i, shapes in enumerate(expected) for k in shapes if k not in plan.get(i, {})
+        pipe_key_to_hf(rules, i, k) for i, shapes in enumerate(expected) for k in shapes if k not in plan.get(i, {})
     ]
     problems = []
     if missing:
@@ -71,12 +71,6 @@ def plan_hf_to_pipe(config, ckpt: HFCheckpoint, head: str = "lm") -> dict[int, d
     if problems:
         raise ConversionError(f"{ckpt.model_dir}: checkpoint does not match its config.json ({config.model_type}): " + " | ".join(problems))
     return plan
-
-
-def _hf_name(rules, index: int, pipe_key: str) -> str:
-    from models.pipeline import pipe_key_to_hf
-
-    return pipe_key_to_hf(rules, index, pipe_key)
 
 
 def head_of(config) -> str:
