@@ -161,7 +161,7 @@ def avoid_shm_allreduce_segfault(environ=None) -> bool:
 # Loading: an HF folder, or a pipeline checkpoint converted in memory.
 
 def is_pipeline_checkpoint(path: Path) -> bool:
-    from convert.pipe_dir import find_layer_files
+    from models.pipe_dir import find_layer_files
 
     return bool(find_layer_files(path)) or (path / "latest").is_file()
 
@@ -210,7 +210,7 @@ def load_pipeline_checkpoint(path: Path, dtype: str):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from convert.errors import ConversionError
-    from convert.pipe_dir import SIDE_FILES, find_side_file
+    from models.pipe_dir import SIDE_FILES, find_side_file
     from convert.pp_to_hg import iter_hf_tensors, open_pipe_checkpoint, plan_pipe_to_hf
 
     try:

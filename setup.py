@@ -9,7 +9,8 @@ setup(
     version="0.1.0",
     description="Pipeline-parallel full fine-tuning (SFT, reward model, PPO) of BLOOM and LLaMA on DeepSpeed",
     python_requires=">=3.10",
-    packages=find_packages(include=["models", "models.*", "data", "data.*", "trainer", "trainer.*", "convert", "convert.*"]),
+    packages=find_packages(include=["models", "models.*", "data", "data.*", "trainer", "trainer.*", "convert", "convert.*",
+                                    "compat", "compat.*", "inference", "inference.*"]),
     py_modules=["train_ds", "convert_model", "demo"],
     package_data={"data": ["samples/*.json", "samples/*.jsonl"]},
     install_requires=[

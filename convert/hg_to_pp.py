@@ -17,7 +17,7 @@ from models.registry import get_architecture
 from .errors import ConversionError
 from .hf_reader import HFCheckpoint
 from .output_dir import check_dest, replace_dir, temp_dir_beside
-from .pipe_dir import copy_side_files, layer_file_name, write_metadata
+from models.pipe_dir import copy_side_files, layer_file_name, write_metadata
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

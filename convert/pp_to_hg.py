@@ -20,7 +20,7 @@ from models.registry import get_architecture
 from .errors import ConversionError
 from .hg_to_pp import expected_layer_shapes
 from .output_dir import check_dest, replace_dir, temp_dir_beside
-from .pipe_dir import copy_side_files, find_layer_files, find_side_file, read_metadata, resolve_checkpoint_dir
+from models.pipe_dir import copy_side_files, find_layer_files, find_side_file, read_metadata, resolve_checkpoint_dir
 from .safetensors_stream import StreamingSafetensorsWriter, TensorSpec
 
 HF_CLASS_SUFFIX = {"lm": "ForCausalLM", "value": "ForSequenceClassification"}

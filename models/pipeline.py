@@ -24,6 +24,8 @@ from typing import Optional
 
 from torch import nn
 
+from compat.private_api import attn_implementation
+
 from .heads import HEADS, tied_lm_head
 from .registry import Architecture, get_architecture
 from .stage_io import resolve_attn_implementation
@@ -129,7 +131,7 @@ def _check_head(head: str) -> None:
 
 
 def _check_prepared(config) -> None:
-    if getattr(config, "_attn_implementation", None) is None:
+    if attn_implementation(config) is None:
         raise ValueError("config has no attention implementation set (attention would be non-causal): pass it through models.pipeline.prepare_config first")
 
 

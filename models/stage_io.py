@@ -20,6 +20,8 @@ from typing import Callable, Optional
 
 import torch
 
+from compat.private_api import set_attn_implementation
+
 
 def split_stage_inputs(inputs: tuple) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(x, attention_mask[, segment_ids]) -> x, attention_mask, segment_ids-or-None."""
@@ -64,9 +66,9 @@ def same_segment_mask_fn(segment_ids: torch.Tensor) -> Callable:
 
 
 def resolve_attn_implementation(config, requested: Optional[str], supported: tuple[str, ...]) -> str:
-    """Pick and set `config._attn_implementation` explicitly.
+    """Pick and set the config's attention implementation explicitly.
 
-    A freshly built config has `_attn_implementation=None`; transformers then builds no causal
+    A freshly built config has none set (None); transformers then builds no causal
     mask and attention silently becomes NON-causal. So this is never left to a default.
     `requested`: None (first of `supported`), "eager", "sdpa" or "flash_attention_2".
     """
@@ -85,5 +87,5 @@ def resolve_attn_implementation(config, requested: Optional[str], supported: tup
                 "usable here: install it on a CUDA machine (pip install flash-attn --no-build-isolation) "
                 "or set use_flash_attn to false"
             )
-    config._attn_implementation = choice
+    set_attn_implementation(config, choice)
     return choice

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import demo
 from convert.hg_to_pp import hg_to_pp
-from convert.pipe_dir import find_layer_files
+from models.pipe_dir import find_layer_files
 from convert.pp_to_hg import load_layer, pp_to_hg
 from models.pipeline import SequentialPipe, build_layers, prepare_config
 

@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from convert.pipe_dir import copy_side_files, write_metadata
+from models.pipe_dir import copy_side_files, write_metadata
 
 TOPOLOGY_FILE = "topology.json"
 TAG_RE = re.compile(r"^global_step(\d+)$")

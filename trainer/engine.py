@@ -15,7 +15,7 @@ from torch import nn
 
 from models.pipeline import build_layer_specs, pipe_layer_names, prepare_config
 from models.registry import get_architecture
-from convert.pipe_dir import read_metadata, resolve_checkpoint_dir
+from models.pipe_dir import read_metadata, resolve_checkpoint_dir
 
 from .auto_parts import auto_parts, stage_report
 from .config import TrainConfig

@@ -70,7 +70,7 @@ def build_data(cfg: TrainConfig, tokenizer, kind: str):
 def model_side_dir(cfg: TrainConfig) -> Path:
     """The folder with model_path's config.json and tokenizer: model_path itself, or for a
     global_stepN folder of a training run, the save_path above it."""
-    from convert.pipe_dir import find_side_file, resolve_checkpoint_dir
+    from models.pipe_dir import find_side_file, resolve_checkpoint_dir
 
     path = Path(cfg.model_path)
     if cfg.from_scratch or not path.is_dir():

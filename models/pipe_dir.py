@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .errors import ConversionError
 
 METADATA_FILE = "pipetune.json"
 FORMAT_VERSION = 1
@@ -22,6 +21,13 @@ SIDE_FILES = (
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
     "chat_template.json",
 )
+
+
+class CheckpointError(Exception):
+    """A user-facing problem with a checkpoint (missing files, weights, shapes, paths).
+    The message says what is wrong and how to fix it; CLIs print it without a traceback."""
+
+
 _LAYER_RE = re.compile(r"^layer_(\d+)-model_states\.pt$")
 
 
@@ -42,7 +48,7 @@ def resolve_checkpoint_dir(path: Path) -> tuple[Path, list[Path]]:
     - a training save_path with DeepSpeed's `latest` file: the tag folder it names.
     """
     if not path.is_dir():
-        raise ConversionError(f"{path}: not a directory (give a hg_to_pp output, a training save_path or a global_stepN folder)")
+        raise CheckpointError(f"{path}: not a directory (give a hg_to_pp output, a training save_path or a global_stepN folder)")
     if find_layer_files(path):
         return path, [path, path.parent]
     latest = path / "latest"
@@ -50,11 +56,11 @@ def resolve_checkpoint_dir(path: Path) -> tuple[Path, list[Path]]:
         tag = latest.read_text().strip()
         tag_dir = path / tag
         if not tag_dir.is_dir():
-            raise ConversionError(f"{latest} names checkpoint {tag!r}, but {tag_dir} does not exist")
+            raise CheckpointError(f"{latest} names checkpoint {tag!r}, but {tag_dir} does not exist")
         if not find_layer_files(tag_dir):
-            raise ConversionError(f"{tag_dir} (from {latest}) holds no layer_*-model_states.pt files")
+            raise CheckpointError(f"{tag_dir} (from {latest}) holds no layer_*-model_states.pt files")
         return tag_dir, [tag_dir, path]
-    raise ConversionError(
+    raise CheckpointError(
         f"{path}: no layer_NN-model_states.pt files and no DeepSpeed 'latest' file: "
         "give a hg_to_pp output, a training save_path or one of its global_stepN folders"
     )
@@ -91,5 +97,5 @@ def read_metadata(search: list[Path]) -> dict:
         return {}
     data = json.loads(path.read_text())
     if data.get("version", 0) > FORMAT_VERSION:
-        raise ConversionError(f"{path}: written by a newer pipetune (format version {data['version']}); upgrade pipetune")
+        raise CheckpointError(f"{path}: written by a newer pipetune (format version {data['version']}); upgrade pipetune")
     return data
