@@ -1,10 +1,12 @@
-"""demo.py: greedy tokens equal the pipe layers' and HF's, the chat REPL builds exactly the
-apply_chat_template prompt, batch mode writes one JSON line per input, user errors are one line,
-and 2 AutoTP ranks give the single-process tokens."""
+"""demo.py and inference/: greedy tokens equal the pipe layers' and HF's, the chat REPL builds exactly
+the apply_chat_template prompt, batch mode writes one JSON line per input, user errors are one line,
+every pipeline checkpoint kind renders the training template, and 2 AutoTP ranks give the
+single-process tokens."""
 import inspect
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -14,12 +16,18 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import demo
+from compat.private_api import avoid_shm_allreduce_segfault
 from convert.hg_to_pp import hg_to_pp
+from inference.chat import run_repl
+from inference.generation import ChatModel
+from inference.loading import context_length, load_model
+from inference.parallel import Ranks
 from models.pipe_dir import find_layer_files
 from convert.pp_to_hg import load_layer, pp_to_hg
 from models.pipeline import SequentialPipe, build_layers, prepare_config
+from models.random_init import save_random_model
 
-from conftest import REPO
+from conftest import CONFIGS, REPO
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_NEW = 12
@@ -31,8 +39,8 @@ def make_chat(model_path, max_context=None, **overrides):
         argv += ["--max-context", str(max_context)]
     args = demo.build_parser().parse_args(argv)
     vars(args).update(overrides)
-    model, tokenizer = demo.load_model(args.model_path, args.dtype)
-    return demo.ChatModel(model, tokenizer, args, "cpu", demo.context_length(model.config, tokenizer, args.max_context))
+    model, tokenizer = load_model(args.model_path, args.dtype)
+    return ChatModel(model, tokenizer, args, "cpu", context_length(model.config, tokenizer, args.max_context))
 
 
 def pipe_greedy(pp_dir, prompt_ids, eos_ids, max_new=MAX_NEW):
@@ -116,11 +124,11 @@ def test_trained_weights_come_from_the_checkpoint(tiny_hf, tmp_path):
 def test_pipeline_checkpoint_in_memory_writes_nothing_and_shares_mmap(tiny_hf, tmp_path):
     pp = hg_to_pp(tiny_hf("bloom"), tmp_path / "pp", progress=False)
     before = sorted(p.name for p in pp.iterdir())
-    model, tokenizer = demo.load_model(str(pp), "auto")
+    model, tokenizer = load_model(str(pp), "auto")
     assert sorted(p.name for p in pp.iterdir()) == before
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied
     assert tokenizer.chat_template and model.dtype == torch.float32
-    bf16, _ = demo.load_model(str(pp), "bfloat16")
+    bf16, _ = load_model(str(pp), "bfloat16")
     assert bf16.dtype == torch.bfloat16
 
 
@@ -137,7 +145,7 @@ def test_repl_two_turns_reset_exit_prompts_equal_apply_chat_template(llama_pp):
     tok = chat.tokenizer
     stdin = io.StringIO("Hello there\nAnd then?\n/reset\n\nFresh start\n/exit\nnever read\n")
     out, err = io.StringIO(), io.StringIO()
-    session = demo.run_repl(chat, demo.Ranks(), stdin, out, err, seed=0)
+    session = run_repl(chat, Ranks(), stdin, out, err, seed=0)
 
     replies = out.getvalue().split("\n")[:-1]  # streamed replies, one per line
     assert len(session.prompts) == 3 and len(replies) == 3
@@ -157,7 +165,7 @@ def test_repl_two_turns_reset_exit_prompts_equal_apply_chat_template(llama_pp):
 def test_repl_drops_oldest_turns_to_fit_context(llama_pp):
     chat = make_chat(llama_pp, max_context=MAX_NEW + 48)
     out, err = io.StringIO(), io.StringIO()
-    session = demo.run_repl(chat, demo.Ranks(), io.StringIO("one two three\nfour five six\nseven eight\n"), out, err, seed=0)
+    session = run_repl(chat, Ranks(), io.StringIO("one two three\nfour five six\nseven eight\n"), out, err, seed=0)
     assert "dropped the 1 oldest turn" in err.getvalue()
     assert all(len(ids) <= chat.prompt_budget for ids in session.prompts) and len(session.prompts) == 3
     # The last prompt starts at a user turn and still ends with the newest message.
@@ -165,7 +173,7 @@ def test_repl_drops_oldest_turns_to_fit_context(llama_pp):
     assert text.startswith("<s>Human:\n") and text.endswith("Human:\nseven eight\n\nAssistant:\n")
     assert "one two three" not in text
     # A message that cannot fit is refused, not sent.
-    session2 = demo.run_repl(chat, demo.Ranks(), io.StringIO("word " * 80 + "\n"), io.StringIO(), err2 := io.StringIO(), seed=0)
+    session2 = run_repl(chat, Ranks(), io.StringIO("word " * 80 + "\n"), io.StringIO(), err2 := io.StringIO(), seed=0)
     assert session2.prompts == [] and "message too long" in err2.getvalue()
 
 
@@ -312,12 +320,12 @@ def test_shm_allreduce_workaround(monkeypatch):
     assert "shm_vector_kernel_level" in inspect.getsource(TorchBackend.inference_all_reduce)
     backend = types.SimpleNamespace(shm_vector_kernel_level=1)
     monkeypatch.setattr(comm, "cdb", backend)
-    assert not demo.avoid_shm_allreduce_segfault({"LOCAL_SIZE": "2", "WORLD_SIZE": "2"})  # deepspeed launcher, one node
+    assert not avoid_shm_allreduce_segfault({"LOCAL_SIZE": "2", "WORLD_SIZE": "2"})  # deepspeed launcher, one node
     assert backend.shm_vector_kernel_level == 1
-    assert demo.avoid_shm_allreduce_segfault({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})  # torchrun: no LOCAL_SIZE
+    assert avoid_shm_allreduce_segfault({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})  # torchrun: no LOCAL_SIZE
     assert backend.shm_vector_kernel_level == 0
     backend.shm_vector_kernel_level = 2
-    assert demo.avoid_shm_allreduce_segfault({"LOCAL_SIZE": "8", "WORLD_SIZE": "16"})  # 2 nodes
+    assert avoid_shm_allreduce_segfault({"LOCAL_SIZE": "8", "WORLD_SIZE": "16"})  # 2 nodes
     assert backend.shm_vector_kernel_level == 0
 
 
@@ -348,5 +356,80 @@ def test_two_rank_autotp_gives_single_process_tokens(tiny_hf, tmp_path):
         assert [r["token_ids"] for r in rows] == expected, name
         assert len({t for ids in expected for t in ids}) >= 6, name  # varied tokens, not one repeated
     chat = make_chat(llama_pp, max_new_tokens=10)
-    session = demo.run_repl(chat, demo.Ranks(), io.StringIO(chat_in.read_text()), single := io.StringIO(), io.StringIO(), seed=0)
+    session = run_repl(chat, Ranks(), io.StringIO(chat_in.read_text()), single := io.StringIO(), io.StringIO(), seed=0)
     assert (tmp_path / "chat_out.txt").read_text() == single.getvalue() and len(session.prompts) == 3
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings from /proc (Linux)")
+def test_pipeline_checkpoint_weights_are_memory_mapped_not_copied(tiny_hf, tmp_path):
+    """Without a cast, every weight of the in-memory model lies in a mapping of a layer file."""
+    pp = hg_to_pp(tiny_hf("llama", False), tmp_path / "pp", progress=False)
+    model, _ = load_model(str(pp), "auto")
+    maps = []  # (start, end, path) of this process's file mappings
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                maps.append((start, end, fields[5].strip()))
+
+    def mapped_file(tensor):
+        ptr = tensor.data_ptr()
+        return next((path for start, end, path in maps if start <= ptr < end), None)
+
+    files = {str(p) for p in find_layer_files(pp).values()}
+    assert all(mapped_file(p) in files for p in model.parameters())
+    bf16, _ = load_model(str(pp), "bfloat16")  # a cast copies
+    assert not any(mapped_file(p) in files for p in bf16.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# The prompt format: a pipeline checkpoint renders with the training template (issue 11, defect 2)
+
+INST_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                 "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+TRAINING_PROMPT = "<s>Human:\nHi\n\nAssistant:\n"  # data.templates for LLaMA (BOS text first)
+
+
+def chat_model_source(tmp_path, where):
+    """A tiny LLaMA HF folder whose tokenizer carries its own [INST] chat template, stored `where`:
+    in tokenizer_config.json (Llama-2-chat) or as chat_template.jinja (transformers 5 saves)."""
+    config_dir = tmp_path / "chat-config"
+    shutil.copytree(CONFIGS["llama"], config_dir)
+    if where == "tokenizer_config.json":
+        tc = json.loads((config_dir / "tokenizer_config.json").read_text())
+        (config_dir / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": INST_TEMPLATE}))
+    else:
+        (config_dir / "chat_template.jinja").write_text(INST_TEMPLATE)
+    return save_random_model(config_dir, tmp_path / "chat-hf", seed=0)
+
+
+def training_run_layout(pp, save_path):
+    """A training save_path from a hg_to_pp dir: side files in SAVE_PATH, layer files in
+    SAVE_PATH/global_step1, DeepSpeed's `latest` naming it."""
+    shutil.copytree(pp, save_path)
+    (save_path / "global_step1").mkdir()
+    for path in find_layer_files(save_path).values():
+        path.rename(save_path / "global_step1" / path.name)
+    (save_path / "latest").write_text("global_step1")
+    return save_path
+
+
+def shown_prompt(model_path):
+    err = io.StringIO()
+    assert demo.main(["--model-path", str(model_path), "--prompt", "Hi", "--greedy", "--max-new-tokens", "1",
+                      "--show-prompt"], stdout=io.StringIO(), stderr=err) == 0, err.getvalue()
+    return err.getvalue().split("[prompt]\n", 1)[1].split("\n[", 1)[0]
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja"])
+def test_every_pipeline_checkpoint_kind_renders_the_training_template(tmp_path, where):
+    src = chat_model_source(tmp_path, where)
+    assert shown_prompt(src) == "<s>[INST] Hi [/INST]"  # an HF folder keeps its own template
+    pp = hg_to_pp(src, tmp_path / "pp", progress=False)
+    save_path = training_run_layout(pp, tmp_path / "run")
+    exported = pp_to_hg(pp, tmp_path / "export", progress=False)
+    for model_path in (pp, save_path, save_path / "global_step1", exported):
+        assert shown_prompt(model_path) == TRAINING_PROMPT, model_path
+    chat = make_chat(save_path / "global_step1")
+    assert chat.tokenizer.decode(chat.prompt_ids([{"role": "user", "content": "Hi"}])) == TRAINING_PROMPT

@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import demo  # noqa: E402
+from trainer.distributed import finish  # noqa: E402
 
 COMMON = ["--greedy", "--max-new-tokens", "10"]
 
@@ -41,7 +42,7 @@ def main() -> None:
             if rank == 0:
                 Path(out).write_text(stdout.getvalue())
     finally:
-        demo._shutdown_distributed()
+        finish()
 
 
 if __name__ == "__main__":
