@@ -35,6 +35,9 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
 
+    if rank == 0:
+        for warning in cfg.warnings:
+            logging.getLogger("pipetune").warning(warning)
     fixed = deepspeed_safe_cuda_arch_list()
     if fixed and rank == 0:
         logging.getLogger("pipetune").info("TORCH_CUDA_ARCH_LIST -> %r for DeepSpeed's op builder", fixed)
@@ -47,13 +50,15 @@ def main(argv=None) -> int:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     device_name = torch.cuda.get_device_name() if accel.device_name() == "cuda" else accel.device_name()
-    from trainer.loop import NonFiniteLoss, run
+    from models.pipe_dir import CheckpointError
+    from trainer.guards import NonFiniteError
     from trainer.preflight import PreflightError
-    from trainer.stages import get_stage
+    from trainer.recipes import get_recipe
+    from trainer.topology import Topology
 
     try:
-        summary = run(cfg, get_stage(cfg.stage), rank, world_size, device_name)
-    except (NonFiniteLoss, PreflightError) as e:
+        summary = get_recipe(cfg.stage)(cfg, Topology.from_config(cfg, rank, world_size), device_name)
+    except (NonFiniteError, PreflightError, CheckpointError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1

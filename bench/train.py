@@ -121,9 +121,9 @@ def make_batches(settings: dict, n_steps: int) -> list:
 
 
 def matmul_params(config) -> int:
-    """All parameters but the input embedding lookup (as trainer.sft does for its MFU)."""
+    """All parameters but the input embedding lookup (as trainer.model_plan.ModelPlan.n_matmul_params counts for MFU)."""
     from models.pipeline import prepare_config
-    from trainer.engine import layer_param_counts
+    from trainer.model_plan import layer_param_counts
 
     return sum(layer_param_counts(prepare_config(config, "sdpa"))[1:])
 
@@ -165,6 +165,7 @@ def plain_block(settings: dict, hf_dir: Path, batches: list) -> dict:
 
     from trainer.config import DEFAULT_NO_DECAY
     from trainer.losses import global_token_mean_loss
+    from trainer.optim import param_groups
     from transformers import AutoModelForCausalLM
 
     info = accel_info()
@@ -178,9 +179,7 @@ def plain_block(settings: dict, hf_dir: Path, batches: list) -> dict:
     if settings["grad_ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    decay = [p for n, p in model.named_parameters() if not n.endswith(DEFAULT_NO_DECAY)]
-    no_decay = [p for n, p in model.named_parameters() if n.endswith(DEFAULT_NO_DECAY)]
-    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], **OPTIMIZER)
+    opt = torch.optim.AdamW(param_groups(model, DEFAULT_NO_DECAY), **OPTIMIZER)
     tokens_per_step = settings["micro_batches"] * settings["micro_batch"] * settings["seq_len"]
     losses, times = [], []
     for i, (micro, n_global) in enumerate(batches):
@@ -236,6 +235,8 @@ def instrument(engine) -> dict:
     """Per-instruction wall time on this rank (wraps the engine instance's instruction map)."""
     from deepspeed.accelerator import get_accelerator
 
+    from compat.private_api import time_pipe_instructions
+
     totals: dict[str, float] = {}
     on_device = get_accelerator().device_name() != "cpu"
 
@@ -249,7 +250,7 @@ def instrument(engine) -> dict:
             return out
         return timed
 
-    engine._INSTRUCTION_MAP = {k: wrap(k.__name__, v) for k, v in type(engine)._INSTRUCTION_MAP.items()}
+    time_pipe_instructions(engine, wrap)
     return totals
 
 
@@ -270,18 +271,19 @@ def worker(work: Path) -> int:
         accel.set_device(local_rank)
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     try:
-        from transformers import AutoConfig
-
         from trainer.batches import with_normaliser
         from trainer.config import validate
         from trainer.engine import build_engine
+        from trainer.losses import global_token_mean_loss
+        from trainer.model_plan import plan_model
+        from trainer.topology import Topology
 
         cfg = validate(pipeline_config(settings, work), str(work / "settings.json"), world_size=world_size,
                        device_supports_fp16=accel.is_fp16_supported())
-        hf_config = AutoConfig.from_pretrained(work / "pp")
+        plan = plan_model(cfg, head="lm")
         total_steps = settings["warmup"] + settings["steps"]
-        built = build_engine(cfg, hf_config, total_steps, weights="load")
-        engine = built.engine
+        engine = build_engine(cfg, plan, Topology.from_config(cfg, rank, world_size), total_steps, weights="load",
+                              loss_fn=global_token_mean_loss)
         stage = engine.stage_id
         batches = make_batches(settings, total_steps)
         totals = instrument(engine) if settings["breakdown"] else None
@@ -302,11 +304,11 @@ def worker(work: Path) -> int:
         sync()
         torch.distributed.barrier()
         result = summarise(times, tokens_per_step)
-        result.update(losses=losses, rank=rank, stage=stage, threads=torch.get_num_threads(), parts=built.parts,
+        result.update(losses=losses, rank=rank, stage=stage, threads=torch.get_num_threads(), parts=plan.parts,
                       optimizer=type(engine.optimizer).__name__ + (f"({type(engine.optimizer.optimizer).__name__})"
                                                                    if hasattr(engine.optimizer, "optimizer") else ""),
                       breakdown=totals,
-                      params=sum(p.numel() for p in built.module.parameters()))
+                      params=sum(p.numel() for p in engine.module.parameters()))
         if accel.device_name() == "cuda":
             result["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         gathered = [None] * world_size

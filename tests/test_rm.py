@@ -16,7 +16,7 @@ from convert.hg_to_pp import hg_to_pp
 from convert.pp_to_hg import pp_to_hg
 from models.heads import last_token_index, sequence_scores
 from models.pipeline import SequentialPipe, build_layers, prepare_config
-from trainer.rm import pairwise_loss
+from trainer.recipes.rm import pairwise_loss
 
 
 def test_last_token_index_right_and_left_padding():

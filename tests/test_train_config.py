@@ -152,6 +152,35 @@ def test_precision_and_zero():
     assert problems(cfg(zero_optimization=1))
 
 
+def test_bf16_accumulation_warns_unless_zero1_fp32_and_shipped_configs_accumulate_in_fp32():
+    """Issue 11.3: bf16 + ZeRO 0 accumulates gradients in bf16 (DeepSpeed's BF16_Optimizer); one
+    clear warning line; ZeRO 1 + grad_accum_dtype fp32 is the fix, ZeRO 0 + fp32 is refused."""
+    bf16 = {"bf16": {"enabled": True}, "gradient_accumulation_steps": 4}
+    (warning,) = validate(cfg(**bf16), world_size=4).warnings
+    assert warning.startswith("bf16 with gradient_accumulation_steps 4 accumulates gradients in bf16") and "\n" not in warning
+    assert 'add "zero_optimization": {"stage": 1} and "data_types": {"grad_accum_dtype": "fp32"}' in warning
+    assert validate(cfg(**bf16, zero_optimization={"stage": 1}), world_size=4).warnings  # ZeRO 1 alone: still bf16
+    fixed = validate(cfg(**bf16, zero_optimization={"stage": 1}, data_types={"grad_accum_dtype": "fp32"}), world_size=4)
+    assert fixed.warnings == () and fixed.ds_config["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert validate(cfg(bf16={"enabled": True}, gradient_accumulation_steps=1), world_size=4).warnings == ()
+    assert validate(cfg(gradient_accumulation_steps=4), world_size=4).warnings == ()  # fp32
+    assert problems(cfg(**bf16, data_types={"grad_accum_dtype": "fp32"})) == [
+        'data_types.grad_accum_dtype "fp32" with bf16 needs zero_optimization {"stage": 1} (DeepSpeed has no fp32 '
+        "accumulation for bf16 at ZeRO stage 0)"]
+    for name in ("ds_config_pp.json", "ds_config_rm.json"):
+        shipped = load_config(str(REPO / "configs" / name), world_size=8)
+        assert shipped.precision == "bf16" and shipped.grad_accum > 1 and shipped.warnings == (), name
+        assert shipped.ds_config["zero_optimization"]["stage"] == 1
+
+
+def test_flash_attention_with_packing_is_refused():
+    """Issue 11.1: transformers 5.23's flash_attention_2 ignores the segment mask of packed rows."""
+    assert problems(cfg(use_flash_attn=True, pack=True)) == [
+        "use_flash_attn with pack: flash_attention_2 in transformers 5.23 ignores the packed rows' segment mask, so "
+        "packed records would attend to each other; set pack to false (rows padded) or use_flash_attn to false (sdpa)"]
+    assert validate(cfg(use_flash_attn=True), world_size=4).use_flash_attn
+
+
 def test_eval_length_and_values():
     assert problems(cfg(eval_fraction=0.1, eval_data_path="data/eval.json")) == ["give eval_data_path or eval_fraction, not both"]
     assert problems(cfg(eval_fraction=1.0)) == ["eval_fraction must be in [0, 1)"]
@@ -237,7 +266,7 @@ def _tiny_counts(name="tiny-llama"):
     from transformers import AutoConfig
 
     from models.pipeline import prepare_config
-    from trainer.engine import layer_param_counts
+    from trainer.model_plan import layer_param_counts
 
     return layer_param_counts(prepare_config(AutoConfig.from_pretrained(str(REPO / "configs" / name))))
 
@@ -326,7 +355,7 @@ def test_auto_parts_are_python_ints_accepted_by_resolve_parts():
     from transformers import AutoConfig
 
     from models.pipeline import prepare_config
-    from trainer.engine import resolve_parts
+    from trainer.model_plan import resolve_parts
 
     counts = _tiny_counts("tiny-llama")
     assert all(type(p) is int for p in auto_parts(counts, 64, 128, 2))

@@ -9,7 +9,8 @@ the vocabulary does not):
 - BLOOM: a byte-level BPE `tokenizer.json` (ids: 0 <unk>, 1 <s>, 2 </s>, 3 <pad>, like BLOOM;
   no BOS/EOS added).
 Both are loaded back with `AutoTokenizer.from_pretrained` and must round-trip the corpus: transformers
-5 can silently build a tokenizer that maps every text to [] (see shared DESIGN.md section 7).
+5 can silently build a tokenizer that maps every text to [] (`LlamaTokenizer(vocab_file=...)` ignores
+the file and has 3 tokens), so the folder is loaded with `from_pretrained`.
 """
 import argparse
 import json

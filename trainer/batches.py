@@ -1,4 +1,5 @@
-"""Global batches for the pipeline engine, with the loss normaliser of DESIGN.md section 4.
+"""Global batches for the pipeline engine, with the loss normaliser that makes a step's loss the
+mean over the global batch's target tokens.
 
 The loss of a step must be the mean over all target tokens of the *global* batch (all micro-batches
 of all data-parallel ranks), as HF Trainer's `num_items_in_batch` does, not a mean of per-micro-batch
@@ -87,21 +88,34 @@ def with_normaliser(micro_batches: list, n_global: int, scale: float) -> Iterato
         yield inputs, (labels, factor)
 
 
-def eval_batches(dataset, micro_batch: int, grad_accum: int, dp_rank: int, dp_size: int) -> Iterator[tuple[list, int]]:
-    """The eval set in global batches (in order); the last one is filled with copies of row 0 whose
-    labels are all -100 (they add no loss and no tokens)."""
-    global_rows = micro_batch * grad_accum * dp_size
-    n = len(dataset)
-    for start in range(0, n, global_rows):
-        idx = list(range(start, min(start + global_rows, n)))
-        n_global = sum(n_target_tokens(dataset[i][1]) for i in idx)
+def eval_row_indices(n_rows: int, micro_batch: int, n_micro: int, dp_rank: int, dp_size: int) -> Iterator[list[list[int]]]:
+    """The one eval-sharding scheme: rows 0..n_rows-1 in order, in calls of `n_micro` micro-batches per
+    replica. Call c covers the global rows [c*G, (c+1)*G), G = micro_batch * n_micro * dp_size, and
+    replica r takes every dp_size-th of them (rows[r::dp_size]). Yields this replica's micro-batches
+    as lists of row indices; -1 marks filler past the end (the caller gives it no weight)."""
+    global_rows = micro_batch * n_micro * dp_size
+    for start in range(0, n_rows, global_rows):
+        idx = list(range(start, min(start + global_rows, n_rows)))
         idx += [-1] * (global_rows - len(idx))
         mine = idx[dp_rank::dp_size]
-        items = []
-        for i in mine:
-            if i < 0:
-                inputs, labels = dataset[0]
-                items.append((inputs, torch.full_like(labels, -100)))
-            else:
-                items.append(dataset[i])
-        yield [collate(items[k:k + micro_batch]) for k in range(0, len(items), micro_batch)], n_global
+        yield [mine[k:k + micro_batch] for k in range(0, len(mine), micro_batch)]
+
+
+def eval_batches(dataset, micro_batch: int, grad_accum: int, dp_rank: int, dp_size: int) -> Iterator[tuple[list, int]]:
+    """The eval set as (this replica's micro-batches, target tokens of the global batch), sharded by
+    `eval_row_indices`; filler rows are copies of row 0 whose labels are all -100 (no loss, no tokens)."""
+    global_rows = micro_batch * grad_accum * dp_size
+    for start, micro_indices in zip(range(0, len(dataset), global_rows),
+                                    eval_row_indices(len(dataset), micro_batch, grad_accum, dp_rank, dp_size)):
+        n_global = sum(n_target_tokens(dataset[i][1]) for i in range(start, min(start + global_rows, len(dataset))))
+        micro = []
+        for indices in micro_indices:
+            items = []
+            for i in indices:
+                if i < 0:
+                    inputs, labels = dataset[0]
+                    items.append((inputs, torch.full_like(labels, -100)))
+                else:
+                    items.append(dataset[i])
+            micro.append(collate(items))
+        yield micro, n_global

@@ -16,10 +16,12 @@ so we save with save_latest=False, add our files, wait for every rank, and only 
 loadable. Old tags beyond keep_last are removed after `latest` has moved.
 """
 import json
+import logging
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +30,9 @@ import torch
 
 from models.pipe_dir import copy_side_files, write_metadata
 
+from .guards import check_finite_weights
+
+logger = logging.getLogger("pipetune")
 TOPOLOGY_FILE = "topology.json"
 TAG_RE = re.compile(r"^global_step(\d+)$")
 # Test hook: SIGKILL this process after DeepSpeed wrote the checkpoint but before `latest` moved.
@@ -38,26 +43,26 @@ def tag_for(step: int) -> str:
     return f"global_step{step}"
 
 
-def prepare_save_path(save_path: str, model_path: str, config_path: str, model_config, head: str, names: list[str],
-                      dtype: str) -> None:
+def prepare_save_path(save_path: str, plan, config_path: str, dtype: str) -> None:
     """Rank 0, once: the side files that make SAVE_PATH a self-contained pipeline checkpoint."""
     out = Path(save_path)
     out.mkdir(parents=True, exist_ok=True)
-    copy_side_files([Path(model_path)], out, skip=("config.json",))
-    model_config.save_pretrained(out)  # the config actually trained (with its dtype, attn set on load)
-    write_metadata(out, model_type=model_config.model_type, num_pipe_layers=len(names), layer_names=names,
-                   tie_word_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)), head=head,
-                   dtype=dtype, source=str(Path(model_path).resolve()))
+    copy_side_files([plan.side_dir], out, skip=("config.json",))
+    plan.model_config.save_pretrained(out)  # the config actually trained (with its dtype, attn set on load)
+    write_metadata(out, model_type=plan.model_config.model_type, num_pipe_layers=len(plan.layer_names),
+                   layer_names=plan.layer_names, tie_word_embeddings=bool(getattr(plan.model_config, "tie_word_embeddings", False)),
+                   head=plan.head, dtype=dtype, source=str(plan.side_dir.resolve()))
     shutil.copy2(config_path, out / "train_config.json")
 
 
-def write_topology(save_path: str, parts: list[int], layer_names: list[str], dp: int, hosts: list[str]) -> None:
+def write_topology(save_path: str, plan, topo, hosts: list[str]) -> None:
     """SAVE_PATH/topology.json: which stage, and which nodes, hold each pipe layer. pp_to_hg uses it
     to say where a missing layer file was written (node-local save_paths)."""
-    stage_hosts = {str(s): sorted({hosts[r] for r in range(s * dp, (s + 1) * dp)}) for s in range(len(parts))}
-    layer_stage = [s for s, n in enumerate(parts) for _ in range(n)]
-    _write_json_atomic(Path(save_path) / TOPOLOGY_FILE, {"parts": parts, "data_parallel": dp, "layer_names": layer_names,
-                                                         "layer_stage": layer_stage, "stage_hosts": stage_hosts})
+    stage_hosts = {str(s): sorted({hosts[r] for r in topo.ranks_of_stage(s)}) for s in range(len(plan.parts))}
+    layer_stage = [s for s, n in enumerate(plan.parts) for _ in range(n)]
+    _write_json_atomic(Path(save_path) / TOPOLOGY_FILE, {"parts": plan.parts, "data_parallel": topo.data,
+                                                         "layer_names": plan.layer_names, "layer_stage": layer_stage,
+                                                         "stage_hosts": stage_hosts})
 
 
 def rng_state() -> dict:
@@ -68,6 +73,42 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+
+
+@dataclass
+class TrainState:
+    """What a recipe's loop carries between steps and saves in trainer_state.json (with the data
+    position)."""
+    step: int = 0
+    history: list = field(default_factory=list)   # [[step, loss], ...]
+    evals: list = field(default_factory=list)     # [[step, {metric: value}], ...]
+
+
+def start_or_resume(engine, save_path: str, resume_from: Optional[tuple[str, str]], batches) -> TrainState:
+    """Collective. A fresh TrainState, or the one of checkpoint `resume_from` (root, tag) with the
+    engine, optimizer, scheduler, data position (`batches`, None on ranks without data) and RNG
+    restored."""
+    if not resume_from:
+        return TrainState()
+    saved = load(engine, *resume_from)
+    if batches is not None:
+        batches.load_state_dict(saved["data"])
+    if torch.distributed.get_rank() == 0:
+        logger.info("resumed from %s/%s at step %d", resume_from[0], resume_from[1], saved["step"])
+    return TrainState(saved["step"], saved["history"], saved["evals"])
+
+
+def save_training(engine, save_path: str, state: TrainState, batches, keep_last: int) -> str:
+    """Collective: refuse non-finite weights, then save the engine with the trainer state and the
+    data position of rank 0 (a data rank: every replica's position follows from it)."""
+    import deepspeed.comm as dist
+
+    check_finite_weights(engine.module, state.step)
+    data = batches.state_dict() if dist.get_rank() == 0 else None
+    box = [data]
+    dist.broadcast_object_list(box, src=0)
+    trainer_state = {"step": state.step, "history": state.history, "evals": state.evals, "data": box[0]}
+    return save(engine, save_path, state.step, trainer_state, keep_last)
 
 
 def save(engine, save_path: str, step: int, trainer_state: dict, keep_last: int) -> str:

@@ -25,6 +25,13 @@ def broadcast_object(obj, src: int = 0):
     return buf[0]
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over every rank, returned on the CPU."""
+    reduced = tensor.to(collective_device())
+    torch.distributed.all_reduce(reduced)
+    return reduced.cpu()
+
+
 def finish() -> None:
     """Every rank ends here: without the barrier and destroy_process_group a 2-stage run sometimes
     aborts at exit ("terminate called without an active exception")."""

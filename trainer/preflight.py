@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
+from .distributed import broadcast_object
 
 
 class PreflightError(RuntimeError):
@@ -41,6 +42,19 @@ def _data_files(cfg: TrainConfig) -> list[str]:
     return files
 
 
+def _model_config_file(cfg: TrainConfig) -> str:
+    """model_path's config.json: in model_path itself, or for a training run's global_stepN, in the
+    save_path above it."""
+    from models.pipe_dir import CheckpointError
+
+    from .model_plan import model_side_dir
+
+    try:
+        return str(model_side_dir(Path(cfg.model_path), cfg.from_scratch) / "config.json")
+    except CheckpointError:  # no layer files: reported by the model plan, which names what to give
+        return os.path.join(cfg.model_path, "config.json")
+
+
 def node_name() -> str:
     """This node's name: $PIPETUNE_NODE_NAME when set (containers that all share one hostname;
     the tests' simulated nodes), else the hostname."""
@@ -50,7 +64,7 @@ def node_name() -> str:
 def _node_report(cfg: TrainConfig, nonce: str) -> dict:
     """What this node sees (local rank 0 only)."""
     report = {"host": node_name(), "files": {}, "missing": [], "save_error": None, "marker": None}
-    for path in [cfg.config_path] + _data_files(cfg) + [os.path.join(cfg.model_path, "config.json")]:
+    for path in [cfg.config_path] + _data_files(cfg) + [_model_config_file(cfg)]:
         if os.path.isfile(path):
             report["files"][path] = _sha256(path)
         else:
@@ -69,9 +83,8 @@ def preflight(cfg: TrainConfig, rank: int, world_size: int) -> list[str]:
     """Returns each rank's hostname (index = global rank); raises PreflightError on every rank
     with rank 0's message when a check fails; logs warnings on rank 0."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    nonce = [uuid.uuid4().hex[:8] if rank == 0 else None]
-    torch.distributed.broadcast_object_list(nonce, src=0)
-    report = _node_report(cfg, nonce[0]) if local_rank == 0 else {"host": node_name()}
+    nonce = broadcast_object(uuid.uuid4().hex[:8] if rank == 0 else None)
+    report = _node_report(cfg, nonce) if local_rank == 0 else {"host": node_name()}
     reports = [None] * world_size
     torch.distributed.all_gather_object(reports, report)
     # Each node now looks for the other nodes' markers: seen -> save_path is shared.
@@ -93,10 +106,9 @@ def preflight(cfg: TrainConfig, rank: int, world_size: int) -> list[str]:
             import logging
 
             logging.getLogger("pipetune").warning(w)
-    message = [message]
-    torch.distributed.broadcast_object_list(message, src=0)
-    if message[0]:
-        raise PreflightError(message[0])
+    message = broadcast_object(message)
+    if message:
+        raise PreflightError(message)
     return hosts
 
 

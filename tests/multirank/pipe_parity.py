@@ -27,7 +27,7 @@ def main() -> None:
     from models.pipeline import build_layer_specs, pipe_layer_names, prepare_config
     from trainer.losses import causal_lm_loss
     from trainer.partition import boundaries_from_parts
-    from trainer.pipe_module import PartitionedPipelineModule
+    from compat.private_api import partitioned_pipeline_module_class
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
@@ -38,7 +38,7 @@ def main() -> None:
             parts = [int(p) for p in parts.split(",")]
             config = prepare_config(AutoConfig.from_pretrained(pp_dir))
             names = pipe_layer_names(config)
-            module = PartitionedPipelineModule(
+            module = partitioned_pipeline_module_class()(
                 build_layer_specs(config), boundaries=boundaries_from_parts(parts, len(parts), names),
                 topology=PipeDataParallelTopology(num_pp=len(parts), num_dp=1), loss_fn=causal_lm_loss,
             )

@@ -21,15 +21,15 @@ def main() -> None:
 
     from trainer.config import load_config
     from trainer.distributed import finish, world
-    from trainer.loop import run
-    from trainer.stages import get_stage
+    from trainer.recipes import get_recipe
+    from trainer.topology import Topology
 
     rank, world_size, _ = world()
     deepspeed.init_distributed(dist_backend="gloo")
     results = []
     for path in args.config:
         cfg = load_config(path, world_size=world_size, device_supports_fp16=get_accelerator().is_fp16_supported())
-        summary = run(cfg, get_stage(cfg.stage), rank, world_size, "cpu")
+        summary = get_recipe(cfg.stage)(cfg, Topology.from_config(cfg, rank, world_size), "cpu")
         results.append({"config": path, **summary})
         torch.distributed.barrier()
     if rank == 0:

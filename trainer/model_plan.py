@@ -1,0 +1,101 @@
+"""A model's pipeline plan, computed once per model and passed along: its folders, HF config, the
+prepared config the pipe layers are built from, layer names, parameters per layer, the head and
+the split into stages (`model_topo.parts`, explicit or "auto").
+
+Counting parameters builds the layers on the meta device (no memory, no weights read).
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.pipe_dir import find_side_file, resolve_checkpoint_dir
+from models.pipeline import build_layers, num_blocks, pipe_layer_names, prepare_config
+from models.registry import get_architecture
+
+from .auto_parts import auto_parts, stage_report
+from .partition import boundaries_from_parts
+
+BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    model_path: Path        # what the config names: a hg_to_pp folder, a training save_path or a global_stepN
+    side_dir: Path          # the folder with its config.json and tokenizer files
+    hf_config: object       # as read from side_dir
+    model_config: object    # prepared for pipe layers (attention implementation set, no KV cache)
+    head: str               # "lm" | "value"
+    layer_names: list       # index-aligned with the layer files: embedding, block.i, final_norm, <head>_head
+    layer_params: list      # parameters per pipe layer (a tied head counts the embedding it shares)
+    parts: list             # layers per pipeline stage
+
+    @property
+    def head_index(self) -> int:
+        return len(self.layer_names) - 1
+
+    @property
+    def boundaries(self) -> list[int]:
+        """DeepSpeed's stage boundaries [0, n_0, n_0 + n_1, ..., L]."""
+        return boundaries_from_parts(self.parts, len(self.parts), self.layer_names)
+
+    @property
+    def n_matmul_params(self) -> int:
+        """All parameters but the input embedding lookup do matmuls (a tied head counts once)."""
+        return sum(self.layer_params[1:])
+
+    @property
+    def n_blocks(self) -> int:
+        return num_blocks(self.model_config)
+
+    def describe(self, precision: str, seq_len: int, micro_batch: int) -> str:
+        """One line per stage: layers, parameter bytes and a training-memory estimate."""
+        return stage_report(self.parts, self.layer_names, self.layer_params, BYTES_PER_PARAM[precision],
+                            self.model_config.hidden_size, seq_len, micro_batch, self.model_config.num_attention_heads)
+
+
+def model_side_dir(model_path: Path, from_scratch: bool = False) -> Path:
+    """The folder with model_path's config.json and tokenizer: model_path itself, or for a
+    global_stepN folder of a training run, the save_path above it."""
+    if from_scratch or not model_path.is_dir():
+        return model_path
+    _, search = resolve_checkpoint_dir(model_path)
+    found = find_side_file(search, "config.json")
+    return found.parent if found is not None else model_path
+
+
+def layer_param_counts(model_config, head: str = "lm") -> list[int]:
+    """Parameters per pipe layer (a tied head counts the embedding it shares), on the meta device."""
+    with torch.device("meta"):
+        layers = build_layers(model_config, head)
+    counts = [sum(p.numel() for p in l.parameters()) if isinstance(l, nn.Module) else 0 for l in layers]
+    if counts[-1] == 0:
+        counts[-1] = counts[0]
+    return counts
+
+
+def resolve_parts(cfg, model_config, head: str = "lm", counts=None) -> list[int]:
+    """`model_topo.parts` checked against the model's layers, or the "auto" split."""
+    names = pipe_layer_names(model_config, head)
+    counts = counts if counts is not None else layer_param_counts(model_config, head)
+    if cfg.model_topo.parts == "auto":
+        parts = auto_parts(counts, model_config.hidden_size, cfg.max_seq_len, cfg.model_topo.pipe)
+    else:
+        parts = list(cfg.model_topo.parts)
+    boundaries_from_parts(parts, cfg.model_topo.pipe, names)  # raises with the layer list when wrong
+    return parts
+
+
+def plan_model(cfg, head: str = "lm", model_path=None) -> ModelPlan:
+    """The plan for `model_path` (default: cfg.model_path) with this head and cfg's topology."""
+    from transformers import AutoConfig
+
+    path = Path(model_path or cfg.model_path)
+    side_dir = model_side_dir(path, cfg.from_scratch)
+    hf_config = AutoConfig.from_pretrained(side_dir)
+    get_architecture(hf_config.model_type)  # an unknown model_type fails here, listing the supported ones
+    model_config = prepare_config(hf_config, "flash_attention_2" if cfg.use_flash_attn else None)
+    counts = layer_param_counts(model_config, head)
+    parts = resolve_parts(cfg, model_config, head, counts)
+    return ModelPlan(path, side_dir, hf_config, model_config, head, pipe_layer_names(model_config, head), counts, parts)
