@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from models.dtypes import from_safetensors_name
+
 from .errors import ConversionError
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -98,17 +100,11 @@ class HFCheckpoint:
         return out
 
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
 def _safetensors_dtype(name: str) -> torch.dtype:
-    try:
-        return _ST_DTYPES[name]
-    except KeyError:
-        raise ConversionError(f"unsupported safetensors dtype {name}") from None
+    dtype = from_safetensors_name(name)
+    if dtype is None:
+        raise ConversionError(f"unsupported safetensors dtype {name}")
+    return dtype
 
 
 def _load_bin(path: Path) -> dict:

@@ -12,14 +12,13 @@ from models.pipeline import (
     build_layers, hf_key_to_pipe, is_ignored_hf_key, pipe_key_to_hf, is_tied, layer_key_rules, normalise_hf_keys,
     pipe_layer_names, prepare_config, tied_head_hf_key,
 )
+from models.dtypes import PRECISIONS, precision_dtype
 from models.registry import get_architecture
 
 from .errors import ConversionError
 from .hf_reader import HFCheckpoint
 from .output_dir import check_dest, replace_dir, temp_dir_beside
 from models.pipe_dir import copy_side_files, layer_file_name, write_metadata
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_local_dir(path: Path, what: str) -> None:
@@ -94,12 +93,12 @@ def hg_to_pp(input_path: str, save_path: str, dtype: str = "auto", overwrite: bo
     config = AutoConfig.from_pretrained(src)
     get_architecture(config.model_type)  # fails early on unsupported model types
     head = head or head_of(config)
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ConversionError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+    if dtype != "auto" and dtype not in PRECISIONS:
+        raise ConversionError(f"--dtype {dtype!r}: use auto, {', '.join(PRECISIONS)}")
     ckpt = HFCheckpoint(src)
     plan = plan_hf_to_pipe(config, ckpt, head)
     names = pipe_layer_names(config, head)
-    target_dtype: Optional[torch.dtype] = DTYPES.get(dtype)
+    target_dtype: Optional[torch.dtype] = None if dtype == "auto" else precision_dtype(dtype)
 
     tmp = temp_dir_beside(dest)
     try:

@@ -149,8 +149,10 @@ def pp_to_hg(input_path: str, save_path: str, max_shard_size: str = "5GB", overw
     try:
         weight_map = _write_shards(tmp, shards, sources, progress)
         copy_side_files(search, tmp, skip=("config.json",))
-        _write_config(tmp, config, specs, head)
-        _write_chat_template(tmp)
+        tokenizer = _load_tokenizer(tmp)
+        pad_id = _value_head_pad(tmp, config, tokenizer, read_metadata(search)) if head == "value" else None
+        _write_config(tmp, config, specs, head, pad_id)
+        _write_chat_template(tmp, tokenizer)
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -178,33 +180,81 @@ def _write_shards(out: Path, shards: list[list[TensorSpec]], sources: dict[str, 
     return weight_map
 
 
-def _write_chat_template(out: Path) -> None:
-    """Store the training prompt format with the tokenizer (`chat_template.jinja`, which
-    transformers loads with the tokenizer), so `apply_chat_template` reproduces training prompts."""
+def _load_tokenizer(out: Path):
+    """The exported folder's tokenizer, or None when it has no tokenizer files."""
+    if not any((out / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(out)
+
+
+def _write_chat_template(out: Path, tokenizer) -> None:
+    """Store the training prompt format with the tokenizer (`chat_template.jinja`, which
+    transformers loads with the tokenizer), so `apply_chat_template` reproduces training prompts."""
     from data.templates import set_chat_template
 
-    if not any((out / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    if tokenizer is None:
         return  # no tokenizer to attach it to
-    tokenizer = AutoTokenizer.from_pretrained(out)
     (out / "chat_template.jinja").write_text(set_chat_template(tokenizer))
 
 
-def _write_config(out: Path, config, specs: list[TensorSpec], head: str) -> None:
+def _value_head_pad(out: Path, config, tokenizer, metadata: dict) -> Optional[int]:
+    """The pad id training used, for a value-head (reward model / critic) export.
+
+    HF *ForSequenceClassification scores the last token that is not `config.pad_token_id`; training
+    padded with the data pipeline's pad and scored the last real token (the answer's EOS). So the
+    config gets that pad id, whatever the source config said (a source pad == EOS would make HF score
+    the token before EOS), and the exported tokenizer pads with it too, so that
+    `tokenizer(texts, padding=True)` batches score as in training. The id is the one the trainer
+    recorded in pipetune.json (`pad_token_id`), else the data pipeline's default for this tokenizer.
+    None (config left as it is) only without both; a source pad equal to EOS is then an error."""
+    eos = config.eos_token_id
+    eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    pad = metadata.get("pad_token_id")
+    if pad is None and tokenizer is not None:
+        from data.errors import TokenizerError
+        from data.tokenize import pad_token_id
+
+        try:
+            pad = pad_token_id(tokenizer)
+        except TokenizerError as e:
+            raise ConversionError(f"value-head export: {e}; or record the pad id training used as \"pad_token_id\" "
+                                  "in pipetune.json") from None
+    if pad is None:
+        if config.pad_token_id is not None and config.pad_token_id in eos_ids:
+            raise ConversionError(f"value-head export: config.json has pad_token_id {config.pad_token_id} == EOS, and "
+                                  "there is no tokenizer and no pad_token_id in pipetune.json to tell which pad "
+                                  "training used (HF sequence classification would score the token before EOS)")
+        return None
+    pad = int(pad)
+    if pad in eos_ids or (tokenizer is not None and pad == tokenizer.eos_token_id):
+        raise ConversionError(f"value-head export: pad id {pad} is EOS; the reward is read at the answer's EOS, "
+                              "so the pad must differ from it")
+    if tokenizer is not None and tokenizer.pad_token_id != pad:
+        _set_tokenizer_pad(out, tokenizer.convert_ids_to_tokens(pad))
+    return pad
+
+
+def _set_tokenizer_pad(out: Path, token: str) -> None:
+    """Make the exported tokenizer pad with `token` (tokenizer_config.json, and special_tokens_map.json
+    when it names a pad token)."""
+    for name, create in (("tokenizer_config.json", True), ("special_tokens_map.json", False)):
+        path = out / name
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        if create or "pad_token" in data:
+            data["pad_token"] = token
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_config(out: Path, config, specs: list[TensorSpec], head: str, pad_id: Optional[int] = None) -> None:
     float_dtypes = {s.dtype for s in specs if s.dtype.is_floating_point}
     if len(float_dtypes) != 1:
         raise ConversionError(f"layer files mix dtypes {sorted(map(str, float_dtypes))}; convert them to one dtype first")
     config.dtype = next(iter(float_dtypes))
     config.architectures = [ARCH_CLASS_PREFIX[config.model_type] + HF_CLASS_SUFFIX[head]]
     if head == "value":
-        # *ForSequenceClassification scores the last token that is not pad_token_id: give it the
-        # pad id training used (pad token, else unk; never EOS, which ends the scored answer).
         config.num_labels = 1
-        if config.pad_token_id is None and any((out / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
-            from transformers import AutoTokenizer
-
-            from data.tokenize import pad_token_id
-
-            config.pad_token_id = pad_token_id(AutoTokenizer.from_pretrained(out))
+        if pad_id is not None:  # the pad training used (see _value_head_pad)
+            config.pad_token_id = pad_id
     config.save_pretrained(out)

@@ -13,10 +13,7 @@ from pathlib import Path
 
 import torch
 
-DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
+from models.dtypes import element_size, safetensors_name
 
 
 @dataclass(frozen=True)
@@ -30,7 +27,7 @@ class TensorSpec:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * element_size(self.dtype)
 
 
 class StreamingSafetensorsWriter:
@@ -41,7 +38,7 @@ class StreamingSafetensorsWriter:
         self.specs = list(specs)
         header, offset = {"__metadata__": dict(metadata or {"format": "pt"})}, 0
         for spec in self.specs:
-            header[spec.name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+            header[spec.name] = {"dtype": safetensors_name(spec.dtype), "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
             offset += spec.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)

@@ -2,7 +2,9 @@
 
 The key hashes everything the result depends on (``cache_key``): the data files' content hashes, the
 tokenizer (``tokenizer_fingerprint``: its full vocab/merges/normalizer JSON, special tokens and BOS
-behaviour), max_seq_len, packing, overflow/strict policy, split settings and ``TEMPLATE_VERSION``.
+behaviour), max_seq_len, packing, overflow/strict policy, pad token, split settings,
+``TEMPLATE_VERSION`` and the data-building code itself (``data_code_version``: a hash of the source of
+the ``data/`` modules, so editing how records are rendered, tokenized, cut or packed rebuilds caches).
 
 ``load_or_build`` takes an exclusive ``fcntl.flock`` on ``<key>.lock`` in the cache directory: the first
 process (on a node-local cache dir: the first per node; on a shared file system with working locks:
@@ -13,12 +15,14 @@ drops flocks of dead processes) and never leaves a partial ``.pt``.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
 import tempfile
-from typing import Any, Callable, Dict, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -38,6 +42,22 @@ def tokenizer_fingerprint(tokenizer) -> str:
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     h.update(json.dumps(tokenizer("Hello 你好")["input_ids"]).encode())  # catches add_bos/eos settings
     return h.hexdigest()
+
+
+# data/ modules that do not decide a built dataset's content (the CLI, the sampler over built datasets).
+NOT_IN_CODE_VERSION = ("inspect.py", "sampler.py")
+
+
+@functools.lru_cache(maxsize=None)
+def data_code_version(folder: Optional[str] = None) -> str:
+    """Hash of the source of the data-building modules (every ``*.py`` of ``folder``, default this
+    package, except ``NOT_IN_CODE_VERSION``): part of the cache key, computed on first use."""
+    root = Path(folder) if folder is not None else Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.glob("*.py")):
+        if path.name not in NOT_IN_CODE_VERSION:
+            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def cache_key(parts: Dict[str, Any]) -> str:

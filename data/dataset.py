@@ -19,18 +19,24 @@ kind="pairwise" (reward model): ``PairwiseDataset`` item = ``((input_ids [2, T],
     reward is read at the last real token (the EOS): ``attention_mask.sum(-1) - 1``.
 kind="prompt" (PPO rollouts): ``PromptDataset`` item = ``(input_ids [T], attention_mask [T])`` LEFT-padded
     (generation appends on the right), the prompt ending with the generation prompt "Assistant:\\n".
-    Uses prompt records and the prompts of pairwise records. Over-long prompts keep their last tokens
-    (and the BOS, when the tokenizer adds one).
+    Uses prompt records and the prompts of pairwise records.
 
-Pad id = tokenizer.pad_token_id, or unk_token_id when there is none; never EOS.
-Over-long samples are truncated on the right (``overflow="truncate"``, default) or dropped
-(``"drop"``); a sample left with no trained token is dropped. Every drop is counted in the stats by
-reason, as are records unused by this kind and bad records dropped in skip mode (``strict=False``).
+Pad id: ``data.tokenize.choose_pad`` (``pad_token`` when given, else the tokenizer's pad, unk, a spare
+special token or BOS; never EOS). Pads are -100 in labels and 0 in attention_mask.
+
+Over-long samples (``overflow``): "truncate" (default) cuts SFT samples on the right; pairwise and prompt
+samples instead lose context from the left, keeping the template's structure, so the scored answer
+still ends with its EOS and a prompt still ends with the generation prompt (``data.truncate``; a pair
+whose answer does not fit even so is dropped, reason "answer_too_long"). "drop" drops over-long
+samples. "chunk" splits over-long pretrain documents into max_seq_len rows that overlap by one token
+(every token trained once) and truncates the other samples as "truncate" does. A sample left with no
+trained token is dropped. Every drop is counted in the stats by reason, as are truncations
+("truncated", of which "context_cut" from the left), chunked documents ("chunked", "chunks"), records
+unused by this kind and bad records dropped in skip mode (``strict=False``).
 """
 from __future__ import annotations
 
 import collections
-import hashlib
 import os
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -40,17 +46,19 @@ from torch.utils.data import Dataset
 
 from data import cache as cache_mod
 from data.errors import DataError, Problem
+from data.hashing import file_sha256
 from data.packing import OVERFLOW_POLICIES, Samples, fit_length, pack as pack_rows, rows_to_arrays
 from data.records import LoadResult, PathsArg, Record, expand_paths, load_records
 from data.split import eval_split, split_shares
-from data.templates import TEMPLATE_VERSION, tokenizer_adds_bos
-from data.tokenize import pad_token_id, tokenize_records
+from data.templates import TEMPLATE_VERSION
+from data.tokenize import choose_pad, tokenize_for_cut, tokenize_records
+from data.truncate import chunk, fit_context
 
 KINDS = ("lm", "pairwise", "prompt")
 _USES = {"lm": ("pretrain", "instruct", "conversation", "ref_qa", "pairwise"),
          "pairwise": ("pairwise",), "prompt": ("prompt", "pairwise")}
 IGNORE_INDEX = -100
-PAYLOAD_VERSION = 2  # in the cache key: 2 added pairwise margins
+PAYLOAD_VERSION = 3  # in the cache key: 2 added pairwise margins, 3 the pad choice
 
 
 class LMDataset(Dataset):
@@ -140,18 +148,21 @@ def build_dataset(data_paths: PathsArg, tokenizer, max_seq_len: int, *, kind: st
                   overflow: str = "truncate", strict: bool = True, eval_paths: Optional[PathsArg] = None,
                   eval_fraction: float = 0.0, data_split: Union[str, Sequence[float], None] = None,
                   split_index: int = 0, seed: int = 1234, cache_dir: Optional[str] = None,
-                  batch_size: int = 1000) -> Built:
+                  batch_size: int = 1000, pad_token: Union[str, int, None] = None) -> Built:
     """Validate, render, tokenize, fit and (optionally) pack; returns ``Built(train, eval, stats)``.
 
     data_paths / eval_paths: a path, a glob, a directory or a list of them (.json arrays, .jsonl).
     kind: "lm" | "pairwise" | "prompt" (see the module docstring for item shapes).
     pack: pack several samples per row (kind="lm" only).
-    overflow: "truncate" (default) or "drop" samples longer than max_seq_len.
+    overflow: "truncate" (default), "drop" or "chunk" samples longer than max_seq_len (module docstring).
     strict: raise ``DataError`` listing every bad record; else drop them and count by reason.
     eval_fraction: hold out this fraction of the (selected) records when eval_paths is not given.
     data_split, split_index: e.g. "2,4,4" and 0/1/2: use only that disjoint share of the records.
     cache_dir: reuse/build ``<cache_dir>/<key>.pt`` (one builder per node, see ``data.cache``).
-    stats: {"files", "records", "types", "invalid", "unused", "special_token", "train": {...}, "eval": ...}.
+    pad_token: the token (string, or id) rows are padded with; default: ``data.tokenize.choose_pad``.
+        ``TokenizerError`` (a ``DataError``) when it, or the default, is not a safe pad.
+    stats: {"files", "records", "types", "invalid", "unused", "pad", "data_split"?, "train": {...},
+        "eval": ..., "cache"?}.
     """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: use one of {', '.join(KINDS)}")
@@ -161,9 +172,10 @@ def build_dataset(data_paths: PathsArg, tokenizer, max_seq_len: int, *, kind: st
         raise ValueError(f"pack=True applies to kind='lm' only (got kind={kind!r})")
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+    choose_pad(tokenizer, pad_token)  # a bad pad choice fails here, before any work (and on a cache hit)
     args = dict(kind=kind, pack=pack, overflow=overflow, strict=strict, eval_fraction=eval_fraction,
                 data_split=data_split, split_index=split_index, seed=seed, max_seq_len=max_seq_len,
-                batch_size=batch_size)
+                batch_size=batch_size, pad_token=pad_token)
 
     def build() -> Dict[str, Any]:
         return _build(data_paths, eval_paths, tokenizer, **args)
@@ -173,7 +185,8 @@ def build_dataset(data_paths: PathsArg, tokenizer, max_seq_len: int, *, kind: st
     else:
         key = cache_mod.cache_key(dict(args, files=_file_hashes(data_paths), eval_files=_file_hashes(eval_paths),
                                        tokenizer=cache_mod.tokenizer_fingerprint(tokenizer),
-                                       template=TEMPLATE_VERSION, batch_size=None, payload=PAYLOAD_VERSION))
+                                       template=TEMPLATE_VERSION, batch_size=None, payload=PAYLOAD_VERSION,
+                                       code=cache_mod.data_code_version()))
         payload, hit = cache_mod.load_or_build(cache_dir, key, build)
         payload["stats"]["cache"] = {"key": key, "hit": hit, "path": os.path.join(cache_dir, key + ".pt")}
     train = _make(payload, "train")
@@ -191,11 +204,7 @@ def _file_hashes(paths: Optional[PathsArg]) -> List[Tuple[str, str]]:
     files, problems = expand_paths(paths)
     if problems:
         raise DataError(problems, "data files not found")
-    out = []
-    for f in files:
-        with open(f, "rb") as fh:
-            out.append((os.path.abspath(f), hashlib.file_digest(fh, "sha256").hexdigest()))
-    return out
+    return [(os.path.abspath(f), file_sha256(f)) for f in files]
 
 
 def _make(payload: Dict[str, Any], split: str) -> Optional[Dataset]:
@@ -212,7 +221,7 @@ def _make(payload: Dict[str, Any], split: str) -> Optional[Dataset]:
 
 
 def _build(data_paths, eval_paths, tokenizer, *, kind, pack, overflow, strict, eval_fraction, data_split,
-           split_index, seed, max_seq_len, batch_size) -> Dict[str, Any]:
+           split_index, seed, max_seq_len, batch_size, pad_token) -> Dict[str, Any]:
     main = load_records(data_paths)
     extra = load_records(eval_paths) if eval_paths is not None else LoadResult([], [], [])
     problems: List[Problem] = main.problems + extra.problems
@@ -247,7 +256,9 @@ def _build(data_paths, eval_paths, tokenizer, *, kind, pack, overflow, strict, e
     stats["unused"] = {t: stats["train"]["unused"].get(t, 0) + stats["eval"]["unused"].get(t, 0)
                        for t in set(stats["train"]["unused"]) | set(stats["eval"]["unused"])}
     has_eval = eval_paths is not None or eval_fraction > 0
-    return {"kind": kind, "pack": pack, "max_seq_len": max_seq_len, "pad_id": pad_token_id(tokenizer),
+    pad = choose_pad(tokenizer, pad_token)
+    stats["pad"] = pad._asdict()  # {"id", "token", "source"}
+    return {"kind": kind, "pack": pack, "max_seq_len": max_seq_len, "pad_id": pad.id,
             "train": parts["train"], "eval": parts["eval"] if has_eval else None, "stats": stats}
 
 
@@ -269,31 +280,34 @@ def _tokenize_part(records: List[Record], tokenizer, kind, pack, overflow, T, ba
 
     raw = np.array([len(e[0]) for e in encoded if e is not None], dtype=np.int64)  # before fitting
     dropped, types = collections.Counter(), collections.Counter()
-    truncated, kept, margins = 0, [], []
+    truncated, context_cut, chunked, n_chunks, kept, margins = 0, 0, 0, 0, [], []
     group = 2 if kind == "pairwise" else 1
-    bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
     for g in range(0, len(entries), group):
         rec = entries[g][0]
         if (rec.file, rec.index) in bad_records:
             continue
-        fitted, reason, cut = [], None, False
-        for ids, tgt in encoded[g:g + group]:
-            if kind == "prompt":
-                keep_bos = bos is not None and len(ids) > T and ids[0] == bos
-                res, reason, c = fit_length(ids[1:] if keep_bos else ids, tgt[1:] if keep_bos else tgt,
-                                            T - 1 if keep_bos else T, overflow, keep="tail")
-                if res is not None and keep_bos:
-                    res = (np.concatenate([ids[:1], res[0]]), np.concatenate([tgt[:1], res[1]]))
-            else:
-                res, reason, c = fit_length(ids, tgt, T, overflow)
-            cut |= c
+        sides = encoded[g:g + group]
+        if kind == "lm" and overflow == "chunk" and rec.type == "pretrain" and len(sides[0][0]) > T:
+            fitted = chunk(*sides[0], T)
+            chunked, n_chunks = chunked + 1, n_chunks + len(fitted)
+        elif kind == "lm":
+            res, reason, cut = fit_length(*sides[0], T, "truncate" if overflow == "chunk" else overflow)
             if res is None:
-                break
-            fitted.append(res)
-        if reason is not None:
-            dropped[reason] += 1
+                dropped[reason] += 1
+                continue
+            truncated += cut
+            fitted = [res]
+        elif max(len(ids) for ids, _ in sides) <= T:
+            fitted = list(sides)
+        elif overflow == "drop":
+            dropped["too_long"] += 1
             continue
-        truncated += cut
+        else:  # pairwise / prompt: cut the context from the left, the answer / generation prompt stays whole
+            fitted = fit_context([_cut_source(entries[g + j], sides[j], tokenizer) for j in range(group)], T)
+            if fitted is None:
+                dropped["answer_too_long" if kind == "pairwise" else "too_long"] += 1
+                continue
+            truncated, context_cut = truncated + 1, context_cut + 1
         types[origin.get(id(rec), rec.type)] += 1
         kept.extend(fitted)
         if kind == "pairwise":
@@ -311,7 +325,8 @@ def _tokenize_part(records: List[Record], tokenizer, kind, pack, overflow, T, ba
     real = int(lengths.sum())
     computed = n_rows * T * group
     stats = {"samples": n_rows if kind != "lm" else len(samples), "rows": n_rows, "types": dict(types),
-             "unused": dict(unused), "truncated": int(truncated), "dropped": dict(dropped),
+             "unused": dict(unused), "truncated": int(truncated), "context_cut": context_cut,
+             "chunked": chunked, "chunks": n_chunks, "dropped": dict(dropped),
              "real_tokens": real, "target_tokens": int(samples.target.sum()), "computed_tokens": computed,
              "efficiency": real / computed if computed else 0.0,
              "length_before_fit": _describe(raw), "length": _describe(lengths)}
@@ -321,6 +336,12 @@ def _tokenize_part(records: List[Record], tokenizer, kind, pack, overflow, T, ba
     if row_offsets is not None:
         part["row_offsets"], part["row_samples"] = torch.from_numpy(row_offsets), torch.from_numpy(row_samples)
     return part, problems
+
+
+def _cut_source(entry: Tuple[Record, str], sample, tokenizer):
+    src = tokenize_for_cut(entry[0], entry[1], tokenizer)
+    assert src is not None and np.array_equal(src.ids, sample[0]), "re-tokenizing for a context cut changed the ids"
+    return src
 
 
 def _describe(lengths: np.ndarray) -> Dict[str, float]:

@@ -41,3 +41,13 @@ class DataError(Exception):
         self.lines = [str(p) for p in self.problems]
         n = len(self.lines)
         super().__init__(f"{header}: {n} problem{'s' if n != 1 else ''}\n" + "\n".join(self.lines))
+
+
+class TokenizerError(DataError):
+    """The tokenizer cannot serve this data build (e.g. no safe pad token). A ``DataError``, so every
+    caller that reports data errors without a traceback reports this one too; ``lines`` holds the
+    one message and ``problems`` is empty."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+        self.problems, self.lines = [], [message]

@@ -1,4 +1,5 @@
-"""``python -m data.inspect PATH... [--tokenizer-path DIR] [--max-seq-len N] [--show K] [--skip-bad]``
+"""``python -m data.inspect PATH... [--tokenizer-path DIR] [--max-seq-len N] [--show K] [--skip-bad]
+[--kind lm|pairwise|prompt] [--overflow truncate|drop|chunk] [--pack] [--pad-token TOKEN]``
 
 Validates record files: exit 0 when valid; otherwise prints one line per bad record to stderr and exits
 1 (no traceback). ``--skip-bad`` drops bad records instead and reports counts by reason.
@@ -14,7 +15,8 @@ import json
 import sys
 from typing import List, Optional
 
-from data.errors import DataError
+from data.errors import DataError, TokenizerError
+from data.packing import OVERFLOW_POLICIES
 from data.records import load_records
 
 
@@ -26,8 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=0, metavar="K", help="render K samples with the trained part marked")
     p.add_argument("--skip-bad", action="store_true", help="drop bad records and count them instead of failing")
     p.add_argument("--kind", choices=("lm", "pairwise", "prompt"), default="lm")
-    p.add_argument("--overflow", choices=("truncate", "drop"), default="truncate")
+    p.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="truncate")
     p.add_argument("--pack", action="store_true")
+    p.add_argument("--pad-token", help="token to pad rows with (default: the tokenizer's pad, unk, a spare "
+                   "special token or BOS; never EOS)")
     return p
 
 
@@ -64,7 +68,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         built = build_dataset(args.paths, tokenizer, args.max_seq_len, kind=args.kind, pack=args.pack,
-                              overflow=args.overflow, strict=not args.skip_bad)
+                              overflow=args.overflow, strict=not args.skip_bad, pad_token=args.pad_token)
+    except TokenizerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except DataError as e:
         return _fail(e)
     except ValueError as e:  # e.g. nothing left to train on
@@ -79,7 +86,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if st["invalid"]:
         print("dropped bad records:", json.dumps(st["invalid"]))
     print("tokens per sample before fitting:", json.dumps(tr["length_before_fit"]))
-    print(f"truncated: {tr['truncated']}  dropped: {json.dumps(tr['dropped'])}  ({args.overflow} policy)")
+    print(f"truncated: {tr['truncated']} (context cut from the left: {tr['context_cut']})  chunked documents: "
+          f"{tr['chunked']} (into {tr['chunks']} rows)  dropped: {json.dumps(tr['dropped'])}  ({args.overflow} policy)")
+    pad = st["pad"]
+    print(f"pad: {pad['token']!r} (id {pad['id']}, {pad['source'].replace('_', ' ')})")
     print(f"rows: {tr['rows']}  real tokens: {tr['real_tokens']}  trained tokens: {tr['target_tokens']}  "
           f"padding efficiency: {tr['efficiency']:.3f}")
     color = sys.stdout.isatty()
@@ -91,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             ids, mask = item
             print(tokenizer.decode(ids[mask.bool()].tolist()))
             continue
-        (ids, mask, *_), labels = item
+        (ids, mask, *_), labels = item[:2]  # lm: (inputs, labels); pairwise: (inputs, labels, margin)
         for side in range(ids.shape[0] if ids.dim() == 2 else 1):
             row_ids, row_mask, row_lab = (ids[side], mask[side], labels[side]) if ids.dim() == 2 else (ids, mask, labels)
             keep = row_mask.bool()

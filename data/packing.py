@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-OVERFLOW_POLICIES = ("truncate", "drop")
+OVERFLOW_POLICIES = ("truncate", "drop", "chunk")  # "chunk": data.dataset, data.truncate
 
 
 @dataclasses.dataclass
@@ -51,21 +51,20 @@ class Samples:
         return cls(st["tokens"].numpy(), st["target"].numpy(), st["offsets"].numpy())
 
 
-def fit_length(ids: np.ndarray, target: np.ndarray, max_len: int, overflow: str, keep: str = "head"
+def fit_length(ids: np.ndarray, target: np.ndarray, max_len: int, overflow: str
                ) -> Tuple[Optional[Tuple[np.ndarray, np.ndarray]], Optional[str], bool]:
-    """Apply the overflow policy -> (sample or None, drop reason or None, was_truncated).
+    """Right truncation or drop -> (sample or None, drop reason or None, was_truncated).
 
-    ``keep="head"`` truncates on the right (LM samples); ``"tail"`` keeps the last tokens (prompts: the
-    generation prompt is at the end), re-using the first token when it is a tokenizer-added BOS is the
-    caller's job. A sample with no trained token left is dropped ("no_target_tokens") unless ``keep``
-    is "tail" (prompts have no targets)."""
+    ``overflow`` "truncate" keeps the first ``max_len`` tokens, "drop" drops longer samples ("too_long").
+    A sample with no trained token left is dropped ("no_target_tokens"). (Pairwise and prompt samples
+    are cut from the left instead, and pretrain documents may be chunked: ``data.truncate``.)"""
     truncated = False
     if len(ids) > max_len:
         if overflow == "drop":
             return None, "too_long", False
-        ids, target = (ids[:max_len], target[:max_len]) if keep == "head" else (ids[-max_len:], target[-max_len:])
+        ids, target = ids[:max_len], target[:max_len]
         truncated = True
-    if keep == "head" and not target.any():
+    if not target.any():
         return None, "no_target_tokens", truncated
     return (ids, target), None, truncated
 

@@ -1,8 +1,9 @@
 """Deterministic record-level splits (done before tokenization, so packing never mixes splits).
 
 - ``split_shares(n, "2,4,4", seed)``: DeepSpeed-Chat-like ``data_split``: a seeded permutation of the n
-  records cut into disjoint shares proportional to the weights (share 0 for SFT, 1 for RM, 2 for PPO).
-  Every stage must pass the same files, weights and seed to get the same, disjoint shares.
+  records cut into disjoint shares proportional to the weights (meant as share 0 for SFT, 1 for RM, 2
+  for PPO; the trainer does not pass a split yet). The same files, weights and seed give the same,
+  disjoint shares.
 - ``eval_split(indices, fraction, seed)``: hold out ``round(fraction * n)`` records (at least 1 when
   fraction > 0 and n > 1) for evaluation.
 Both depend only on (n, weights/fraction, seed): the same inputs give the same split on every rank.

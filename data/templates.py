@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 SEP = "\n\n"  # between turns
 HEADERS = {"system": "Reference:\n", "user": "Human:\n", "assistant": "Assistant:\n"}
 ROLE_OF = {"ask": "user", "ans": "assistant"}
+_HEADER_TEXTS = frozenset(HEADERS.values())
 
 # Jinja twin of render_messages(). Keep the two in step (tests/test_data_templates.py checks equality).
 _JINJA_BODY = (
@@ -142,6 +143,46 @@ def render_record(rtype: str, fields: dict, eos_token: str, side: str = "chosen"
     if rtype == "pretrain":
         return [Piece(fields["text"], True, "text"), Piece(eos_token, True)]
     return render_messages(record_turns(rtype, fields, side), eos_token, add_generation_prompt=rtype == "prompt")
+
+
+class ContextLayout(NamedTuple):
+    """Where a pairwise/prompt rendering may be cut (character positions in the rendered text).
+
+    The text is ``context + tail``: the context is the prompt's turns, the tail (always kept whole) is
+    the separator before the last header and what follows it: the scored answer and its EOS
+    (pairwise), or the generation prompt (prompt). Over-long samples lose context from the left: whole
+    oldest exchanges first, then the start of the last context turn's text, keeping its header."""
+    turn_starts: Tuple[int, ...]  # where the context may start: the first turn, each later user turn and
+                                  # the last turn (their headers), oldest first
+    content: Tuple[int, int]      # [start, end) of the last context turn's text
+    tail_start: int               # start of the separator before the answer/generation-prompt header
+
+    def shifted(self, n: int) -> "ContextLayout":
+        """The layout after ``n`` characters (the BOS text) are prepended."""
+        return ContextLayout(tuple(t + n for t in self.turn_starts), (self.content[0] + n, self.content[1] + n),
+                             self.tail_start + n)
+
+
+def context_layout(pieces: Sequence[Piece]) -> Optional[ContextLayout]:
+    """The layout of ``render_record`` pieces of a pairwise/prompt record (None for other shapes:
+    pretrain, or a chat without context turns before its last header)."""
+    starts, pos, headers, contents = [], 0, [], {}
+    for i, p in enumerate(pieces):
+        starts.append(pos)
+        if p.field is None and p.text in _HEADER_TEXTS:
+            headers.append(i)
+        elif p.field is not None and headers:
+            contents[headers[-1]] = (pos, pos + len(p.text))
+        pos += len(p.text)
+    if len(headers) < 2 or headers[-1] == 0 or pieces[headers[-1] - 1].text != SEP:
+        return None
+    context = headers[:-1]
+    if context[-1] not in contents:
+        return None
+    # Cut points: a context may start at its first turn, at any later user turn (an exchange is
+    # dropped whole), or at its last turn.
+    cuts = sorted({context[0], context[-1]} | {h for h in context if pieces[h].text == HEADERS["user"]})
+    return ContextLayout(tuple(starts[h] for h in cuts), contents[context[-1]], starts[headers[-1] - 1])
 
 
 def join_pieces(pieces: Sequence[Piece]) -> Tuple[str, List[Tuple[int, int]]]:

@@ -26,22 +26,88 @@ reported as bad (reason "special_token").
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Tuple
+import re
+from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from data.errors import Problem
+from data.errors import Problem, TokenizerError
 from data.records import Record
-from data.templates import Piece, join_pieces, render_record, tokenizer_adds_bos
+from data.templates import ContextLayout, Piece, context_layout, join_pieces, render_record, tokenizer_adds_bos
 
 
-def pad_token_id(tokenizer) -> int:
-    """Pad id: the tokenizer's pad token, else its unk token; never EOS (EOS is part of scored answers)."""
-    for tid in (tokenizer.pad_token_id, tokenizer.unk_token_id):
-        if tid is not None and tid != tokenizer.eos_token_id:
-            return int(tid)
-    raise ValueError("tokenizer has neither a pad token nor an unk token distinct from EOS; set "
-                     "tokenizer.pad_token to an unused token before building the dataset")
+class PadChoice(NamedTuple):
+    id: int
+    token: Optional[str]
+    source: str  # "pad_token" | "unk_token" | "spare_special" | "bos_token" | "explicit"
+
+
+# Added special tokens meant for padding (Llama-3.1's "<|finetune_right_pad_id|>", "<pad>", "[PAD]"),
+# then reserved/unused ones (Llama-3's "<|reserved_special_token_0|>", "[unused0]", Gemma's "<unused0>").
+_SPARE_PATTERNS = (re.compile(r"pad", re.I), re.compile(r"reserved|unused", re.I))
+_ROLE_TOKENS = ("bos", "eos", "unk", "sep", "cls", "mask")
+
+
+def choose_pad(tokenizer, pad_token: Union[str, int, None] = None) -> PadChoice:
+    """The pad token of every row, never EOS (EOS ends every scored answer: HF *ForSequenceClassification
+    scores the last token that is not the pad, so a reward model or critic needs pad != EOS):
+
+    1. ``pad_token`` when given: a token string of the vocabulary, or an id;
+    2. the tokenizer's pad token, 3. its unk token (each only when it is not EOS);
+    4. a spare added special token: the lowest-id one named like a pad, else like "reserved"/"unused";
+    5. BOS (Llama-3-style tokenizers without a spare token; BOS is only ever the first token, never the
+       last of a scored row).
+    Pads are masked out of labels and attention, so which token it is changes no loss. Raises
+    ``TokenizerError`` (a clear message, no traceback from the CLIs) when nothing is safe."""
+    eos = tokenizer.eos_token_id
+    if pad_token is not None:
+        return _explicit_pad(tokenizer, pad_token, eos)
+    for source, tid in (("pad_token", tokenizer.pad_token_id), ("unk_token", tokenizer.unk_token_id)):
+        if tid is not None and tid != eos:
+            return PadChoice(int(tid), tokenizer.convert_ids_to_tokens(int(tid)), source)
+    roles = {getattr(tokenizer, f"{r}_token_id", None) for r in _ROLE_TOKENS} - {None}
+    spare = sorted((tid, tok.content) for tid, tok in tokenizer.added_tokens_decoder.items()
+                   if tok.special and tid not in roles and tid != eos)
+    for pattern in _SPARE_PATTERNS:
+        for tid, content in spare:
+            if pattern.search(content):
+                return PadChoice(int(tid), content, "spare_special")
+    bos = tokenizer.bos_token_id
+    if bos is not None and bos != eos:
+        return PadChoice(int(bos), tokenizer.bos_token, "bos_token")
+    raise TokenizerError(
+        f"tokenizer {_name(tokenizer)} has no pad token, no unk token, no spare (reserved/unused) special token "
+        "and no BOS distinct from EOS to pad with: set \"pad_token\" in the training config (build_dataset("
+        "pad_token=...), data.inspect --pad-token) to a token of its vocabulary that is not EOS")
+
+
+def _explicit_pad(tokenizer, pad_token: Union[str, int], eos: Optional[int]) -> PadChoice:
+    if isinstance(pad_token, bool) or not isinstance(pad_token, (str, int)):
+        raise TokenizerError(f"pad_token {pad_token!r}: give a token string or a token id")
+    if isinstance(pad_token, int):
+        if not 0 <= pad_token < len(tokenizer):
+            raise TokenizerError(f"pad_token {pad_token}: not a token id of tokenizer {_name(tokenizer)} "
+                                 f"(ids 0..{len(tokenizer) - 1})")
+        tid, text = pad_token, tokenizer.convert_ids_to_tokens(pad_token)
+    else:
+        if pad_token not in tokenizer.get_vocab():
+            raise TokenizerError(f"pad_token {pad_token!r} is not a token of tokenizer {_name(tokenizer)}: give one "
+                                 "vocabulary entry, e.g. an unused special token such as '<|reserved_special_token_0|>'")
+        tid, text = int(tokenizer.convert_tokens_to_ids(pad_token)), pad_token
+    if tid == eos:
+        raise TokenizerError(f"pad_token {pad_token!r} is the EOS token: pads must differ from EOS, which ends every "
+                             "scored answer (an exported reward model scores the last token that is not the pad); "
+                             "choose another token")
+    return PadChoice(tid, text, "explicit")
+
+
+def _name(tokenizer) -> str:
+    return repr(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def pad_token_id(tokenizer, pad_token: Union[str, int, None] = None) -> int:
+    """The pad id rows are filled with: ``choose_pad(tokenizer, pad_token).id`` (never EOS)."""
+    return choose_pad(tokenizer, pad_token).id
 
 
 def eos_token(tokenizer) -> str:
@@ -65,8 +131,9 @@ def special_token_problems(record: Record, pieces: Sequence[Piece], specials: Se
 
 
 def encode(tokenizer, texts: Sequence[str], spans: Sequence[Sequence[Tuple[int, int]]],
-           batch_size: int = 1000, add_special_tokens: bool = True) -> List[Tuple[np.ndarray, np.ndarray]]:
-    """Tokenize ``texts`` in batches -> [(ids int32 [L], target bool [L])], target from char ``spans``."""
+           batch_size: int = 1000, add_special_tokens: bool = True, with_starts: bool = False) -> List[tuple]:
+    """Tokenize ``texts`` in batches -> [(ids int32 [L], target bool [L])], target from char ``spans``;
+    ``with_starts`` adds each token's first character (int64 [L]) to every tuple."""
     out = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[start:start + batch_size]), add_special_tokens=add_special_tokens,
@@ -83,8 +150,18 @@ def encode(tokenizer, texts: Sequence[str], spans: Sequence[Sequence[Tuple[int, 
                           & (off[:, None, 1] > off[:, None, 0])).any(axis=1)
             if len(target):
                 target[0] = False
-            out.append((ids, target))
+            out.append((ids, target, off[:, 0].copy()) if with_starts else (ids, target))
     return out
+
+
+def _render(rec: Record, side: str, eos: str, bos: str) -> Tuple[List[Piece], str, List[Tuple[int, int]], bool]:
+    """-> (pieces, text to tokenize, trained char spans, add_special_tokens)."""
+    pieces = render_record(rec.type, rec.fields, eos, side)
+    text, sp = join_pieces(pieces)
+    raw = rec.type == "pretrain"
+    if not raw and bos:  # as the chat template renders it: BOS text, no added special tokens
+        text, sp = bos + text, [(a + len(bos), b + len(bos)) for a, b in sp]
+    return pieces, text, sp, raw
 
 
 def tokenize_records(records: Iterable[Tuple[Record, str]], tokenizer, batch_size: int = 1000
@@ -98,18 +175,36 @@ def tokenize_records(records: Iterable[Tuple[Record, str]], tokenizer, batch_siz
     groups = {True: ([], []), False: ([], [])}  # add_special_tokens -> (texts, spans)
     route, problems = [], []  # per entry: None (bad) or the group it went to
     for rec, side in records:
-        pieces = render_record(rec.type, rec.fields, eos, side)
+        pieces, text, sp, raw = _render(rec, side, eos, bos)
         bad = special_token_problems(rec, pieces, specials)
         if bad:
             problems.extend(bad)
             route.append(None)
             continue
-        text, sp = join_pieces(pieces)
-        raw = rec.type == "pretrain"
-        if not raw and bos:  # as the chat template renders it: BOS text, no added special tokens
-            text, sp = bos + text, [(a + len(bos), b + len(bos)) for a, b in sp]
         groups[raw][0].append(text)
         groups[raw][1].append(sp)
         route.append(raw)
     encoded = {k: iter(encode(tokenizer, t, s, batch_size, add_special_tokens=k)) for k, (t, s) in groups.items()}
     return [None if k is None else next(encoded[k]) for k in route], problems
+
+
+class CutSource(NamedTuple):
+    """A tokenized pairwise/prompt sample with what a left cut of its context needs."""
+    ids: np.ndarray      # int32 [L], as ``tokenize_records`` gives them
+    target: np.ndarray   # bool [L]
+    starts: np.ndarray   # int64 [L]: each token's first character in the tokenized text
+    prefix_end: int      # characters of the BOS text before the template (0 when none)
+    layout: ContextLayout
+
+
+def tokenize_for_cut(record: Record, side: str, tokenizer) -> Optional[CutSource]:
+    """Re-tokenize one (valid) pairwise/prompt sample with token positions, for ``data.truncate``;
+    None for records without a context to cut. The ids equal ``tokenize_records``' for it."""
+    eos = eos_token(tokenizer)
+    bos = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else ""
+    pieces, text, sp, raw = _render(record, side, eos, bos)
+    layout = None if raw else context_layout(pieces)
+    if layout is None:
+        return None
+    (ids, target, starts), = encode(tokenizer, [text], [sp], add_special_tokens=raw, with_starts=True)
+    return CutSource(ids, target, starts, len(bos), layout.shifted(len(bos)))

@@ -15,12 +15,14 @@ from typing import Optional
 
 METADATA_FILE = "pipetune.json"
 FORMAT_VERSION = 1
-# Files copied alongside the weights so that the folder is self-contained.
-SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-    "chat_template.json",
+# The files of a Hugging Face tokenizer (SentencePiece, tokenizers JSON or vocab/merges), with its
+# chat template: the one list (random_init copies them, converters and training carry them along).
+TOKENIZER_FILES = (
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
+# Files copied alongside the weights so that the folder is self-contained.
+SIDE_FILES = ("config.json", "generation_config.json") + TOKENIZER_FILES
 
 
 class CheckpointError(Exception):

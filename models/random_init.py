@@ -9,8 +9,10 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja")
+from models.pipe_dir import SIDE_FILES
+
+# Copied from the config folder unless save_pretrained wrote them (config.json always is).
+COPIED_FILES = tuple(name for name in SIDE_FILES if name != "config.json")
 
 
 def save_random_model(config_dir: str | Path, out_dir: str | Path, seed: int = 0, dtype: str = "float32",
@@ -28,7 +30,7 @@ def save_random_model(config_dir: str | Path, out_dir: str | Path, seed: int = 0
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(out_dir)
-    for name in TOKENIZER_FILES:
+    for name in COPIED_FILES:
         if (config_dir / name).is_file() and not (out_dir / name).exists():
             shutil.copy2(config_dir / name, out_dir / name)
     return out_dir

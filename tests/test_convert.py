@@ -16,9 +16,10 @@ from convert.hg_to_pp import hg_to_pp
 from convert.pp_to_hg import pp_to_hg
 from convert.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
 from convert_model import main as cli
+from models.heads import last_token_index, sequence_scores
 from models.pipeline import SequentialPipe, build_layers, prepare_config
 
-from conftest import REPO
+from conftest import CONFIGS, REPO
 
 ROUND_TRIPS = [("llama", False, "float32"), ("llama", True, "float32"), ("bloom", None, "float32"),
                ("llama", False, "bfloat16"), ("bloom", None, "bfloat16")]
@@ -167,6 +168,126 @@ def test_streaming_writer_output_reads_back(tmp_path):
             assert torch.equal(f.get_tensor(k), v)
     with pytest.raises(ValueError, match="expected"):
         StreamingSafetensorsWriter(tmp_path / "y.safetensors", specs).write("b", tensors["b"])
+
+
+def test_one_dtype_table_agrees_with_torch_and_safetensors(tmp_path):
+    """models.dtypes is the only dtype table (converters' --dtype, safetensors headers both ways, the
+    trainer's bytes per parameter): its names and sizes are those of torch and the safetensors library."""
+    from convert.hf_reader import HFCheckpoint
+    from models.dtypes import TABLE, bytes_per_param, element_size, precision_dtype
+
+    tensors = {d.safetensors: torch.zeros(3, dtype=d.torch) for d in TABLE}
+    save_file(tensors, tmp_path / "model.safetensors")
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    ckpt = HFCheckpoint(tmp_path)
+    for d in TABLE:
+        assert header[d.safetensors]["dtype"] == d.safetensors and ckpt.dtype(d.safetensors) == d.torch
+        assert element_size(d.torch) == torch.empty((), dtype=d.torch).element_size() == d.nbytes
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    with StreamingSafetensorsWriter(tmp_path / "ours.safetensors", specs) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+    assert load_file(tmp_path / "ours.safetensors").keys() == tensors.keys()
+    assert [bytes_per_param(p) for p in ("fp32", "bf16", "fp16")] == [4, 2, 2]
+    assert precision_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="precision 'int8': use one of fp32, bf16, fp16"):
+        bytes_per_param("int8")
+
+
+def test_one_tokenizer_file_list():
+    """The tokenizer files a random model gets from its config folder are the ones checkpoints carry."""
+    from models import pipe_dir, random_init
+
+    assert set(pipe_dir.TOKENIZER_FILES) < set(pipe_dir.SIDE_FILES)
+    assert set(random_init.COPIED_FILES) == set(pipe_dir.SIDE_FILES) - {"config.json"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Export of a value head (reward model / critic) whose source config pads with EOS (single process).
+
+def load_pipe(pp_dir: Path, head: str) -> SequentialPipe:
+    """The pipeline of a folder's layer files, in one process."""
+    from transformers import AutoConfig
+
+    layers = build_layers(prepare_config(AutoConfig.from_pretrained(pp_dir)), head)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, torch.nn.Module):
+            layer.load_state_dict(torch.load(pp_dir / f"layer_{i:02d}-model_states.pt", weights_only=True), strict=True)
+    return SequentialPipe(layers).eval()
+
+
+def _value_head_checkpoint(out: Path, model_type: str, tokenizer_dir: Path, special: dict, metadata: dict) -> Path:
+    """A pipeline folder with random value-head layer files whose config.json has pad_token_id == EOS."""
+    from transformers import AutoConfig
+
+    from models.pipe_dir import layer_file_name, write_metadata
+
+    config = AutoConfig.from_pretrained(CONFIGS[model_type], **special)
+    assert config.pad_token_id == config.eos_token_id
+    torch.manual_seed(0)
+    layers = build_layers(prepare_config(AutoConfig.from_pretrained(CONFIGS[model_type], **special)), "value")
+    out.mkdir()
+    for i, layer in enumerate(layers):
+        if isinstance(layer, torch.nn.Module):
+            for p in layer.parameters():
+                p.data.normal_(0, 0.05)
+            torch.save(layer.state_dict(), out / layer_file_name(i))
+    config.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        if f.name != "config.json":
+            (out / f.name).write_bytes(f.read_bytes())
+    write_metadata(out, model_type=model_type, head="value", **metadata)
+    return out
+
+
+@pytest.mark.parametrize("model_type,tokenizer,explicit", [("llama", "tiny-llama", False), ("bloom", "tiny-bloom", False),
+                                                           ("llama", "llama3-style", False), ("llama", "llama3-style", True)])
+def test_value_head_export_scores_like_the_pipeline_when_source_pads_with_eos(tmp_path, model_type, tokenizer, explicit):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from data.dataset import build_dataset, collate_pairs
+    from data_fixtures import LLAMA3_RESERVED, llama3_style_tokenizer
+
+    if tokenizer == "llama3-style":
+        tok = llama3_style_tokenizer()
+        tok.save_pretrained(tmp_path / "tok")
+        tok_dir, special = tmp_path / "tok", {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    else:
+        tok_dir = CONFIGS[model_type]
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        special = {}
+    special["pad_token_id"] = tok.eos_token_id  # the source config pads with EOS (common)
+    pad_token = LLAMA3_RESERVED[1] if explicit else None  # a training-time choice, recorded by the trainer
+    records = [{"type": "pairwise", "prompt": f"Tell me about the {w}.", "chosen": f"Yes, gladly: the {w} is {a}.",
+                "rejected": "No."} for w, a in (("river", "long and quiet"), ("garden", "green"), ("market", "busy"),
+                                                 ("planet", "far away in the dark"), ("bridge", "old"), ("ocean", "deep"))]
+    (tmp_path / "p.json").write_text(json.dumps(records))
+    built = build_dataset(str(tmp_path / "p.json"), tok, 128, kind="pairwise", pad_token=pad_token)
+    assert built.stats["train"]["truncated"] == 0
+    pad = built.stats["pad"]["id"]
+    pp = _value_head_checkpoint(tmp_path / "pp", model_type, tok_dir, special,
+                                {"pad_token_id": pad} if explicit else {})
+    hf_dir = pp_to_hg(pp, tmp_path / "hf", progress=False)
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["pad_token_id"] == pad != tok.eos_token_id  # the pad training used, not the source's EOS
+    exported_tok = AutoTokenizer.from_pretrained(hf_dir)
+    assert exported_tok.pad_token_id == pad  # HF-side batching pads with the same token
+
+    (ids, mask), _, _ = collate_pairs([built.train[i] for i in range(len(built.train))])
+    assert (mask.sum(-1) < mask.shape[1]).all()  # every row has pads after its EOS
+    model = AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        pipe = load_pipe(pp, "value")
+        pipe_scores = sequence_scores(pipe((ids, mask)), last_token_index(mask))
+        hf_scores = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+        torch.testing.assert_close(hf_scores, pipe_scores, rtol=0, atol=1e-5)
+        # The same through the exported tokenizer: chat template + right padding with its pad token.
+        exported_tok.padding_side = "right"
+        texts = [exported_tok.decode(row[m.bool()].tolist()) for row, m in zip(ids, mask)]
+        enc = exported_tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+        assert torch.equal(enc["input_ids"][:, :ids.shape[1]][enc["attention_mask"].bool()], ids[mask.bool()])
+        torch.testing.assert_close(model(**enc).logits.squeeze(-1), pipe_scores, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

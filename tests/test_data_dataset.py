@@ -216,3 +216,41 @@ def test_nothing_to_train_on_is_an_error(tmp_path):
     path = write_json(tmp_path / "p.json", [{"type": "prompt", "prompt": "hi"}])
     with pytest.raises(ValueError, match=r"no lm samples left to train on .*'prompt': 1"):
         build_dataset(path, load_tokenizer("bloom"), T)
+
+
+def test_cache_key_covers_the_data_building_code(tmp_path, monkeypatch):
+    """Editing how data is rendered/tokenized/cut must not reuse a cache built by the old code."""
+    tok = load_tokenizer("bloom")
+    path = write_json(tmp_path / "d.json", [{"type": "pretrain", "text": "one"}])
+    first = build_dataset(path, tok, T, cache_dir=str(tmp_path / "c")).stats["cache"]
+    monkeypatch.setattr(cache_mod, "data_code_version", lambda: "edited")
+    second = build_dataset(path, tok, T, cache_dir=str(tmp_path / "c")).stats["cache"]
+    assert second["key"] != first["key"] and not second["hit"]
+
+
+def test_data_code_version_follows_the_source(tmp_path):
+    import shutil
+
+    src = os.path.dirname(cache_mod.__file__)
+    code = tmp_path / "data"
+    shutil.copytree(src, code, ignore=shutil.ignore_patterns("__pycache__", "samples"))
+    before = cache_mod.data_code_version(str(code))
+    assert before == cache_mod.data_code_version(src) == cache_mod.data_code_version()
+    (code / "inspect.py").write_text((code / "inspect.py").read_text() + "\n# the CLI only\n")
+    assert cache_mod.data_code_version.__wrapped__(str(code)) == before  # not part of a built dataset
+    (code / "tokenize.py").write_text((code / "tokenize.py").read_text() + "\n# changed\n")
+    assert cache_mod.data_code_version.__wrapped__(str(code)) != before
+
+
+def test_builds_without_hashlib_file_digest(tmp_path, monkeypatch):
+    """setup.py allows Python 3.10, which has no hashlib.file_digest (3.11)."""
+    import hashlib
+
+    from data.hashing import file_sha256
+
+    monkeypatch.delattr(hashlib, "file_digest", raising=False)
+    path = write_json(tmp_path / "d.json", [{"type": "pretrain", "text": "x" * 1_500_000}])
+    built = build_dataset(path, load_tokenizer("bloom"), T, cache_dir=str(tmp_path / "c"))
+    assert built.stats["cache"]["hit"] is False
+    with open(path, "rb") as fh:
+        assert file_sha256(path) == hashlib.sha256(fh.read()).hexdigest()

@@ -37,3 +37,21 @@ def test_bad_with_tokenizer(tmp_path, capsys):
     path = write_json(tmp_path / "bad.json", [{"type": "instruct", "instruct": "a", "output": "x</s>"}])
     assert main([path, "--tokenizer-path", TOKENIZER_DIRS["llama"]]) == 1
     assert "field 'output': contains the special token text '</s>'" in capsys.readouterr().err
+
+
+def test_show_pairwise_and_prompt_samples(capsys):
+    """--show on pairwise items ((inputs, labels, margin)) crashed with "too many values to unpack"."""
+    assert main([MIXED, "--tokenizer-path", TOKENIZER_DIRS["llama"], "--kind", "pairwise", "--show", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[chosen]") == out.count("[rejected]") == 2
+    assert "Assistant:\n⟦The capital of France is Paris.</s>⟧" in out
+    assert "Assistant:\n⟦France is a country in Europe.</s>⟧" in out  # the rejected answer, marked as scored
+    assert main([MIXED, "--tokenizer-path", TOKENIZER_DIRS["llama"], "--kind", "prompt", "--show", "1"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("Assistant:")
+
+
+def test_reports_truncation_chunking_and_pad(capsys):
+    assert main([MIXED, "--tokenizer-path", TOKENIZER_DIRS["bloom"], "--max-seq-len", "40", "--overflow", "chunk"]) == 0
+    out = capsys.readouterr().out
+    assert "chunked documents: " in out and "context cut from the left" in out
+    assert "pad: '<pad>' (id 3, pad token)" in out

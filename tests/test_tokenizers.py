@@ -33,3 +33,17 @@ def test_special_token_conventions():
     # SentencePiece model, as real LLaMA ships it: a tokenizer.model file, a LlamaTokenizer class.
     assert (CONFIGS["llama"] / "tokenizer.model").is_file()
     assert type(llama).__name__ == "LlamaTokenizer"
+
+
+@pytest.mark.parametrize("reserved", [True, False])
+def test_llama3_style_test_tokenizer_round_trips_and_has_no_pad_or_unk(reserved):
+    """tests/data_fixtures.py's Llama-3-style tokenizer (the pad-token tests build datasets with it)."""
+    from data_fixtures import LLAMA3_BOS, LLAMA3_EOS, llama3_style_tokenizer
+
+    tok = llama3_style_tokenizer(reserved)
+    assert tok.pad_token is None and tok.unk_token is None
+    assert (tok.bos_token, tok.eos_token) == (LLAMA3_BOS, LLAMA3_EOS)
+    assert tok("hi")["input_ids"][0] == tok.bos_token_id  # BOS added, like Llama-3
+    for text in TEXTS:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) >= 3 and tok.decode(ids) == text
