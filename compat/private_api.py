@@ -183,3 +183,29 @@ def avoid_shm_allreduce_segfault(environ=None) -> bool:
         return False  # no shm op built, or already off: the fallback is used anyway
     backend.shm_vector_kernel_level = 0
     return True
+
+
+def load_checkpoint_with_own_model_states(engine, load_dir: str, tag: str, **kwargs):
+    """`engine.load_checkpoint` that also works when this node sees only its own stages' files
+    (a node-local save_path).
+
+    DeepSpeed lists every stage's `mp_rank_XX_model_states.pt` in the tag folder (the private
+    `_get_all_ckpt_names`), opens the first one only to compare their number with the saved
+    `mp_world_size`, then loads the one at this rank's model-parallel index: its own. When the folder
+    holds fewer files than that (other stages' files are on other nodes), the list handed to it
+    names this rank's own file (`_get_ckpt_name`) mp_world_size times, which passes the count check
+    and loads the same file as before. With every file present the stock list is used."""
+    own = engine._get_ckpt_name(load_dir, tag)
+    stock = engine._get_all_ckpt_names
+
+    def names(checkpoints_path, tag_):
+        found = stock(checkpoints_path, tag_)
+        if len(found) < engine.mp_world_size and os.path.isfile(own):
+            return [own] * engine.mp_world_size
+        return found
+
+    engine._get_all_ckpt_names = names
+    try:
+        return engine.load_checkpoint(load_dir, tag=tag, **kwargs)
+    finally:
+        del engine._get_all_ckpt_names  # back to the class's method

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO
 from convert.errors import ConversionError
@@ -85,6 +86,83 @@ def test_two_nodes_no_ssh_train_save_and_export(pp_dir, tmp_path):
     with pytest.raises(ConversionError, match=r"missing layer files for pipe layers 4 \(block.3\), 5 \(final_norm\).*"
                                               r"layers 4, 5 were written by stage 1 on node\(s\) node-b"):
         pp_to_hg(gathered, tmp_path / "hf2", progress=False)
+
+
+def mount_namespaces_unavailable() -> str:
+    """'' when this process may run commands in a private mount namespace (unshare -m, as root)."""
+    if not shutil.which("unshare"):
+        return "unshare (util-linux) is not installed"
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, text=True)
+    return "" if probe.returncode == 0 else f"cannot create a mount namespace here: {probe.stderr.strip()[:200]}"
+
+
+def on_own_disk(disk: Path, mount_point: Path, cmd: list[str]) -> list[str]:
+    """`cmd` in a private mount namespace where `mount_point` shows `disk`: a node-local save_path
+    (the other launcher sees its own disk at the same path)."""
+    disk.mkdir(parents=True, exist_ok=True)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"',
+            "sh", str(disk), str(mount_point), *cmd]
+
+
+def launch_two_nodes(tmp: Path, config: Path, disks: dict, env_extra=None, timeout=600) -> list:
+    hostfile = tmp / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    save = Path(json.loads(config.read_text())["save_path"])
+    save.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = []
+    for node_rank, name in enumerate(["node-a", "node-b"]):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PIPETUNE_NODE_NAME": name, **(env_extra or {})}
+        cmd = runner_cmd(hostfile, port, "--no_ssh", "--node_rank", str(node_rank), "train_ds.py", "--config", str(config))
+        procs.append(subprocess.Popen(on_own_disk(disks[name], save, cmd), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [(p.returncode, out) for p, out in zip(procs, outputs)]
+
+
+def step_tags(folder: Path) -> list[str]:
+    return sorted((p.name for p in folder.glob("global_step*")), key=lambda n: int(n[len("global_step"):]))
+
+
+@pytest.mark.multirank
+def test_node_local_save_paths_resume_exactly_and_prune_on_every_node(pp_dir, tmp_path):
+    """Issue 11.4: each node sees only its own save_path. Killed after the step-2 checkpoint (during
+    the step-4 save), the rerun resumes on every node from rank 0's decision and ends with the weights
+    of an uninterrupted run; keep_last prunes on both nodes."""
+    reason = mount_namespaces_unavailable()
+    if reason:
+        pytest.skip(reason)
+    config = train_config(tmp_path, pp_dir, "local")
+    cfg = json.loads(config.read_text())
+    cfg.update(train_steps=6, save_interval=2, keep_last=1, resume="auto")
+    config.write_text(json.dumps(cfg))
+    reference = {n: tmp_path / f"reference-{n}" for n in ("node-a", "node-b")}
+    disks = {n: tmp_path / f"disk-{n}" for n in ("node-a", "node-b")}
+
+    results = launch_two_nodes(tmp_path, config, reference)
+    assert [rc for rc, _ in results] == [0, 0], "\n".join(out[-3000:] for _, out in results)
+    assert "is node-local on node-a, node-b" in results[0][1]
+    killed = launch_two_nodes(tmp_path, config, disks, env_extra={"PIPETUNE_TEST_KILL_DURING_SAVE_AT_STEP": "4"})
+    assert all(rc != 0 for rc, _ in killed)
+    for disk in disks.values():  # latest written on every node; step 4 partial, unused
+        assert (disk / "latest").read_text() == "global_step2" and (disk / "global_step2" / "trainer_state.json").is_file()
+    resumed = launch_two_nodes(tmp_path, config, disks)
+    assert [rc for rc, _ in resumed] == [0, 0], "\n".join(out[-3000:] for _, out in resumed)
+    assert "resumed from" in resumed[0][1] and "at step 2" in resumed[0][1] and "done: 6 steps" in resumed[0][1]
+
+    for node, layers in (("node-a", {0, 1, 2}), ("node-b", {3, 4, 5, 6})):
+        assert step_tags(reference[node]) == ["global_step6"]
+        assert step_tags(disks[node]) == ["global_step2", "global_step6"]  # 4 pruned on both nodes; 2 resumed from
+        assert (disks[node] / "latest").read_text() == "global_step6"
+        files = sorted((disks[node] / "global_step6").glob("layer_*-model_states.pt"))
+        assert {int(f.name[6:8]) for f in files} == layers  # each node holds only its stage's layers
+        for f in files:
+            a = torch.load(reference[node] / "global_step6" / f.name, weights_only=True)
+            b = torch.load(f, weights_only=True)
+            worst = max((a[k] - b[k]).abs().max().item() for k in a)
+            assert worst <= 1e-6, (node, f.name, worst)
+    state = json.loads((disks["node-b"] / "global_step6" / "trainer_state.json").read_text())
+    assert [s for s, _ in state["history"]] == [1, 2, 3, 4, 5, 6]
 
 
 def test_preflight_names_the_node_that_differs_and_warns_about_node_local_save_path():

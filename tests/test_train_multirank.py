@@ -137,6 +137,13 @@ def runs(model_dirs, tmp_path_factory):
         "scratch_one_stage": make_config(tmp, "scratch_one_stage", REPO / "configs" / "tiny-llama", from_scratch=True, train_steps=2,
                                          train_micro_batch_size_per_gpu=1,
                                          model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}, "parts": [7]}),
+        # keep_last (issue 11.8), three runs on one save_path: 5 saves keep 2; resume the older
+        # global_step4 and save 6, 7 (step 5 is now stale); resume latest and save 8, 9.
+        "prune": make_config(tmp, "prune", pp, train_steps=5, save_interval=1, keep_last=2),
+        "prune_resume_older": make_config(tmp, "prune_resume_older", pp, save_path=str(tmp / "prune"), train_steps=7,
+                                          save_interval=2, keep_last=2, resume=str(tmp / "prune" / "global_step4")),
+        "prune_resume_left": make_config(tmp, "prune_resume_left", pp, save_path=str(tmp / "prune"), train_steps=9,
+                                         save_interval=1, keep_last=2, resume="auto"),
         "resume_reference": make_config(tmp, "resume_reference", pp, train_steps=6,
                                         scheduler={"type": "WarmupDecayLR", "params": {"warmup_max_lr": 1e-3, "warmup_num_steps": 2}}),
     }
@@ -224,6 +231,22 @@ def test_rm_starts_from_an_sft_training_save_path(runs):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), i
     head = torch.load(rm / f"layer_{n - 1:02d}-model_states.pt", weights_only=True)
     assert list(head) == ["score.weight"] and head["score.weight"].shape == (1, 64)
+
+
+def test_keep_last_prunes_by_save_order_and_keeps_the_resumed_checkpoint(runs):
+    runs, tmp = runs
+    first, older, left = (runs[name][0] for name in ("prune", "prune_resume_older", "prune_resume_left"))
+    assert first["tags"] == ["global_step4", "global_step5"]  # 5 saves, keep_last 2
+    # Resumed from 4, saved 6 and 7: the stale 5 (not this lineage) is gone, 4 (resumed from) stays.
+    assert older["tags"] == ["global_step4", "global_step6", "global_step7"]
+    assert [s for s, _ in older["history"]] == list(range(1, 8))
+    assert older["history"][:4] == first["history"][:4]
+    # Resumed from what was left (latest = 7): 8, 9 saved; 4 and 6 pruned now; 7 (resumed from) stays.
+    assert left["tags"] == ["global_step7", "global_step8", "global_step9"]
+    assert left["history"][:7] == older["history"] and [s for s, _ in left["history"]] == list(range(1, 10))
+    assert (tmp / "prune" / "latest").read_text() == "global_step9"
+    state = json.loads((tmp / "prune" / "global_step9" / "trainer_state.json").read_text())
+    assert state["saved_tags"] == [f"global_step{s}" for s in (1, 2, 3, 4, 6, 7, 8, 9)]
 
 
 def test_killed_during_save_resumes_exactly(runs, model_dirs):

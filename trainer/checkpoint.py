@@ -7,13 +7,21 @@
       global_stepN/
         layer_XX-model_states.pt   DeepSpeed's per-layer weights (what pp_to_hg reads)
         mp_rank_*_model_states.pt, *optim_states.pt   DeepSpeed's optimizer/scheduler state
-        trainer_state.json         step, epoch, data position, loss history
-        rng_rank_RRRR.pt           each rank's torch / numpy / python RNG state
+        trainer_state.json         step, losses, evals, data position, the run's save order
+        rng_rank_RRRR.pt           each rank's torch / CUDA / numpy / python / DeepSpeed
+                                   activation-checkpointing RNG state
 
 DeepSpeed's own `save_checkpoint(save_latest=True)` writes `latest` before our extra state exists,
-so we save with save_latest=False, add our files, wait for every rank, and only then replace
-`latest` (write a temporary file, os.replace). A kill at any point leaves the previous checkpoint
-loadable. Old tags beyond keep_last are removed after `latest` has moved.
+so we save with save_latest=False, add our files, fsync every file of the checkpoint and its folder,
+wait for every rank, and only then replace `latest` (temporary file, fsync, os.replace, fsync of
+save_path). A kill or a machine crash at any point leaves the previous checkpoint loadable.
+
+Node-local save_paths (each node sees only its own folder) work: the resume tag and the trainer
+state are rank 0's, broadcast to every rank; each node's first local rank writes trainer_state.json
+and `latest` and prunes its own folder; each rank writes its RNG file next to DeepSpeed's files.
+Pruning keeps the last `keep_last` checkpoints in the order this run (and the runs it resumed from)
+saved them, and the checkpoint this run resumed from; any other global_stepN folder is stale (an
+abandoned continuation, e.g. after resuming an older tag) and is removed.
 """
 import json
 import logging
@@ -21,6 +29,7 @@ import os
 import random
 import re
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,7 +37,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from models.pipe_dir import copy_side_files, write_metadata
+from compat.private_api import load_checkpoint_with_own_model_states
+from models.pipe_dir import CheckpointError, copy_side_files, write_metadata
 
 from .guards import check_finite_weights
 
@@ -65,85 +75,19 @@ def write_topology(save_path: str, plan, topo, hosts: list[str]) -> None:
                                                          "stage_hosts": stage_hosts})
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
 @dataclass
 class TrainState:
     """What a recipe's loop carries between steps and saves in trainer_state.json (with the data
     position)."""
     step: int = 0
-    history: list = field(default_factory=list)   # [[step, loss], ...]
-    evals: list = field(default_factory=list)     # [[step, {metric: value}], ...]
-
-
-def start_or_resume(engine, save_path: str, resume_from: Optional[tuple[str, str]], batches) -> TrainState:
-    """Collective. A fresh TrainState, or the one of checkpoint `resume_from` (root, tag) with the
-    engine, optimizer, scheduler, data position (`batches`, None on ranks without data) and RNG
-    restored."""
-    if not resume_from:
-        return TrainState()
-    saved = load(engine, *resume_from)
-    if batches is not None:
-        batches.load_state_dict(saved["data"])
-    if torch.distributed.get_rank() == 0:
-        logger.info("resumed from %s/%s at step %d", resume_from[0], resume_from[1], saved["step"])
-    return TrainState(saved["step"], saved["history"], saved["evals"])
-
-
-def save_training(engine, save_path: str, state: TrainState, batches, keep_last: int) -> str:
-    """Collective: refuse non-finite weights, then save the engine with the trainer state and the
-    data position of rank 0 (a data rank: every replica's position follows from it)."""
-    import deepspeed.comm as dist
-
-    check_finite_weights(engine.module, state.step)
-    data = batches.state_dict() if dist.get_rank() == 0 else None
-    box = [data]
-    dist.broadcast_object_list(box, src=0)
-    trainer_state = {"step": state.step, "history": state.history, "evals": state.evals, "data": box[0]}
-    return save(engine, save_path, state.step, trainer_state, keep_last)
-
-
-def save(engine, save_path: str, step: int, trainer_state: dict, keep_last: int) -> str:
-    """Collective: every rank calls it."""
-    import deepspeed.comm as dist
-
-    tag = tag_for(step)
-    engine.save_checkpoint(save_path, tag=tag, save_latest=False)
-    tag_dir = Path(save_path) / tag
-    rank = dist.get_rank()
-    torch.save(rng_state(), tag_dir / f"rng_rank_{rank:04d}.pt")
-    if rank == 0:
-        _write_json_atomic(tag_dir / "trainer_state.json", trainer_state)
-    dist.barrier()
-    if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
-        os.kill(os.getpid(), 9)
-    if rank == 0:
-        _write_text_atomic(Path(save_path) / "latest", tag)
-        prune(save_path, keep_last, keep=tag)
-    dist.barrier()
-    return tag
-
-
-def prune(save_path: str, keep_last: int, keep: str) -> list[str]:
-    tags = sorted((int(m.group(1)), p) for p in Path(save_path).iterdir() if (m := TAG_RE.match(p.name)) and p.is_dir())
-    removed = []
-    for _, path in tags[:-keep_last] if keep_last > 0 else []:
-        if path.name != keep:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
-    return removed
+    history: list = field(default_factory=list)     # [[step, loss], ...]
+    evals: list = field(default_factory=list)       # [[step, {metric: value}], ...]
+    saved_tags: list = field(default_factory=list)  # this lineage's checkpoints, in save order
+    resumed_from: Optional[str] = None              # the tag this run started from (never pruned by it)
 
 
 def find_resume_tag(save_path: str, resume: str) -> Optional[tuple[str, str]]:
-    """(checkpoint root, tag) to resume from, or None to start fresh."""
+    """(checkpoint root, tag) to resume from, or None to start fresh (this node's view)."""
     if resume == "never":
         return None
     if resume == "auto":
@@ -154,32 +98,181 @@ def find_resume_tag(save_path: str, resume: str) -> Optional[tuple[str, str]]:
         return str(path), (path / "latest").read_text().strip()
     if TAG_RE.match(path.name) and path.is_dir():
         return str(path.parent), path.name
-    raise FileNotFoundError(f"resume: {resume} is neither a save_path with a 'latest' file nor a global_stepN folder")
+    raise CheckpointError(f"resume: {resume} is neither a save_path with a 'latest' file nor a global_stepN folder "
+                          '(or use "auto" or "never")')
+
+
+def decide_resume(save_path: str, resume: str) -> Optional[tuple[str, str]]:
+    """Collective: rank 0's `find_resume_tag`, on every rank (with a node-local save_path only rank 0's
+    node is sure to hold `latest`). A bad `resume` value is a CheckpointError on every rank."""
+    import deepspeed.comm as dist
+
+    answer = None
+    if dist.get_rank() == 0:
+        try:
+            answer = ("ok", find_resume_tag(save_path, resume))
+        except CheckpointError as e:
+            answer = ("error", str(e))
+    box = [answer]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return tuple(value) if value else None
+
+
+def start_or_resume(engine, resume_from: Optional[tuple[str, str]], batches) -> TrainState:
+    """Collective. A fresh TrainState, or the one of checkpoint `resume_from` (root, tag) with the
+    engine, optimizer, scheduler, data position (`batches`, None on ranks without data) and RNG
+    restored."""
+    if not resume_from:
+        return TrainState()
+    root, tag = resume_from
+    saved = load(engine, root, tag)
+    if batches is not None:
+        batches.load_state_dict(saved["data"])
+    if torch.distributed.get_rank() == 0:
+        logger.info("resumed from %s/%s at step %d", root, tag, saved["step"])
+    # A checkpoint written before the save order was recorded: its lineage is the tag itself.
+    return TrainState(saved["step"], saved["history"], saved["evals"], list(saved.get("saved_tags") or [tag]), tag)
+
+
+def save_training(engine, save_path: str, state: TrainState, batches, keep_last: int) -> str:
+    """Collective: refuse non-finite weights, then save the engine with the trainer state and rank
+    0's data position (rank 0 reads data; every replica's position follows from it)."""
+    import deepspeed.comm as dist
+
+    check_finite_weights(engine.module, state.step)
+    box = [batches.state_dict() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    tag = tag_for(state.step)
+    state.saved_tags = [t for t in state.saved_tags if t != tag] + [tag]
+    trainer_state = {"step": state.step, "history": state.history, "evals": state.evals, "data": box[0],
+                     "saved_tags": state.saved_tags}
+    return save(engine, save_path, state.step, trainer_state, tags_to_keep(state.saved_tags, keep_last, state.resumed_from))
+
+
+def tags_to_keep(saved_tags: list, keep_last: int, resumed_from: Optional[str]) -> set:
+    """The checkpoints pruning leaves: the last `keep_last` of this lineage's saves (in save order, not
+    by step number) and the one this run resumed from."""
+    keep = set(saved_tags[-keep_last:]) if keep_last > 0 else set(saved_tags)
+    return keep | ({resumed_from} if resumed_from else set())
+
+
+def save(engine, save_path: str, step: int, trainer_state: dict, keep: set) -> str:
+    """Collective: every rank calls it. `keep`: the tags pruning leaves (this one always)."""
+    import deepspeed.comm as dist
+
+    tag = tag_for(step)
+    engine.save_checkpoint(save_path, tag=tag, save_latest=False)
+    tag_dir = Path(save_path) / tag
+    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    torch.save(rng_state(), tag_dir / f"rng_rank_{dist.get_rank():04d}.pt")
+    dist.barrier()  # every rank's files (DeepSpeed's and the RNG files) are written
+    if first_on_node:
+        _write_json_atomic(tag_dir / "trainer_state.json", trainer_state)
+        fsync_tree(tag_dir)
+    dist.barrier()
+    if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
+        os.kill(os.getpid(), 9)
+    if first_on_node:
+        _write_text_atomic(Path(save_path) / "latest", tag)
+        prune(save_path, set(keep) | {tag})
+    dist.barrier()
+    return tag
+
+
+def prune(save_path: str, keep: set) -> list[str]:
+    """Remove every global_stepN folder of save_path (as this node sees it) not named in `keep`."""
+    removed = []
+    for path in sorted(Path(save_path).iterdir()):
+        if TAG_RE.match(path.name) and path.is_dir() and path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
 
 
 def load(engine, root: str, tag: str) -> dict:
-    """Collective. Restores module, optimizer and scheduler (DeepSpeed), this rank's RNG, and
-    returns trainer_state.json."""
+    """Collective. Restores module, optimizer and scheduler (DeepSpeed) and this rank's RNG; returns
+    rank 0's trainer_state.json on every rank. A node without the checkpoint folder (node-local
+    save_path) is named in the error."""
     import deepspeed.comm as dist
 
-    load_path, _ = engine.load_checkpoint(root, tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {tag} from {root}")
+    from .preflight import node_name
+
     tag_dir = Path(root) / tag
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (node_name(), tag_dir.is_dir()))
+    missing = sorted({host for host, present in seen if not present})
+    if missing:
+        raise CheckpointError(f"resume: checkpoint {tag_dir} is missing on node(s) {', '.join(missing)}; with a node-local "
+                              "save_path every node needs its own files of that checkpoint in place")
+    load_path, _ = load_checkpoint_with_own_model_states(engine, root, tag, load_module_strict=True,
+                                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag} from {root}")
     rng_file = tag_dir / f"rng_rank_{dist.get_rank():04d}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((tag_dir / "trainer_state.json").read_text())
+    box = [json.loads((tag_dir / "trainer_state.json").read_text()) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rng_state() -> dict:
+    """Every generator a step may draw from: torch (CPU), CUDA (every device), numpy, python, and
+    DeepSpeed's activation-checkpointing RNG tracker (its model-parallel streams, when any)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    tracker = _checkpointing_rng_tracker()
+    if tracker.get_states():
+        state["deepspeed_checkpointing"] = tracker.get_states()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "deepspeed_checkpointing" in state:
+        _checkpointing_rng_tracker().set_states(state["deepspeed_checkpointing"])
+
+
+def _checkpointing_rng_tracker():
+    from deepspeed.runtime.activation_checkpointing.checkpointing import get_cuda_rng_tracker
+
+    return get_cuda_rng_tracker()
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, and the folders, to stable storage: DeepSpeed's torch.save
+    does not fsync, so without this a machine crash after `latest` moved could leave it naming a
+    checkpoint whose files were still only in the page cache."""
+    for path in sorted(folder.rglob("*")) + [folder]:
+        _fsync_path(path)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Temporary file (named per process: nodes that share a save_path may write it at the same
+    time), fsync, os.replace, fsync of the folder so that the rename itself is durable."""
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_path(path.parent)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

@@ -1,9 +1,10 @@
 """Run under `deepspeed --num_gpus 2`: several training configs one after another in one launch
 (launching ranks costs ~10 s each time). Writes one JSON line per config to --out (rank 0):
-{"config", "history", "evals", "step"}.
+{"config", "history", "evals", "step", "tags" (the global_stepN folders left in save_path)}.
 """
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -30,7 +31,10 @@ def main() -> None:
     for path in args.config:
         cfg = load_config(path, world_size=world_size, device_supports_fp16=get_accelerator().is_fp16_supported())
         summary = get_recipe(cfg.stage)(cfg, Topology.from_config(cfg, rank, world_size), "cpu")
-        results.append({"config": path, **summary})
+        torch.distributed.barrier()
+        save = Path(cfg.save_path)  # the checkpoints left after this run (pruning), in step order
+        tags = sorted((p.name for p in save.glob("global_step*")), key=lambda n: int(n[len("global_step"):]))
+        results.append({"config": path, **summary, "tags": tags})
         torch.distributed.barrier()
     if rank == 0:
         with open(args.out, "w") as f:

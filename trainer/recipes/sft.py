@@ -33,7 +33,7 @@ def run(cfg, topo, device_name: str) -> dict:
     data = load_data(cfg, tokenizer, "lm", topo, collate)
     total_steps = cfg.train_steps or cfg.n_epochs * data.steps_per_epoch
 
-    resume_from = checkpoint.find_resume_tag(cfg.save_path, cfg.resume)
+    resume_from = checkpoint.decide_resume(cfg.save_path, cfg.resume)
     if topo.rank == 0:
         log_plan("sft", cfg, plan, data.data.stats)
     engine = build_engine(cfg, plan, topo, total_steps, weights="checkpoint" if resume_from else
@@ -41,7 +41,7 @@ def run(cfg, topo, device_name: str) -> dict:
     if topo.rank == 0:
         checkpoint.prepare_save_path(cfg.save_path, plan, cfg.config_path, cfg.precision)
         checkpoint.write_topology(cfg.save_path, plan, topo, hosts)
-    state = checkpoint.start_or_resume(engine, cfg.save_path, resume_from, data.batches)
+    state = checkpoint.start_or_resume(engine, resume_from, data.batches)
 
     meter = StepMeter(cfg, plan, engine, topo, device_name, total_steps, state.step)
     loss_scale = float(cfg.grad_accum * topo.data)  # see trainer.batches: sum / N_global * grad_accum * D
