@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     import torch
     import deepspeed
 
-    from data.errors import DataError
+    from data.errors import DataError, TokenizerError
 
     if accel.device_name() == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -62,6 +62,10 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1
+    except TokenizerError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     except DataError as e:
         if rank == 0:
             print("error: the training data has problems (fix them or set \"skip_bad_records\": true):", file=sys.stderr)

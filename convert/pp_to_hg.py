@@ -123,7 +123,7 @@ def open_pipe_checkpoint(input_path) -> tuple[Path, list[Path], object, str]:
 def iter_hf_tensors(specs: list[TensorSpec], sources: dict[str, tuple[Path, str]], on_layer_file=None):
     """Yield (HF name, tensor) for `specs` in order (pipe-layer order, as `plan_pipe_to_hf` returns
     them), with one memory-mapped layer file open at a time. `on_layer_file(path)` is called as each
-    file is opened. Used by pp_to_hg (writing shards) and demo.py (building a model in memory)."""
+    file is opened. Used by pp_to_hg (writing shards) and inference.loading (building a model in memory for demo.py)."""
     current_path, current_state = None, {}
     for spec in specs:
         path, key = sources[spec.name]

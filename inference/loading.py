@@ -82,7 +82,7 @@ def load_pipeline_checkpoint(path: Path, dtype: str):
     from transformers import GenerationConfig
 
     from convert.pp_to_hg import iter_hf_tensors, open_pipe_checkpoint, plan_pipe_to_hf
-    from models.pipe_dir import SIDE_FILES, CheckpointError, find_side_file
+    from models.pipe_dir import TOKENIZER_FILES, CheckpointError, find_side_file
 
     try:
         ckpt_dir, search, config, head = open_pipe_checkpoint(path)
@@ -92,7 +92,7 @@ def load_pipeline_checkpoint(path: Path, dtype: str):
         state_dict = dict(iter_hf_tensors(specs, sources))
     except CheckpointError as e:
         raise InferenceError(str(e)) from None
-    tok_file = next((f for name in SIDE_FILES if "token" in name or name in ("vocab.json", "merges.txt")
+    tok_file = next((f for name in TOKENIZER_FILES if not name.startswith("chat_template")
                      if (f := find_side_file(search, name)) is not None), None)
     if tok_file is None:
         raise InferenceError(f"{ckpt_dir}: no tokenizer files here or in {search[-1]} (hg_to_pp copies them; copy them from the source HF folder)")

@@ -138,7 +138,8 @@ def test_rm_learns_synthetic_preference(trained_rm):
     assert state["evals"][0][1]["loss"] > final["loss"]
     logs = tmp / "logs" / "rm"
     assert (logs / "Eval_accuracy.csv").is_file() and (logs / "Eval_chosen_score.csv").is_file()
-    assert json.loads((save / "pipetune.json").read_text())["head"] == "value"
+    metadata = json.loads((save / "pipetune.json").read_text())
+    assert metadata["head"] == "value" and metadata["pad_token_id"] == 0  # the pad the data used (tiny LLaMA: unk)
 
 
 @pytest.mark.multirank

@@ -190,7 +190,7 @@ def test_eval_length_and_values():
         "say how long to train: n_epochs and/or train_steps (train_steps wins when both are given)"]
     assert validate(cfg(drop=["n_epochs"], train_steps=5), world_size=4).train_steps == 5
     assert problems(cfg(overflow="cut", stage="ppo", keep_last=0, max_seq_len=0, save_interval=-1)) == [
-        "overflow must be \"truncate\" or \"drop\", got 'cut'",
+        "overflow must be \"truncate\", \"drop\" or \"chunk\", got 'cut'",
         "stage 'ppo' is not available; use one of ['sft', 'rm']",
         "max_seq_len must be at least 1",
         "keep_last must be at least 1",
@@ -474,3 +474,11 @@ def test_cli_bad_config_exits_2_with_error_lines(tmp_path):
     assert error_lines[0].startswith("  - model_topo.process_topology.dims [2, 1]: pipe x data = 2 but the job has 1 ranks")
     assert error_lines[1].startswith("  - batch sizes do not multiply out: train_batch_size 8 != ")
     assert error_lines[2].startswith("  - zero_optimization.stage 2: the pipeline engine supports ZeRO stage 0 or 1 only")
+
+
+def test_pad_token_and_chunk_overflow_keys():
+    c = validate(cfg(pad_token="<|finetune_right_pad_id|>", overflow="chunk"), world_size=4)
+    assert (c.pad_token, c.overflow) == ("<|finetune_right_pad_id|>", "chunk")
+    assert validate(cfg(pad_token=0), world_size=4).pad_token == 0
+    assert validate(cfg(), world_size=4).pad_token is None
+    assert problems(cfg(pad_token=["<pad>"])) == ['pad_token must be a string or an integer, got ["<pad>"]']

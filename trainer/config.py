@@ -10,7 +10,11 @@ Project keys (all optional unless marked):
   data_path       (required) a .json/.jsonl file, a glob, a folder, or a list of them
   eval_data_path  separate eval files; or eval_fraction: a share of data_path held out (0 = none)
   max_seq_len     tokens per row (default 512); pack: pack several records per row (false)
-  overflow        over-long records: "truncate" (default) or "drop"
+  overflow        over-long records: "truncate" (default; SFT cut on the right, pairwise/prompt context cut
+                  on the left so answers keep their EOS), "drop", or "chunk" (pretrain documents split
+                  into max_seq_len rows, every token trained once)
+  pad_token       the padding token (a token string or id); default: the tokenizer's pad, else unk, else a
+                  spare pad-like/reserved special token, else BOS (never EOS; see data.tokenize.choose_pad)
   skip_bad_records  false (strict: any bad record stops the run) | true (drop and count them)
   n_epochs / train_steps  how long to train: train_steps wins when both are given
   model_topo      {"process_topology": {"axes": ["pipe", "data"], "dims": [P, D]}, "parts": [...] | "auto"}
@@ -77,6 +81,7 @@ class TrainConfig:
     max_seq_len: int = 512
     pack: bool = False
     overflow: str = "truncate"
+    pad_token: Union[str, int, None] = None
     skip_bad_records: bool = False
     n_epochs: Optional[int] = None
     train_steps: Optional[int] = None
@@ -121,7 +126,7 @@ _TYPES = {
     "from_scratch": bool, "eval_fraction": (int, float), "max_seq_len": int, "pack": bool, "overflow": str,
     "skip_bad_records": bool, "n_epochs": int, "train_steps": int, "use_grad_ckpt": bool, "use_flash_attn": bool,
     "seed": int, "save_interval": int, "keep_last": int, "eval_interval": int, "resume": str, "stage": str,
-    "model_path": str, "save_path": str, "cache_dir": str, "no_decay": list,
+    "model_path": str, "save_path": str, "cache_dir": str, "no_decay": list, "pad_token": (str, int),
 }
 STAGES = ("sft", "rm")
 
@@ -170,7 +175,8 @@ def validate(raw: dict, path: str = "<config>", world_size: Optional[int] = None
 
 
 def _type_name(typ) -> str:
-    names = {bool: "true or false", int: "an integer", str: "a string", list: "a list", (int, float): "a number"}
+    names = {bool: "true or false", int: "an integer", str: "a string", list: "a list", (int, float): "a number",
+             (str, int): "a string or an integer"}
     return names.get(typ, str(typ))
 
 
@@ -207,8 +213,11 @@ def _validate_topo(topo: Any, world_size: Optional[int], problems: list[str]) ->
 
 
 def _validate_values(project: dict, problems: list[str]) -> None:
-    if project.get("overflow", "truncate") not in ("truncate", "drop"):
-        problems.append(f"overflow must be \"truncate\" or \"drop\", got {project['overflow']!r}")
+    from data.packing import OVERFLOW_POLICIES
+
+    if project.get("overflow", "truncate") not in OVERFLOW_POLICIES:
+        names = ", ".join(f'"{p}"' for p in OVERFLOW_POLICIES[:-1]) + f' or "{OVERFLOW_POLICIES[-1]}"'
+        problems.append(f"overflow must be {names}, got {project['overflow']!r}")
     if project.get("stage", "sft") not in STAGES:
         problems.append(f"stage {project['stage']!r} is not available; use one of {list(STAGES)}")
     if not 0 <= project.get("eval_fraction", 0) < 1:

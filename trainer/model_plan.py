@@ -10,15 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.dtypes import bytes_per_param
 from models.pipe_dir import find_side_file, resolve_checkpoint_dir
 from models.pipeline import build_layers, num_blocks, pipe_layer_names, prepare_config
 from models.registry import get_architecture
 
 from .auto_parts import auto_parts, stage_report
 from .partition import boundaries_from_parts
-
-BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2}
-
 
 @dataclass(frozen=True)
 class ModelPlan:
@@ -51,7 +49,7 @@ class ModelPlan:
 
     def describe(self, precision: str, seq_len: int, micro_batch: int) -> str:
         """One line per stage: layers, parameter bytes and a training-memory estimate."""
-        return stage_report(self.parts, self.layer_names, self.layer_params, BYTES_PER_PARAM[precision],
+        return stage_report(self.parts, self.layer_names, self.layer_params, bytes_per_param(precision),
                             self.model_config.hidden_size, seq_len, micro_batch, self.model_config.num_attention_heads)
 
 

@@ -9,7 +9,6 @@ mismatches. Collective: every rank calls `preflight`; one process per node does 
   the layer files of its own stages.
 The world size against model_topo.dims is checked earlier, by the config validation on every rank.
 """
-import hashlib
 import os
 import socket
 import uuid
@@ -17,20 +16,14 @@ from pathlib import Path
 
 import torch
 
+from data.hashing import file_sha256
+
 from .config import TrainConfig
 from .distributed import broadcast_object
 
 
 class PreflightError(RuntimeError):
     pass
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _data_files(cfg: TrainConfig) -> list[str]:
@@ -66,7 +59,7 @@ def _node_report(cfg: TrainConfig, nonce: str) -> dict:
     report = {"host": node_name(), "files": {}, "missing": [], "save_error": None, "marker": None}
     for path in [cfg.config_path] + _data_files(cfg) + [_model_config_file(cfg)]:
         if os.path.isfile(path):
-            report["files"][path] = _sha256(path)
+            report["files"][path] = file_sha256(path)
         else:
             report["missing"].append(path)
     try:

@@ -39,7 +39,7 @@ def run(cfg, topo, device_name: str) -> dict:
     engine = build_engine(cfg, plan, topo, total_steps, weights="checkpoint" if resume_from else
                           ("init" if cfg.from_scratch else "load"), loss_fn=global_token_mean_loss)
     if topo.rank == 0:
-        checkpoint.prepare_save_path(cfg.save_path, plan, cfg.config_path, cfg.precision)
+        checkpoint.prepare_save_path(cfg.save_path, plan, cfg.config_path, cfg.precision, data.data.stats["pad"]["id"])
         checkpoint.write_topology(cfg.save_path, plan, topo, hosts)
     state = checkpoint.start_or_resume(engine, resume_from, data.batches)
 
