@@ -1,5 +1,5 @@
 """The shipped tiny tokenizers really tokenize: transformers 5 can silently build a tokenizer that
-maps every text to [] (DESIGN.md section 7)."""
+maps every text to [] (LlamaTokenizer(vocab_file=...) ignores the file)."""
 import pytest
 from transformers import AutoTokenizer
 

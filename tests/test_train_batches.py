@@ -1,5 +1,5 @@
 """Fast in-process tests of global batches (data-parallel slicing, epochs, resume, eval padding) and of
-the global-token-mean loss of DESIGN.md section 4, with DeepSpeed's averaging simulated by hand."""
+the global-token-mean loss (HF Trainer's num_items_in_batch semantics), with DeepSpeed's averaging simulated by hand."""
 import pytest
 import torch
 import torch.nn.functional as F

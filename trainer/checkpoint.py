@@ -40,6 +40,7 @@ import torch
 from compat.private_api import load_checkpoint_with_own_model_states
 from models.pipe_dir import CheckpointError, copy_side_files, write_metadata
 
+from .distributed import broadcast_object
 from .guards import check_finite_weights
 
 logger = logging.getLogger("pipetune")
@@ -114,9 +115,7 @@ def decide_resume(save_path: str, resume: str) -> Optional[tuple[str, str]]:
             answer = ("ok", find_resume_tag(save_path, resume))
         except CheckpointError as e:
             answer = ("error", str(e))
-    box = [answer]
-    dist.broadcast_object_list(box, src=0)
-    kind, value = box[0]
+    kind, value = broadcast_object(answer)
     if kind == "error":
         raise CheckpointError(value)
     return tuple(value) if value else None
@@ -144,11 +143,10 @@ def save_training(engine, save_path: str, state: TrainState, batches, keep_last:
     import deepspeed.comm as dist
 
     check_finite_weights(engine.module, state.step)
-    box = [batches.state_dict() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
+    data_position = broadcast_object(batches.state_dict() if dist.get_rank() == 0 else None)
     tag = tag_for(state.step)
     state.saved_tags = [t for t in state.saved_tags if t != tag] + [tag]
-    trainer_state = {"step": state.step, "history": state.history, "evals": state.evals, "data": box[0],
+    trainer_state = {"step": state.step, "history": state.history, "evals": state.evals, "data": data_position,
                      "saved_tags": state.saved_tags}
     return save(engine, save_path, state.step, trainer_state, tags_to_keep(state.saved_tags, keep_last, state.resumed_from))
 
@@ -215,9 +213,7 @@ def load(engine, root: str, tag: str) -> dict:
     rng_file = tag_dir / f"rng_rank_{dist.get_rank():04d}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    box = [json.loads((tag_dir / "trainer_state.json").read_text()) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return broadcast_object(json.loads((tag_dir / "trainer_state.json").read_text()) if dist.get_rank() == 0 else None)
 
 
 def rng_state() -> dict:
