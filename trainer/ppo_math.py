@@ -1,0 +1,128 @@
+"""PPO's math as small pure functions (InstructGPT step 3), for the PPO recipe.
+
+Shapes: B rollout rows, T answer positions (the generated tokens, right-padded), `mask` float[B,T]
+1 on real answer tokens. Log-probs are of the sampled tokens, fp32. Conventions and defaults follow
+DeepSpeed-Chat's `dschat/rlhf/ppo_trainer.py` (kl_coef 0.1, reward clip 5, clip ranges 0.2, gamma
+1, lambda 0.95) with TRL's names for the KL estimators and whitening:
+
+    r_t   = -kl_coef * KL_t  (+ clip(score, +-reward_clip) at the last answer token)
+    A_t   = GAE over the answer: delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lambda A_{t+1}
+    R_t   = A_t + V_t
+    actor = masked mean of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)), ratio = exp(logp - logp_old)
+    critic = 0.5 masked mean of max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2)
+
+"Masked mean" here is a sum over the answer tokens divided by `n_tokens`: the caller passes the token
+count of the whole minibatch (all micro-batches, all data-parallel ranks) so that a minibatch's loss
+is the mean over its answer tokens however it is split, as SFT normalises (trainer.batches).
+"""
+from typing import Optional
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, n_tokens: Optional[float] = None) -> torch.Tensor:
+    """sum(values * mask) / n_tokens (default: mask.sum(), at least 1)."""
+    denominator = mask.sum().clamp(min=1) if n_tokens is None else n_tokens
+    return masked_sum(values, mask) / denominator
+
+
+def kl_estimate(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from the log-probs [B,T] of tokens sampled from
+    the policy (Schulman, "Approximating KL divergence"), with d = logp - logp_ref:
+    k1 = d (unbiased, negative on some tokens), k2 = d^2 / 2 (biased, low variance),
+    k3 = exp(-d) - 1 + d (unbiased and >= 0)."""
+    d = logp - logp_ref
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d.pow(2)
+    if estimator == "k3":
+        return torch.expm1(-d) + d
+    raise ValueError(f"kl estimator {estimator!r}: use one of {list(KL_ESTIMATORS)}")
+
+
+def last_token_positions(mask: torch.Tensor) -> torch.Tensor:
+    """int64[B]: index of each row's last answer token (rows with no answer token: 0)."""
+    t = mask.shape[1]
+    idx = torch.arange(t, device=mask.device).expand_as(mask)
+    return torch.where(mask > 0, idx, torch.zeros_like(idx)).max(dim=1).values
+
+
+def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float, reward_clip: float,
+                  ended: Optional[torch.Tensor] = None, missing_eos_penalty: Optional[float] = None) -> torch.Tensor:
+    """float[B,T]: -kl_coef * kl on answer tokens, plus the RM score (clipped to +-reward_clip; minus
+    `missing_eos_penalty` for rows that did not end with EOS, i.e. hit max_new_tokens) at each row's
+    last answer token. scores float[B]; ended bool[B] (True: the answer ended with EOS)."""
+    rewards = -kl_coef * kl * mask
+    score = scores.float()
+    if missing_eos_penalty is not None and ended is not None:
+        score = score - missing_eos_penalty * (~ended).float()
+    score = score.clamp(-reward_clip, reward_clip)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    last = last_token_positions(mask)
+    has_answer = mask.sum(dim=1) > 0
+    return rewards.index_put((rows[has_answer], last[has_answer]), score[has_answer], accumulate=True)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the answer tokens, from the last one backwards; the
+    value after a row's last answer token is 0 (the episode ends). Returns (advantages, returns)
+    float[B,T], zero outside the mask."""
+    rewards, values, mask = rewards.float(), values.float(), mask.float()
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * m
+        advantages[:, t] = running
+        next_value = values[:, t] * m  # a pad position passes 0 on to the token before it
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(values - mean) / std over the masked entries (the whole rollout); shift_mean False keeps the
+    mean (TRL's masked_whiten). Zero outside the mask."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean).pow(2), mask)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_range: float = 0.2, n_tokens: Optional[float] = None) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate; returns (loss, stats) with stats clip_frac and approx_kl (k3 of the ratio)
+    as detached masked means over the same tokens."""
+    log_ratio = logp - logp_old
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, n_tokens)
+    with torch.no_grad():
+        stats = {"clip_frac": masked_mean(((ratio - 1.0).abs() > clip_range).float(), mask, n_tokens),
+                 "approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask, n_tokens)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               value_clip: float = 0.2, n_tokens: Optional[float] = None) -> torch.Tensor:
+    """0.5 * masked mean of max((V - R)^2, (clip(V, V_old +- value_clip) - R)^2)."""
+    clipped = values_old + (values - values_old).clamp(-value_clip, value_clip)
+    return 0.5 * masked_mean(torch.maximum((values - returns).pow(2), (clipped - returns).pow(2)), mask, n_tokens)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """float[..., V] logits -> float32[...] entropy of the softmax distribution."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
