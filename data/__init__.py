@@ -2,10 +2,16 @@
 
 Nothing is imported here (no import-time work); import the modules you need:
 
-- ``data.records``   load ``.json``/``.jsonl`` files and validate records (``load_records``)
+- ``data.sources``   data files -> raw records, streamed: ``.json``, ``.jsonl``, ``.parquet``, ``save_to_disk``
+                     folders (``pyarrow``/``datasets`` imported only for those); ``{"path", "format"}`` paths
+- ``data.formats``   the ecosystem's record formats (messages, ShareGPT, Alpaca, preference, completion),
+                     detected per file and mapped to the unified record types
+- ``data.records``   validate records (``validate_record``); ``RecordStream`` / ``load_records``
 - ``data.errors``    ``DataError`` (one line per bad record) and ``Problem``
 - ``data.templates`` the prompt format of every record type (single source of truth),
                      ``CHAT_TEMPLATE``, ``rounds_to_messages``, ``set_chat_template``
+- ``data.chat_template``  ``template: "model"``: the tokenizer's own chat template, with assistant-only
+                     masks (``{% generation %}`` blocks, or incremental rendering)
 - ``data.tokenize``  render + tokenize once with offsets -> input_ids and labels (-100 masked);
                      the pad token (``choose_pad``, never EOS)
 - ``data.packing``   right-truncate/drop over-long samples, pack into ``max_seq_len`` rows

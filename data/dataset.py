@@ -36,6 +36,7 @@ unused by this kind and bad records dropped in skip mode (``strict=False``).
 """
 from __future__ import annotations
 
+import array
 import collections
 import os
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -47,18 +48,19 @@ from torch.utils.data import Dataset
 from data import cache as cache_mod
 from data.errors import DataError, Problem
 from data.hashing import file_sha256
-from data.packing import OVERFLOW_POLICIES, Samples, fit_length, pack as pack_rows, rows_to_arrays
-from data.records import LoadResult, PathsArg, Record, expand_paths, load_records
+from data.chat_template import TEMPLATES, make_template
+from data.packing import OVERFLOW_POLICIES, SampleWriter, Samples, fit_length, pack as pack_rows, rows_to_arrays
+from data.records import RECORD_TYPES, PathsArg, Record, RecordStream, expand_sources
 from data.split import eval_split, split_shares
 from data.templates import TEMPLATE_VERSION
-from data.tokenize import choose_pad, tokenize_for_cut, tokenize_records
+from data.tokenize import choose_pad, special_token_check, tokenize_for_cut, tokenize_records
 from data.truncate import chunk, fit_context
 
 KINDS = ("lm", "pairwise", "prompt")
 _USES = {"lm": ("pretrain", "instruct", "conversation", "ref_qa", "pairwise"),
          "pairwise": ("pairwise",), "prompt": ("prompt", "pairwise")}
 IGNORE_INDEX = -100
-PAYLOAD_VERSION = 3  # in the cache key: 2 added pairwise margins, 3 the pad choice
+PAYLOAD_VERSION = 4  # in the cache key: 2 added pairwise margins, 3 the pad choice, 4 formats/template stats
 
 
 class LMDataset(Dataset):
@@ -148,10 +150,13 @@ def build_dataset(data_paths: PathsArg, tokenizer, max_seq_len: int, *, kind: st
                   overflow: str = "truncate", strict: bool = True, eval_paths: Optional[PathsArg] = None,
                   eval_fraction: float = 0.0, data_split: Union[str, Sequence[float], None] = None,
                   split_index: int = 0, seed: int = 1234, cache_dir: Optional[str] = None,
-                  batch_size: int = 1000, pad_token: Union[str, int, None] = None) -> Built:
+                  batch_size: int = 1000, pad_token: Union[str, int, None] = None, template: str = "pipetune") -> Built:
     """Validate, render, tokenize, fit and (optionally) pack; returns ``Built(train, eval, stats)``.
 
-    data_paths / eval_paths: a path, a glob, a directory or a list of them (.json arrays, .jsonl).
+    data_paths / eval_paths: a path, a glob, a folder, ``{"path": ..., "format": ...}`` or a list of them
+        (.json, .jsonl, .parquet, save_to_disk folders; ``data.sources``), records in any format of
+        ``data.formats`` (detected per file unless stated). Streamed: memory holds the tokenized samples
+        and a few bytes per record, not the records (except .json arrays, which are parsed whole).
     kind: "lm" | "pairwise" | "prompt" (see the module docstring for item shapes).
     pack: pack several samples per row (kind="lm" only).
     overflow: "truncate" (default), "drop" or "chunk" samples longer than max_seq_len (module docstring).
@@ -161,8 +166,10 @@ def build_dataset(data_paths: PathsArg, tokenizer, max_seq_len: int, *, kind: st
     cache_dir: reuse/build ``<cache_dir>/<key>.pt`` (one builder per node, see ``data.cache``).
     pad_token: the token (string, or id) rows are padded with; default: ``data.tokenize.choose_pad``.
         ``TokenizerError`` (a ``DataError``) when it, or the default, is not a safe pad.
-    stats: {"files", "records", "types", "invalid", "unused", "pad", "data_split"?, "train": {...},
-        "eval": ..., "cache"?}.
+    template: "pipetune" (``data.templates``) or "model" (the tokenizer's own chat template,
+        ``data.chat_template``; ``TokenizerError`` when it has none or it fails the probe).
+    stats: {"files", "formats", "records", "types", "invalid", "unused", "pad", "template", "data_split"?,
+        "train": {...}, "eval": ..., "cache"?}.
     """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: use one of {', '.join(KINDS)}")
@@ -172,10 +179,13 @@ def build_dataset(data_paths: PathsArg, tokenizer, max_seq_len: int, *, kind: st
         raise ValueError(f"pack=True applies to kind='lm' only (got kind={kind!r})")
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+    if template not in TEMPLATES:
+        raise ValueError(f"template {template!r}: use one of {', '.join(TEMPLATES)}")
     choose_pad(tokenizer, pad_token)  # a bad pad choice fails here, before any work (and on a cache hit)
+    tpl = make_template(template, tokenizer)  # so does a model template that fails its probe
     args = dict(kind=kind, pack=pack, overflow=overflow, strict=strict, eval_fraction=eval_fraction,
                 data_split=data_split, split_index=split_index, seed=seed, max_seq_len=max_seq_len,
-                batch_size=batch_size, pad_token=pad_token)
+                batch_size=batch_size, pad_token=pad_token, template=template)
 
     def build() -> Dict[str, Any]:
         return _build(data_paths, eval_paths, tokenizer, **args)
@@ -185,7 +195,8 @@ def build_dataset(data_paths: PathsArg, tokenizer, max_seq_len: int, *, kind: st
     else:
         key = cache_mod.cache_key(dict(args, files=_file_hashes(data_paths), eval_files=_file_hashes(eval_paths),
                                        tokenizer=cache_mod.tokenizer_fingerprint(tokenizer),
-                                       template=TEMPLATE_VERSION, batch_size=None, payload=PAYLOAD_VERSION,
+                                       template=TEMPLATE_VERSION if tpl is None else "model-" + tpl.version,
+                                       batch_size=None, payload=PAYLOAD_VERSION,
                                        code=cache_mod.data_code_version()))
         payload, hit = cache_mod.load_or_build(cache_dir, key, build)
         payload["stats"]["cache"] = {"key": key, "hit": hit, "path": os.path.join(cache_dir, key + ".pt")}
@@ -198,13 +209,14 @@ def build_dataset(data_paths: PathsArg, tokenizer, max_seq_len: int, *, kind: st
     return Built(train, _make(payload, "eval"), payload["stats"])
 
 
-def _file_hashes(paths: Optional[PathsArg]) -> List[Tuple[str, str]]:
+def _file_hashes(paths: Optional[PathsArg]) -> List[Tuple[str, str, Optional[str]]]:
+    """(file, sha256, stated format) of every data file: part of the cache key."""
     if paths is None:
         return []
-    files, problems = expand_paths(paths)
+    sources, problems = expand_sources(paths)
     if problems:
         raise DataError(problems, "data files not found")
-    return [(os.path.abspath(f), file_sha256(f)) for f in files]
+    return [(os.path.abspath(f), file_sha256(f), s.format) for s in sources for f in s.files]
 
 
 def _make(payload: Dict[str, Any], split: str) -> Optional[Dataset]:
@@ -221,99 +233,196 @@ def _make(payload: Dict[str, Any], split: str) -> Optional[Dataset]:
 
 
 def _build(data_paths, eval_paths, tokenizer, *, kind, pack, overflow, strict, eval_fraction, data_split,
-           split_index, seed, max_seq_len, batch_size, pad_token) -> Dict[str, Any]:
-    main = load_records(data_paths)
-    extra = load_records(eval_paths) if eval_paths is not None else LoadResult([], [], [])
-    problems: List[Problem] = main.problems + extra.problems
-    records = main.records
-    stats: Dict[str, Any] = {"files": [list(f) for f in main.files + extra.files],
-                             "records": len(records) + len(extra.records)}
-    idx = np.arange(len(records))
+           split_index, seed, max_seq_len, batch_size, pad_token, template) -> Dict[str, Any]:
+    tpl = make_template(template, tokenizer)
+    job = dict(tokenizer=tokenizer, tpl=tpl, kind=kind, overflow=overflow, T=max_seq_len, batch_size=batch_size)
+    main_stream = RecordStream(data_paths)
+    main = _run_stream(main_stream, strict, **job)
+    extra_stream = RecordStream(eval_paths) if eval_paths is not None else None
+    extra = _run_stream(extra_stream, strict, failed=bool(main.problems + main_stream.problems), **job) \
+        if extra_stream is not None else None
+    problems: List[Problem] = main_stream.problems + (extra_stream.problems if extra_stream else []) + main.problems \
+        + (extra.problems if extra else [])
+    if problems and strict:
+        raise DataError(problems, "invalid data (use strict=False / --skip-bad to drop bad records)")
+    n_extra = extra.n if extra else 0
+    stats: Dict[str, Any] = {"files": [list(f) for f in main_stream.files + (extra_stream.files if extra_stream else [])],
+                             "formats": dict(main_stream.formats + (extra_stream.formats if extra_stream else [])),
+                             "records": main.n + n_extra}
+    idx = np.arange(main.n)
     if data_split is not None:
-        shares = split_shares(len(records), data_split, seed)
+        shares = split_shares(main.n, data_split, seed)
         if not 0 <= split_index < len(shares):
             raise ValueError(f"split_index {split_index} out of range for data_split {data_split!r}")
         idx = shares[split_index]
         stats["data_split"] = {"spec": str(data_split), "index": split_index, "records": len(idx)}
-    if eval_paths is not None:
-        train_recs, eval_recs = [records[i] for i in idx], extra.records
+    if extra is not None:
+        selected = {"train": (main, idx), "eval": (extra, np.arange(extra.n))}
     else:
         tr, ev = eval_split(idx, eval_fraction, seed)
-        train_recs, eval_recs = [records[i] for i in tr], [records[i] for i in ev]
-
-    stats["types"] = dict(collections.Counter(r.type for r in train_recs + eval_recs))
-    parts, special = {}, []
-    for name, recs in (("train", train_recs), ("eval", eval_recs)):
-        part, bad = _tokenize_part(recs, tokenizer, kind, pack, overflow, max_seq_len, batch_size)
-        parts[name] = part
-        special.extend(bad)
-    problems += special
-    if problems and strict:
-        raise DataError(problems, "invalid data (use strict=False / --skip-bad to drop bad records)")
+        selected = {"train": (main, tr), "eval": (main, ev)}
+    stats["types"] = dict(sum((collections.Counter(out.type_names(i)) for out, i in selected.values()),
+                              collections.Counter()))
     stats["invalid"] = dict(collections.Counter(p.reason for p in problems))
-    for name in ("train", "eval"):
+    parts = {}
+    for name, (out, i) in selected.items():
+        parts[name] = _part(out, i, kind, pack, max_seq_len)
         stats[name] = parts[name].pop("stats")
+    main.samples = None  # the parts hold what they use
     stats["unused"] = {t: stats["train"]["unused"].get(t, 0) + stats["eval"]["unused"].get(t, 0)
                        for t in set(stats["train"]["unused"]) | set(stats["eval"]["unused"])}
     has_eval = eval_paths is not None or eval_fraction > 0
     pad = choose_pad(tokenizer, pad_token)
     stats["pad"] = pad._asdict()  # {"id", "token", "source"}
+    stats["template"] = tpl.describe() if tpl is not None else {"name": "pipetune"}
     return {"kind": kind, "pack": pack, "max_seq_len": max_seq_len, "pad_id": pad.id,
             "train": parts["train"], "eval": parts["eval"] if has_eval else None, "stats": stats}
 
 
-def _tokenize_part(records: List[Record], tokenizer, kind, pack, overflow, T, batch_size):
-    """Records of one split -> (payload part with samples/rows/stats, special-token problems)."""
+# Per-record outcome of tokenizing and fitting (``_Outcomes.status``).
+KEPT, UNUSED, DROPPED, BAD = 0, 1, 2, 3
+
+
+class _Outcomes:
+    """What tokenizing and fitting did to each valid record of one stream, indexed by its position among
+    the stream's valid records (the index space of data_split/eval_fraction): compact arrays, plus the
+    kept samples of all records in order (``samples``) and the tokenization problems."""
+
+    def __init__(self):
+        self.type = array.array("b")       # index into RECORD_TYPES
+        self.status = array.array("b")     # KEPT | UNUSED | DROPPED | BAD
+        self.reason = array.array("b")     # index into self.reasons (DROPPED), else -1
+        self.truncated = array.array("b")  # 1: cut on the right or context cut from the left
+        self.context_cut = array.array("b")
+        self.chunks = array.array("i")     # rows of a chunked pretrain document (0: not chunked)
+        self.n_samples = array.array("i")  # samples kept (1; 2 for a pair; k chunks)
+        self.margin = array.array("f")     # pairwise margin (0 otherwise)
+        self.raw_len = array.array("q")    # token length of every tokenized side, before fitting
+        self.raw_rec = array.array("q")    # ... and its record
+        self.reasons: List[str] = []
+        self.problems: List[Problem] = []
+        self.writer = SampleWriter()
+        self.samples: Optional[Samples] = None
+
+    @property
+    def n(self) -> int:
+        return len(self.type)
+
+    def add(self, type_: str, status: int, reason: Optional[str] = None, truncated: bool = False,
+            context_cut: bool = False, chunks: int = 0, fitted: Sequence = (), margin: float = 0.0) -> None:
+        if reason is not None and reason not in self.reasons:
+            self.reasons.append(reason)
+        self.type.append(_TYPE_CODE[type_])
+        self.status.append(status)
+        self.reason.append(self.reasons.index(reason) if reason is not None else -1)
+        self.truncated.append(truncated)
+        self.context_cut.append(context_cut)
+        self.chunks.append(chunks)
+        self.n_samples.append(len(fitted))
+        self.margin.append(margin)
+        self.writer.add(fitted)
+
+    def arrays(self):
+        for name in ("type", "status", "reason", "truncated", "context_cut", "chunks", "n_samples", "margin",
+                     "raw_len", "raw_rec"):
+            setattr(self, name, np.frombuffer(getattr(self, name), dtype=getattr(self, name).typecode) if
+                    isinstance(getattr(self, name), array.array) else getattr(self, name))
+        self.samples = self.writer.finish()
+
+    def type_names(self, index: np.ndarray) -> List[str]:
+        return [RECORD_TYPES[c] for c in self.type[index]]
+
+
+_TYPE_CODE = {t: i for i, t in enumerate(RECORD_TYPES)}
+
+
+def _run_stream(stream: RecordStream, strict: bool, failed: bool = False, **job) -> _Outcomes:
+    """Tokenize and fit the records of ``stream`` a batch at a time. In strict mode, once any problem
+    is known the rest is only validated (its problems still reported): the build fails anyway."""
+    out, batch = _Outcomes(), []
+    for rec in stream:
+        batch.append(rec)
+        if len(batch) == job["batch_size"]:
+            _process(out, batch, skip=failed or (strict and bool(stream.problems or out.problems)), **job)
+            batch = []
+    _process(out, batch, skip=failed or (strict and bool(stream.problems or out.problems)), **job)
+    out.arrays()
+    return out
+
+
+def _process(out: _Outcomes, records: List[Record], *, skip: bool, tokenizer, tpl, kind, overflow, T, batch_size):
+    """One batch of records -> their outcomes and kept samples (in record order)."""
     used = [r for r in records if r.type in _USES[kind]]
-    unused = collections.Counter(r.type for r in records if r.type not in _USES[kind])
-    origin = {}  # id(entry record) -> type of the user's record, for the stats
     if kind == "pairwise":
         entries = [(r, side) for r in used for side in ("chosen", "rejected")]
     elif kind == "prompt":  # a pairwise record contributes its prompt only
         entries = [(Record("prompt", {k: v for k, v in r.fields.items() if k in ("prompt", "rounds")},
-                           r.file, r.index, r.line), "") for r in used]
-        origin = {id(e[0]): r.type for e, r in zip(entries, used)}
+                           r.file, r.index, r.line, r.format, r.field_map), "") for r in used]
     else:
         entries = [(r, "chosen") for r in used]
-    encoded, problems = tokenize_records(entries, tokenizer, batch_size)
+    if skip:  # the build fails: report the special-token problems too, but tokenize nothing
+        out.problems.extend(special_token_check(entries, tokenizer))
+        for rec in records:
+            out.add(rec.type, BAD)
+        return
+    encoded, problems = tokenize_records(entries, tokenizer, batch_size, template=tpl)
+    out.problems.extend(problems)
     bad_records = {(p.file, p.record) for p in problems}
-
-    raw = np.array([len(e[0]) for e in encoded if e is not None], dtype=np.int64)  # before fitting
-    dropped, types = collections.Counter(), collections.Counter()
-    truncated, context_cut, chunked, n_chunks, kept, margins = 0, 0, 0, 0, [], []
     group = 2 if kind == "pairwise" else 1
-    for g in range(0, len(entries), group):
-        rec = entries[g][0]
-        if (rec.file, rec.index) in bad_records:
+    sides_of = {id(r): k * group for k, r in enumerate(used)}
+    for rec in records:
+        if rec.type not in _USES[kind]:
+            out.add(rec.type, UNUSED)
             continue
+        g = sides_of[id(rec)]
         sides = encoded[g:g + group]
+        for s in sides:
+            if s is not None:
+                out.raw_len.append(len(s[0]))
+                out.raw_rec.append(out.n)
+        if (rec.file, rec.index) in bad_records:
+            out.add(rec.type, BAD)
+            continue
         if kind == "lm" and overflow == "chunk" and rec.type == "pretrain" and len(sides[0][0]) > T:
             fitted = chunk(*sides[0], T)
-            chunked, n_chunks = chunked + 1, n_chunks + len(fitted)
+            out.add(rec.type, KEPT, chunks=len(fitted), fitted=fitted)
         elif kind == "lm":
             res, reason, cut = fit_length(*sides[0], T, "truncate" if overflow == "chunk" else overflow)
             if res is None:
-                dropped[reason] += 1
-                continue
-            truncated += cut
-            fitted = [res]
+                out.add(rec.type, DROPPED, reason)
+            else:
+                out.add(rec.type, KEPT, truncated=cut, fitted=[res])
         elif max(len(ids) for ids, _ in sides) <= T:
-            fitted = list(sides)
+            out.add(rec.type, KEPT, fitted=list(sides), margin=float(rec.fields.get("margin", 0.0)))
         elif overflow == "drop":
-            dropped["too_long"] += 1
-            continue
+            out.add(rec.type, DROPPED, "too_long")
         else:  # pairwise / prompt: cut the context from the left, the answer / generation prompt stays whole
-            fitted = fit_context([_cut_source(entries[g + j], sides[j], tokenizer) for j in range(group)], T)
+            ents = entries[g:g + group]
+            fitted = tpl.fit_context(ents, T) if tpl is not None else \
+                fit_context([_cut_source(e, s, tokenizer) for e, s in zip(ents, sides)], T)
             if fitted is None:
-                dropped["answer_too_long" if kind == "pairwise" else "too_long"] += 1
-                continue
-            truncated, context_cut = truncated + 1, context_cut + 1
-        types[origin.get(id(rec), rec.type)] += 1
-        kept.extend(fitted)
-        if kind == "pairwise":
-            margins.append(float(rec.fields.get("margin", 0.0)))
+                out.add(rec.type, DROPPED, "answer_too_long" if kind == "pairwise" else "too_long")
+            else:
+                out.add(rec.type, KEPT, truncated=True, context_cut=True, fitted=fitted,
+                        margin=float(rec.fields.get("margin", 0.0)))
 
-    samples = Samples.from_list(kept)
+
+def _part(out: _Outcomes, index: np.ndarray, kind: str, pack: bool, T: int) -> Dict[str, Any]:
+    """The records ``index`` (sorted) of ``out`` -> payload part: their samples, rows and stats."""
+    index = np.asarray(index, dtype=np.int64)
+    sample_start = np.zeros(out.n + 1, dtype=np.int64)
+    np.cumsum(out.n_samples, out=sample_start[1:])
+    counts = out.n_samples[index].astype(np.int64)
+    first = np.repeat(sample_start[index], counts)  # [samples of the part]: each one's record's first sample
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    samples = out.samples.select(first + within)
+    in_part = np.zeros(out.n, dtype=bool)
+    in_part[index] = True
+    status, types = out.status[index], out.type[index]
+    kept = status == KEPT
+    count = lambda codes, names: {names[c]: int(k) for c, k in zip(*np.unique(codes, return_counts=True))}
+    raw = out.raw_len[in_part[out.raw_rec]] if len(out.raw_rec) else np.zeros(0, dtype=np.int64)
+    group = 2 if kind == "pairwise" else 1
     lengths = samples.lengths()
     if kind == "lm":
         rows = pack_rows(lengths.tolist(), T) if pack else [[i] for i in range(len(samples))]
@@ -324,18 +433,20 @@ def _tokenize_part(records: List[Record], tokenizer, kind, pack, overflow, T, ba
         n_rows = len(samples) // group
     real = int(lengths.sum())
     computed = n_rows * T * group
-    stats = {"samples": n_rows if kind != "lm" else len(samples), "rows": n_rows, "types": dict(types),
-             "unused": dict(unused), "truncated": int(truncated), "context_cut": context_cut,
-             "chunked": chunked, "chunks": n_chunks, "dropped": dict(dropped),
+    stats = {"samples": n_rows if kind != "lm" else len(samples), "rows": n_rows,
+             "types": count(types[kept], RECORD_TYPES), "unused": count(types[status == UNUSED], RECORD_TYPES),
+             "truncated": int(out.truncated[index].sum()), "context_cut": int(out.context_cut[index].sum()),
+             "chunked": int((out.chunks[index] > 0).sum()), "chunks": int(out.chunks[index].sum()),
+             "dropped": count(out.reason[index][status == DROPPED], out.reasons),
              "real_tokens": real, "target_tokens": int(samples.target.sum()), "computed_tokens": computed,
              "efficiency": real / computed if computed else 0.0,
              "length_before_fit": _describe(raw), "length": _describe(lengths)}
     part = {"samples": samples.state(), "stats": stats}
     if kind == "pairwise":
-        part["margins"] = torch.tensor(margins, dtype=torch.float32)
+        part["margins"] = torch.from_numpy(out.margin[index][kept].astype(np.float32))
     if row_offsets is not None:
         part["row_offsets"], part["row_samples"] = torch.from_numpy(row_offsets), torch.from_numpy(row_samples)
-    return part, problems
+    return part
 
 
 def _cut_source(entry: Tuple[Record, str], sample, tokenizer):

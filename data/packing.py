@@ -50,6 +50,50 @@ class Samples:
     def from_state(cls, st: Dict[str, torch.Tensor]) -> "Samples":
         return cls(st["tokens"].numpy(), st["target"].numpy(), st["offsets"].numpy())
 
+    def select(self, index: np.ndarray) -> "Samples":
+        """The samples ``index`` (sorted, unique) in that order; ``self`` itself when that is all of them.
+        Copies one contiguous run of samples at a time."""
+        index = np.asarray(index, dtype=np.int64)
+        if len(index) == len(self) and (not len(index) or (index[0] == 0 and index[-1] == len(self) - 1)):
+            return self
+        lengths = self.lengths()[index]
+        offsets = np.zeros(len(index) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens, target = np.empty(offsets[-1], dtype=np.int32), np.empty(offsets[-1], dtype=bool)
+        if not len(index):
+            return Samples(tokens, target, offsets)
+        breaks = np.flatnonzero(np.diff(index) != 1) + 1  # runs of consecutive sample indices
+        for lo, hi in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(index)]])):
+            a, b = self.offsets[index[lo]], self.offsets[index[hi - 1] + 1]
+            tokens[offsets[lo]:offsets[hi]] = self.tokens[a:b]
+            target[offsets[lo]:offsets[hi]] = self.target[a:b]
+        return Samples(tokens, target, offsets)
+
+
+class SampleWriter:
+    """Samples appended a batch at a time (``add``), kept as one concatenated chunk per batch, so that
+    memory holds ~5 bytes per token and no per-sample objects; ``finish`` joins the chunks."""
+
+    def __init__(self):
+        self.tokens: List[np.ndarray] = []
+        self.target: List[np.ndarray] = []
+        self.lengths: List[np.ndarray] = []
+
+    def add(self, samples: Sequence[Tuple[np.ndarray, np.ndarray]]) -> None:
+        if samples:
+            self.tokens.append(np.concatenate([s[0] for s in samples]).astype(np.int32, copy=False))
+            self.target.append(np.concatenate([s[1] for s in samples]).astype(bool, copy=False))
+            self.lengths.append(np.array([len(s[0]) for s in samples], dtype=np.int64))
+
+    def finish(self) -> Samples:
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        join = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dtype=dt))
+        tokens, target = join(self.tokens, np.int32), join(self.target, bool)
+        self.tokens, self.target, self.lengths = [], [], []
+        return Samples(tokens, target, offsets)
+
 
 def fit_length(ids: np.ndarray, target: np.ndarray, max_len: int, overflow: str
                ) -> Tuple[Optional[Tuple[np.ndarray, np.ndarray]], Optional[str], bool]:

@@ -1,4 +1,4 @@
-"""Load record files (``.json`` array or ``.jsonl``) and validate every record.
+"""Load record files and validate every record.
 
 Record types (see docs/data_format.md):
 
@@ -12,20 +12,29 @@ Record types (see docs/data_format.md):
 Every record may also carry "id" and "meta" (ignored). Any other key is an error, so typos such as
 "inputs" are caught instead of silently dropping the input.
 
-``load_records`` never raises for bad data: it returns the valid records plus one ``Problem`` per bad
-record or file, so strict mode can report every problem at once and skip mode can count them.
+Files are read by ``data.sources`` (.json, .jsonl, .parquet, save_to_disk folders); records in the
+ecosystem's formats (messages, ShareGPT, Alpaca, preference, prompt/completion) are mapped to these
+types by ``data.formats`` and then validated the same way, their problems naming the source's fields.
+
+``RecordStream`` yields the valid records one at a time (bounded memory) and collects the problems;
+``load_records`` keeps them all. Neither raises for bad data: they give the valid records plus one
+``Problem`` per bad record or file, so strict mode can report every problem at once and skip mode can
+count them.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
-import math
-import hashlib
 import json
-import os
-from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+import math
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from data.errors import Problem
+from data.formats import detect_format, map_record, undetected_message
+from data.hashing import file_sha256
+from data.sources import PathsArg, data_path_problems, expand_paths, expand_sources, json_type, read_source
+
+__all__ = ["Record", "LoadResult", "RecordStream", "load_records", "validate_record", "to_record", "expand_paths",
+           "expand_sources", "data_path_problems", "PathsArg", "RECORD_TYPES"]
 
 ROLES = ("ask", "ans")
 IGNORED_KEYS = ("id", "meta")
@@ -42,18 +51,25 @@ RECORD_TYPES = tuple(_STRING_FIELDS)
 _HAS_ROUNDS = {"conversation": "required", "ref_qa": "required", "pairwise": "prompt_or_rounds",
                "prompt": "prompt_or_rounds"}
 
-PathsArg = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
-
 
 @dataclasses.dataclass
 class Record:
-    """One validated record. ``fields`` holds the user's keys minus "type"/"id"/"meta";
-    ``rounds`` are tuples ``(role, text)``."""
+    """One validated record. ``fields`` holds the unified keys minus "type"/"id"/"meta";
+    ``rounds`` are tuples ``(role, text)``. ``format``: the file's record format; ``field_map``: unified
+    field name -> the source record's (None for unified records)."""
     type: str
     fields: dict
     file: str
     index: int  # 0-based index in its file
     line: Optional[int] = None  # 1-based line (JSONL only)
+    format: str = "pipetune"
+    field_map: Optional[Dict[str, str]] = None
+
+    def source_field(self, field: Optional[str]) -> Optional[str]:
+        """The user's name for a unified field (e.g. "rounds[1][1]" -> "messages[2].content")."""
+        if field is None or not self.field_map:
+            return field
+        return self.field_map.get(field, field)
 
 
 @dataclasses.dataclass
@@ -61,98 +77,64 @@ class LoadResult:
     records: List[Record]
     problems: List[Problem]
     files: List[Tuple[str, str]]  # (path, sha256 of its bytes), in load order
+    formats: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (data path, record format)
 
 
-def expand_paths(data_paths: PathsArg) -> Tuple[List[str], List[Problem]]:
-    """A path, a glob, a directory (its *.json/*.jsonl), or a list of those -> sorted unique files."""
-    items = [data_paths] if isinstance(data_paths, (str, os.PathLike)) else list(data_paths)
-    files, problems, seen = [], [], set()
-    for item in items:
-        item = os.fspath(item)
-        if glob.has_magic(item):
-            found = sorted(glob.glob(item, recursive=True))
-        elif os.path.isdir(item):
-            found = sorted(glob.glob(os.path.join(item, "*.json")) + glob.glob(os.path.join(item, "*.jsonl")))
-        else:
-            found = [item] if os.path.exists(item) else []
-        if not found:
-            problems.append(Problem(item, "no such file (or the glob/directory matched no .json/.jsonl file)",
-                                    reason="missing_file"))
-        for f in found:
-            if f not in seen:
-                seen.add(f)
-                files.append(f)
-    return files, problems
+class RecordStream:
+    """The valid records of ``data_paths`` in order, one at a time; ``problems``, ``files`` (path,
+    sha256) and ``formats`` (data path, record format) fill in as it is iterated (once)."""
+
+    def __init__(self, data_paths: PathsArg):
+        self.sources, self.problems = expand_sources(data_paths)
+        self.files: List[Tuple[str, str]] = []
+        self.formats: List[Tuple[str, str]] = []
+
+    def __iter__(self) -> Iterator[Record]:
+        for src in self.sources:
+            self.files.extend((f, file_sha256(f)) for f in src.files)
+            fmt = src.format
+            if fmt is not None:
+                self.formats.append((src.path, fmt))
+            for index, line, obj, problem in read_source(src):
+                if problem is not None:
+                    self.problems.append(problem)
+                    continue
+                if fmt is None and isinstance(obj, dict):
+                    fmt = detect_format(obj)
+                    if fmt is None:
+                        self.problems.append(Problem(src.path, undetected_message(obj), reason="unknown_format"))
+                        break
+                    self.formats.append((src.path, fmt))
+                rec, bad = to_record(obj, fmt or "pipetune", src.path, index, line)
+                self.problems.extend(bad)
+                if rec is not None:
+                    yield rec
 
 
 def load_records(data_paths: PathsArg) -> LoadResult:
     """Read and validate every record of every file; never raises for bad data."""
-    paths, problems = expand_paths(data_paths)
-    records, files = [], []
-    for path in paths:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-        files.append((path, hashlib.sha256(raw).hexdigest()))
-        for index, line, obj, problem in _parse_file(path, raw):
-            if problem is not None:
-                problems.append(problem)
-                continue
-            rec, bad = validate_record(obj, path, index, line)
-            problems.extend(bad)
-            if rec is not None:
-                records.append(rec)
-    return LoadResult(records, problems, files)
+    stream = RecordStream(data_paths)
+    records = list(stream)
+    return LoadResult(records, stream.problems, stream.files, stream.formats)
 
 
-def _parse_file(path: str, raw: bytes) -> Iterable[Tuple[Optional[int], Optional[int], Any, Optional[Problem]]]:
-    """Yield (record_index, line, object, problem) per record; file-level problems have index None."""
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        yield None, None, None, Problem(path, f"file is not UTF-8 (bad byte 0x{raw[e.start]:02x} at byte "
-                                        f"{e.start}); re-save it as UTF-8", line=line, reason="not_utf8")
-        return
-    if path.endswith(".jsonl"):
-        index = 0
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield index, lineno, json.loads(line), None
-            except json.JSONDecodeError as e:
-                yield index, lineno, None, Problem(path, f"invalid JSON: {e.msg} (column {e.colno})",
-                                                   record=index, line=lineno, reason="invalid_json")
-            index += 1
-        if index == 0:
-            yield None, None, None, Problem(path, "file has no records", reason="empty_file")
-    elif path.endswith(".json"):
-        if not text.strip():
-            yield None, None, None, Problem(path, "file is empty", reason="empty_file")
-            return
-        try:
-            top = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield None, None, None, Problem(path, f"invalid JSON: {e.msg} (column {e.colno}); no record of this "
-                                            "file was read", line=e.lineno, reason="invalid_json")
-            return
-        if not isinstance(top, list):
-            hint = " (wrap the records in [...], or write one record per line in a .jsonl file)"
-            yield None, None, None, Problem(path, f"top level is a JSON {_json_type(top)}, expected a list of "
-                                            f"records{hint}", reason="not_a_list")
-            return
-        if not top:
-            yield None, None, None, Problem(path, "file has no records (empty list)", reason="empty_file")
-        for index, obj in enumerate(top):
-            yield index, None, obj, None
-    else:
-        yield None, None, None, Problem(path, "unsupported file extension; use .json (a list of records) or "
-                                        ".jsonl (one record per line)", reason="bad_extension")
+def to_record(obj: Any, fmt: str, file: str, index: int, line: Optional[int] = None
+              ) -> Tuple[Optional[Record], List[Problem]]:
+    """A record object of format ``fmt`` -> (Record, []) or (None, problems naming the source's fields)."""
+    if fmt == "pipetune" or not isinstance(obj, dict):
+        return validate_record(obj, file, index, line)
+    mapped = map_record(fmt, obj)
+    if mapped.obj is None:
+        return None, [Problem(file, msg, record=index, line=line, field=field, reason=reason)
+                      for field, msg, reason in mapped.problems]
+    rec, problems = validate_record(mapped.obj, file, index, line)
+    if rec is None:
+        return None, [dataclasses.replace(p, field=mapped.fields.get(p.field, p.field)) for p in problems]
+    rec.format, rec.field_map = fmt, mapped.fields
+    return rec, []
 
 
-def _json_type(v: Any) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number",
-            type(None): "null"}.get(type(v), type(v).__name__)
+_json_type = json_type
 
 
 def validate_record(obj: Any, file: str, index: int, line: Optional[int] = None

@@ -126,8 +126,16 @@ def special_token_problems(record: Record, pieces: Sequence[Piece], specials: Se
         if hit is not None:
             out.append(Problem(record.file, f"contains the special token text {hit!r}, which the tokenizer would "
                                "turn into a control token; remove or escape it", record=record.index,
-                               line=record.line, field=p.field, reason="special_token"))
+                               line=record.line, field=record.source_field(p.field), reason="special_token"))
     return out
+
+
+def special_token_check(records: Iterable[Tuple[Record, str]], tokenizer) -> List[Problem]:
+    """The special-token problems ``tokenize_records`` would report, without tokenizing (the text of a
+    record's fields is the same under every template)."""
+    specials = [s for s in tokenizer.all_special_tokens if s]
+    return [p for rec, side in records for p in special_token_problems(rec, render_record(rec.type, rec.fields, "", side),
+                                                                      specials)]
 
 
 def encode(tokenizer, texts: Sequence[str], spans: Sequence[Sequence[Tuple[int, int]]],
@@ -164,11 +172,14 @@ def _render(rec: Record, side: str, eos: str, bos: str) -> Tuple[List[Piece], st
     return pieces, text, sp, raw
 
 
-def tokenize_records(records: Iterable[Tuple[Record, str]], tokenizer, batch_size: int = 1000
+def tokenize_records(records: Iterable[Tuple[Record, str]], tokenizer, batch_size: int = 1000, template=None
                      ) -> Tuple[List[Optional[Tuple[np.ndarray, np.ndarray]]], List[Problem]]:
     """(record, side) pairs -> one sample per pair (None where the record is bad) and the problems.
 
-    ``side`` is "chosen"/"rejected" for pairwise records (ignored otherwise)."""
+    ``side`` is "chosen"/"rejected" for pairwise records (ignored otherwise). ``template``: None for
+    pipetune's template, else a ``data.chat_template.ModelTemplate`` (the tokenizer's own)."""
+    if template is not None:
+        return template.tokenize_records(records, batch_size)
     eos = eos_token(tokenizer)
     bos = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else ""
     specials = [s for s in tokenizer.all_special_tokens if s]
