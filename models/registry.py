@@ -30,10 +30,13 @@ class Architecture:
     tied_by_default: bool = False
     # Number of attention heads / hidden size accessors differ across configs.
     num_layers_attr: str = "num_hidden_layers"
+    # (config, attn_implementation, seq_len) -> floating elements one block saves for backward per
+    # token (models.activation_memory); None: unknown (memory estimates then leave activations out).
+    block_activation_elements: Callable = None
 
 
 def _llama() -> Architecture:
-    from . import llama
+    from . import activation_memory, llama
 
     return Architecture(
         model_type="llama",
@@ -46,11 +49,12 @@ def _llama() -> Architecture:
         base_prefix="model.",
         attn_implementations=("sdpa", "eager", "flash_attention_2"),
         ignored_hf_key_suffixes=(".rotary_emb.inv_freq",),
+        block_activation_elements=activation_memory.llama_block_elements,
     )
 
 
 def _bloom() -> Architecture:
-    from . import bloom
+    from . import activation_memory, bloom
 
     return Architecture(
         model_type="bloom",
@@ -66,6 +70,7 @@ def _bloom() -> Architecture:
         base_prefix="transformer.",
         attn_implementations=("eager",),
         tied_by_default=True,
+        block_activation_elements=activation_memory.bloom_block_elements,
     )
 
 

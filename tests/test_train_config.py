@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.auto_parts import auto_parts, layer_costs, stage_report
+from trainer.auto_parts import auto_parts, layer_costs
 from trainer.config import ConfigError, load_config, validate
 from trainer.partition import PartitionError, boundaries_from_parts
 
@@ -191,7 +191,7 @@ def test_eval_length_and_values():
     assert validate(cfg(drop=["n_epochs"], train_steps=5), world_size=4).train_steps == 5
     assert problems(cfg(overflow="cut", stage="ppo", keep_last=0, max_seq_len=0, save_interval=-1)) == [
         "overflow must be \"truncate\", \"drop\" or \"chunk\", got 'cut'",
-        "stage 'ppo' is not available; use one of ['sft', 'rm']",
+        "stage 'ppo' is not available; use one of ['sft', 'rm', 'dpo']",
         "max_seq_len must be at least 1",
         "keep_last must be at least 1",
         "save_interval must not be negative",
@@ -363,19 +363,6 @@ def test_auto_parts_are_python_ints_accepted_by_resolve_parts():
     assert resolve_parts(c, prepare_config(AutoConfig.from_pretrained(str(REPO / "configs" / "tiny-llama")))) == [4, 3]
 
 
-def test_stage_report_tiny():
-    counts = _tiny_counts("tiny-llama")
-    report = stage_report([4, 3], TINY_NAMES, counts, param_bytes=4, hidden=64, seq_len=128, micro_batch=2, n_heads=4)
-    lines = report.split("\n")
-    assert len(lines) == 2
-    p0, p1 = 65536 + 3 * 46208, 46208 + 64 + 65536
-    act = 128 * 2 * 64 * (34 + 5 * 4 * 128 / 64) * 2  # one block, one micro-batch, fp32 (4/2)
-    mem0 = p0 * (2 * 4 + 12) + 3 * act * 2               # 2 micro-batches in flight on stage 0
-    mem1 = p1 * (2 * 4 + 12) + 1 * act * 1
-    assert lines[0] == f"  stage 0: layers 0-3 (embedding .. block.2), {p0 * 4 / 2**20:.1f} MiB params, ~{mem0 / 2**20:.1f} MiB training memory"
-    assert lines[1] == f"  stage 1: layers 4-6 (block.3 .. lm_head), {p1 * 4 / 2**20:.1f} MiB params, ~{mem1 / 2**20:.1f} MiB training memory"
-
-
 # ---------------------------------------------------------------------------------------------- optimizer
 
 def _pipe(name):
@@ -427,10 +414,16 @@ def test_param_groups_skips_frozen_and_omits_empty_group():
     assert len(groups) == 1 and groups[0]["name"] == "decay" and groups[0]["params"] == [lin.weight]
 
 
-def test_lion_pytorch_use_triton_on_cpu_does_not_exit(caplog):
+def test_lion_pytorch_use_triton_on_cpu_does_not_exit(caplog, monkeypatch):
+    """use_triton where triton cannot run (no CUDA, or no triton package): the plain PyTorch Lion with a
+    warning, never lion-pytorch's exit(). triton_usable is forced off so that this holds on a CUDA
+    machine with triton too (the optimizer below steps CPU tensors)."""
     from lion_pytorch import Lion
 
+    import trainer.optim
     from trainer.optim import build_lion_pytorch, is_lion_pytorch, param_groups
+
+    monkeypatch.setattr(trainer.optim, "triton_usable", lambda: False)
 
     assert is_lion_pytorch({"optimizer": {"type": "LionPytorch"}}) and not is_lion_pytorch({"optimizer": {"type": "Lion"}})
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ def write_events(engine, events) -> None:
 
 def log_plan(recipe: str, cfg, plan, stats: dict) -> None:
     logger.info("%s: pipeline split (%d stages x %d data-parallel):\n%s", recipe, cfg.model_topo.pipe, cfg.model_topo.data,
-                plan.describe(cfg.precision, cfg.max_seq_len, cfg.micro_batch))
+                plan.describe(cfg))
     train = stats.get("train", {})
     logger.info("data: %s samples in %s rows, types %s, truncated %s, dropped %s", train.get("samples"), train.get("rows"),
                 train.get("types"), train.get("truncated"), train.get("dropped"))

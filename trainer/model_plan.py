@@ -12,10 +12,11 @@ from torch import nn
 
 from models.dtypes import bytes_per_param
 from models.pipe_dir import find_side_file, resolve_checkpoint_dir
-from models.pipeline import build_layers, num_blocks, pipe_layer_names, prepare_config
+from models.pipeline import build_layers, head_is_tied, num_blocks, pipe_layer_names, prepare_config
 from models.registry import get_architecture
 
 from .auto_parts import auto_parts, stage_report
+from .memory_model import memory_budget, memory_settings, stage_memory
 from .partition import boundaries_from_parts
 
 @dataclass(frozen=True)
@@ -47,10 +48,15 @@ class ModelPlan:
     def n_blocks(self) -> int:
         return num_blocks(self.model_config)
 
-    def describe(self, precision: str, seq_len: int, micro_batch: int) -> str:
-        """One line per stage: layers, parameter bytes and a training-memory estimate."""
-        return stage_report(self.parts, self.layer_names, self.layer_params, bytes_per_param(precision),
-                            self.model_config.hidden_size, seq_len, micro_batch, self.model_config.num_attention_heads)
+    def stage_memory(self, cfg, start: int, stop: int, stage: int) -> dict:
+        """Training-memory estimate (bytes by kind) of a stage holding pipe layers [start, stop)."""
+        return stage_memory(self.model_config, self.layer_names, self.layer_params, head_is_tied(self.model_config, self.head),
+                            start, stop, stage, memory_settings(cfg, self.model_config))
+
+    def describe(self, cfg) -> str:
+        """One line per stage: layers, parameter bytes and the training-memory estimate."""
+        return stage_report(self.parts, self.layer_names, self.layer_params, bytes_per_param(cfg.precision),
+                            lambda start, stop, stage: self.stage_memory(cfg, start, stop, stage))
 
 
 def model_side_dir(model_path: Path, from_scratch: bool = False) -> Path:
@@ -73,12 +79,20 @@ def layer_param_counts(model_config, head: str = "lm") -> list[int]:
     return counts
 
 
-def resolve_parts(cfg, model_config, head: str = "lm", counts=None) -> list[int]:
-    """`model_topo.parts` checked against the model's layers, or the "auto" split."""
+def resolve_parts(cfg, model_config, head: str = "lm", counts=None, budget="device") -> list[int]:
+    """`model_topo.parts` checked against the model's layers, or the "auto" split: balanced by
+    compute, every stage within `budget` bytes ("device": this rank's device memory, None: no limit)."""
     names = pipe_layer_names(model_config, head)
     counts = counts if counts is not None else layer_param_counts(model_config, head)
     if cfg.model_topo.parts == "auto":
-        parts = auto_parts(counts, model_config.hidden_size, cfg.max_seq_len, cfg.model_topo.pipe)
+        settings = memory_settings(cfg, model_config)
+        tied = head_is_tied(model_config, head)
+
+        def stage_bytes(start, stop, stage):
+            return sum(stage_memory(model_config, names, counts, tied, start, stop, stage, settings).values())
+
+        parts = auto_parts(counts, model_config.hidden_size, cfg.max_seq_len, cfg.model_topo.pipe, stage_bytes,
+                           memory_budget() if budget == "device" else budget)
     else:
         parts = list(cfg.model_topo.parts)
     boundaries_from_parts(parts, cfg.model_topo.pipe, names)  # raises with the layer list when wrong

@@ -1,0 +1,28 @@
+"""What one transformer block keeps for its backward pass: floating-point elements saved per token.
+
+Counted from the tensors autograd saves in transformers' own `LlamaDecoderLayer` / `BloomBlock`
+(checked against `torch.autograd.graph.saved_tensors_hooks` in tests/test_memory_model.py), not
+including the weights (saved by reference). H hidden size, I MLP size, Hkv = kv heads x head_dim,
+a attention heads, T sequence length:
+
+  LLaMA   2 RMSNorms (input, normalised: 2H each), q/k/v after RoPE (H + 2Hkv), RoPE cos/sin (4 head_dim),
+          attention output + its contiguous copy for o_proj (2H), SwiGLU: gate, silu(gate), up,
+          silu(gate) * up (4I); attention: sdpa / flash keep a log-sum-exp per head (a), eager keeps the
+          scores and probabilities (2 a T)
+  BLOOM   2 LayerNorms (2H), fused qkv input (H), q, k (2H), context (H), dense input (H), MLP input (H),
+          gelu input and output (8H); eager attention probabilities (a T)
+"""
+
+
+def llama_block_elements(config, attn_implementation: str, seq_len: int) -> float:
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    per_token = 7 * hidden + 2 * kv * head_dim + 4 * config.intermediate_size + 4 * head_dim
+    per_token += 2 * heads * seq_len if attn_implementation == "eager" else heads
+    return float(per_token)
+
+
+def bloom_block_elements(config, attn_implementation: str, seq_len: int) -> float:
+    return float(16 * config.hidden_size + config.n_head * seq_len)

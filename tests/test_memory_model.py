@@ -1,0 +1,131 @@
+"""trainer/memory_model.py and the memory-aware `parts: "auto"`: the activation counts against what
+autograd really saves, optimizer/ZeRO/offload accounting, the constrained split (against brute
+force) and its error when nothing fits."""
+import itertools
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from conftest import REPO
+from models.pipeline import build_layers, prepare_config
+from models.registry import get_architecture
+from trainer.auto_parts import AutoPartsError, auto_parts, layer_costs, stage_report
+from trainer.config import validate
+from trainer.memory_model import memory_settings, optimizer_state_bytes, stage_memory
+
+
+def saved_activation_bytes(layer, inputs) -> int:
+    """Bytes of the tensors autograd saves in one forward of `layer`, weights excluded."""
+    seen, total = {p.data_ptr() for p in layer.parameters()}, [0]  # weights are saved by reference
+
+    def pack(t):
+        if t.data_ptr() not in seen and t.is_floating_point():
+            seen.add(t.data_ptr())
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(inputs)
+    return total[0]
+
+
+@pytest.mark.parametrize("model_type, attn, changes", [
+    ("llama", "sdpa", {"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64}),
+    ("llama", "sdpa", {"hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 16}),
+    ("llama", "eager", {"hidden_size": 128, "intermediate_size": 352, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}),
+    ("bloom", "eager", {"hidden_size": 256, "n_head": 4}),
+])
+def test_block_activation_elements_match_what_autograd_saves(model_type, attn, changes):
+    config = AutoConfig.from_pretrained(REPO / "configs" / f"tiny-{model_type}", **changes)
+    config = prepare_config(config, attn)
+    layers = build_layers(config)
+    batch, seq = 2, 96
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    mask = torch.ones_like(ids)
+    hidden = layers[0]((ids, mask))[0].detach().requires_grad_()
+    measured = saved_activation_bytes(layers[1], (hidden, mask))
+    estimate = get_architecture(model_type).block_activation_elements(config, attn, seq) * batch * seq * 4
+    assert abs(estimate - measured) / measured < 0.08, (estimate, measured)
+
+
+def test_optimizer_bytes_by_type_precision_zero_and_offload():
+    assert optimizer_state_bytes({"type": "AdamW"}, "fp32") == 8
+    assert optimizer_state_bytes({"type": "AdamW"}, "bf16") == 12  # + fp32 master weights
+    assert optimizer_state_bytes({"type": "SGD", "params": {"lr": 1}}, "fp32") == 0
+    assert optimizer_state_bytes({"type": "SGD", "params": {"momentum": 0.9}}, "fp32") == 4
+    assert optimizer_state_bytes({"type": "LionPytorch"}, "bf16") == 8
+    base = {"model_path": "m", "save_path": "s", "data_path": "d.json", "train_steps": 1, "train_micro_batch_size_per_gpu": 2,
+            "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 4]}, "parts": "auto"},
+            "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}}
+    config = prepare_config(AutoConfig.from_pretrained(REPO / "configs" / "tiny-llama"))
+    s = memory_settings(validate(base, world_size=8), config)
+    assert (s.param_bytes, s.grad_bytes, s.optimizer_bytes) == (2, 6.0, 12.0)
+    s = memory_settings(validate({**base, "zero_optimization": {"stage": 1}}, world_size=8), config)
+    assert s.optimizer_bytes == 3.0  # 12 / D
+    s = memory_settings(validate({**base, "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}, world_size=8), config)
+    assert s.optimizer_bytes == 0.0
+
+
+def _brute_force(costs, stages, stage_bytes, budget):
+    n, best = len(costs), None
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        bounds = (0, *cuts, n)
+        if any(stage_bytes(bounds[k], bounds[k + 1], k) > budget for k in range(stages)):
+            continue
+        worst = max(sum(costs[bounds[k]:bounds[k + 1]]) for k in range(stages))
+        best = worst if best is None else min(best, worst)
+    return best
+
+
+def test_memory_aware_split_moves_layers_off_the_stages_that_do_not_fit():
+    # 8 equal blocks; activations cost 10 per block per micro-batch in flight (P - s on stage s).
+    params = [1] + [100] * 8 + [1, 1]
+    costs = layer_costs(params, 1, 1, 8)
+
+    def stage_bytes(start, stop, stage):
+        blocks = sum(1 for i in range(start, stop) if 1 <= i <= 8)
+        return blocks * 10 * (4 - stage)
+
+    assert auto_parts(params, 1, 1, 4) == [3, 2, 2, 4]  # compute-balanced: stage 0 would need 3 * 40 = 120
+    fitted = auto_parts(params, 1, 1, 4, stage_bytes, budget=80)
+    assert sum(fitted) == 11 and min(fitted) >= 1
+    start = 0
+    for stage, n in enumerate(fitted):
+        assert stage_bytes(start, start + n, stage) <= 80
+        start += n
+    stage_costs, start = [], 0
+    for n in fitted:
+        stage_costs.append(sum(costs[start:start + n]))
+        start += n
+    assert max(stage_costs) == pytest.approx(_brute_force(costs, 4, stage_bytes, 80))
+    assert auto_parts(params, 1, 1, 4, stage_bytes, budget=10**9) == [3, 2, 2, 4]  # fits: unchanged
+    with pytest.raises(AutoPartsError, match=r"no split of the 11 pipe layers into 4 stages fits in .* per rank .*"
+                                             r"use more pipeline stages, ZeRO stage 1 or offload_optimizer, use_grad_ckpt"):
+        auto_parts(params, 1, 1, 4, stage_bytes, budget=25)
+
+
+def test_stage_memory_of_tiny_llama_by_hand():
+    """fp32 AdamW, micro-batch 2, seq 128, 2 stages [4, 3] of tiny LLaMA (H 64, I 176, 4 heads of 16, 2 kv)."""
+    config = prepare_config(AutoConfig.from_pretrained(REPO / "configs" / "tiny-llama"))
+    raw = {"model_path": "m", "save_path": "s", "data_path": "d.json", "train_steps": 1, "train_micro_batch_size_per_gpu": 2,
+           "max_seq_len": 128, "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [4, 3]},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    settings = memory_settings(validate(raw, world_size=2), config)
+    names = ["embedding", "block.0", "block.1", "block.2", "block.3", "final_norm", "lm_head"]
+    counts = [65536, 46208, 46208, 46208, 46208, 64, 65536]
+    per_token = 7 * 64 + 2 * 32 + 4 * 176 + 4 * 16 + 4  # sdpa: + one log-sum-exp per head
+    tokens = 2 * 128
+    s0 = stage_memory(config, names, counts, False, 0, 4, 0, settings)
+    p0 = 65536 + 3 * 46208
+    assert s0 == {"weights": 4 * p0, "gradients": 4 * p0, "optimizer": 8 * p0,
+                  "activations": 3 * per_token * tokens * 4 * 2, "head": 0.0}  # 2 micro-batches in flight
+    s1 = stage_memory(config, names, counts, False, 4, 7, 1, settings)
+    p1 = 46208 + 64 + 65536
+    assert s1["weights"] == 4 * p1 and s1["optimizer"] == 8 * p1
+    assert s1["activations"] == per_token * tokens * 4 + 2 * 64 * tokens * 4  # a block + the final norm
+    assert s1["head"] == tokens * 1024 * 16  # logits, log-softmax, its gradient, the logits' gradient (fp32)
+    report = stage_report([4, 3], names, counts, 4, lambda a, b, s: stage_memory(config, names, counts, False, a, b, s, settings))
+    line0 = report.split("\n")[0]
+    assert line0.startswith(f"  stage 0: layers 0-3 (embedding .. block.2), {p0 * 4 / 2**20:.1f} MiB params, "
+                            f"~{sum(s0.values()) / 2**20:.1f} MiB training memory (weights ")

@@ -1,0 +1,121 @@
+"""Training memory of each pipeline stage on its device, for `parts: "auto"` and the split report.
+
+Per stage s of P (bytes; N = the stage's parameters, B micro-batch, T sequence length):
+  weights      N x (4 fp32 | 2 bf16/fp16)
+  gradients    N x (4 fp32 | 2 + 4 bf16/fp16: DeepSpeed's BF16_Optimizer / ZeRO keep an fp32 copy)
+  optimizer    N x (fp32 master copy for 16-bit training + optimizer states: Adam 8, Lion 4, SGD 4 with
+               momentum else 0), divided by D under ZeRO-1, 0 when offloaded to the CPU
+  activations  1F1B keeps P - s micro-batches in flight on stage s, each holding what its blocks save
+               for backward: B x T x (elements per token, models.activation_memory) x activation bytes;
+               with activation checkpointing only each block's input (H per token) per micro-batch in
+               flight, plus one block's full activations while it is recomputed
+  head         the last stage's LM head: logits B x T x V in the activation dtype (and their fp32 copy
+               in 16-bit training), the loss's log-softmax and its gradient, the logits' gradient (fp32):
+               16 bytes per logit at the peak of the micro-batch being processed; a value head's
+               output is negligible
+The activation dtype is the training precision's (fp32 on fp32 runs). Not counted: the optimizer
+step's temporaries (torch's foreach AdamW: one parameter-sized buffer), which exist only after the
+backward has freed the activations, and the communication buffers (a few micro-batch activations).
+Measured on 2 CPU ranks (bench/memory.py, docs/benchmarks.md): the estimate is within 25% of the
+peak live memory of each stage.
+"""
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from compat.private_api import attn_implementation
+from models.dtypes import bytes_per_param
+from models.registry import get_architecture
+
+ADAM_LIKE = ("adam", "adamw", "fusedadam", "cpuadam", "deepspeedcpuadam", "onebitadam", "zerooneadam", "lamb")
+ONE_STATE = ("lion", "lionpytorch", "lion_pytorch", "lion-pytorch", "adagrad")
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    param_bytes: int          # weights and activations: 4 fp32, 2 bf16/fp16
+    grad_bytes: float         # per parameter
+    optimizer_bytes: float    # per parameter on the device (master copy + states, ZeRO-1 / offload applied)
+    micro_batch: int
+    seq_len: int
+    stages: int
+    grad_ckpt: bool
+    attn_implementation: str
+
+
+def optimizer_state_bytes(optimizer: dict, precision: str) -> float:
+    """Optimizer state per parameter before ZeRO/offload: states (fp32) + the fp32 master copy of
+    16-bit training."""
+    kind = str(optimizer.get("type", "adamw")).lower().replace(" ", "")
+    params = optimizer.get("params", {}) or {}
+    if kind in ADAM_LIKE:
+        states = 8.0
+    elif kind in ONE_STATE:
+        states = 4.0
+    elif kind == "sgd":
+        states = 4.0 if params.get("momentum", 0) else 0.0
+    else:
+        states = 8.0  # unknown: assume Adam's two states
+    return states + (4.0 if precision in ("bf16", "fp16") else 0.0)
+
+
+def memory_settings(cfg, model_config) -> MemorySettings:
+    precision = cfg.precision
+    ds = cfg.ds_config
+    zero = ds.get("zero_optimization", {}) or {}
+    optimizer = optimizer_state_bytes(ds.get("optimizer", {}) or {}, precision)
+    if (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme"):
+        optimizer = 0.0
+    elif zero.get("stage", 0) >= 1:
+        optimizer /= cfg.model_topo.data
+    grads = 4.0 if precision == "fp32" else 2.0 + 4.0
+    return MemorySettings(bytes_per_param(precision), grads, optimizer, cfg.micro_batch, cfg.max_seq_len,
+                          cfg.model_topo.pipe, cfg.use_grad_ckpt, attn_implementation(model_config) or "sdpa")
+
+
+def stage_memory(model_config, layer_names: list, layer_params: list, tied_head: bool, start: int, stop: int,
+                 stage: int, settings: MemorySettings) -> dict:
+    """Bytes of stage `stage` holding pipe layers [start, stop): weights, gradients, optimizer,
+    activations, head (see the module docstring). layer_params counts a tied head's embedding on
+    the head's stage (DeepSpeed keeps a copy there); a stage holding both shares one copy."""
+    arch = get_architecture(model_config.model_type)
+    names = layer_names[start:stop]
+    params = sum(layer_params[start:stop])
+    if tied_head and start == 0 and stop == len(layer_params):
+        params -= layer_params[-1]
+    tokens = settings.micro_batch * settings.seq_len
+    hidden = model_config.hidden_size
+    act_bytes = settings.param_bytes
+    in_flight = settings.stages - stage
+    n_blocks = sum(1 for n in names if n.startswith("block."))
+    per_block = 0.0
+    if arch.block_activation_elements is not None:
+        per_block = arch.block_activation_elements(model_config, settings.attn_implementation, settings.seq_len) * tokens * act_bytes
+    if settings.grad_ckpt:
+        activations = n_blocks * hidden * tokens * act_bytes * in_flight + (per_block if n_blocks else 0.0)
+    else:
+        activations = n_blocks * per_block * in_flight
+    if "final_norm" in names:
+        activations += 2 * hidden * tokens * act_bytes * in_flight
+    head = 0.0
+    if "lm_head" in names:
+        logits = tokens * model_config.vocab_size
+        head = logits * (act_bytes + 4 + 4 + 4 + (2 if act_bytes != 4 else 0))
+    return {"weights": params * settings.param_bytes, "gradients": params * settings.grad_bytes,
+            "optimizer": params * settings.optimizer_bytes, "activations": activations, "head": head}
+
+
+def memory_budget(local_ranks: Optional[int] = None) -> Optional[float]:
+    """Bytes one rank may use: 90% of its GPU's memory less 1 GiB for the CUDA context and
+    allocator slack; on the CPU, 90% of the machine's RAM shared by its local ranks."""
+    import torch
+
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        return 0.9 * (total - 2**30)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+    local = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+    return 0.9 * ram / max(local, 1)
