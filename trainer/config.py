@@ -25,13 +25,23 @@ Project keys (all optional unless marked):
   eval_interval   steps between evaluations (0: only at the end)
   resume          "auto" (continue from save_path/latest when present), "never", or a checkpoint folder
   no_decay        parameter-name patterns without weight decay (default: biases and norm weights)
-  stage           "sft" (causal LM loss on the trained tokens) or "rm" (reward model: pairwise records,
-                  value head, -logsigmoid(score_chosen - score_rejected))
+  stage           "sft" (causal LM loss on the trained tokens), "rm" (reward model: pairwise records,
+                  value head, -logsigmoid(score_chosen - score_rejected)) or "dpo" (pairwise records,
+                  LM head, preference loss against a frozen reference; trainer/recipes/dpo.py)
+  DPO keys (stage "dpo" only; formulas in trainer/dpo_math.py):
+    beta            (0.1) strength of the preference term (SimPO uses ~2)
+    loss_type       "sigmoid" (DPO; default), "ipo" (length-averaged log-probs) or "simpo" (reference-free)
+    label_smoothing (0) cDPO's assumed share of flipped labels, 0 <= x < 0.5 (sigmoid and simpo)
+    simpo_gamma     (0.5) SimPO's target margin
+    sft_coef        (0) weight of the chosen answers' LM loss (RPO), mean over the chosen answer tokens
+    ref_path        the reference checkpoint (default: model_path); its log-probs are computed once
+                    before training and cached in cache_dir
   cache_dir       tokenized-data cache (default: save_path/.data_cache)
 """
 import dataclasses
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +105,12 @@ class TrainConfig:
     no_decay: tuple = DEFAULT_NO_DECAY
     stage: str = "sft"
     cache_dir: Optional[str] = None
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    sft_coef: float = 0.0
+    ref_path: Optional[str] = None
     config_path: str = ""
     warnings: tuple = ()  # one line each, logged by rank 0 (not a config key)
 
@@ -127,8 +143,11 @@ _TYPES = {
     "skip_bad_records": bool, "n_epochs": int, "train_steps": int, "use_grad_ckpt": bool, "use_flash_attn": bool,
     "seed": int, "save_interval": int, "keep_last": int, "eval_interval": int, "resume": str, "stage": str,
     "model_path": str, "save_path": str, "cache_dir": str, "no_decay": list, "pad_token": (str, int),
+    "beta": (int, float), "loss_type": str, "label_smoothing": (int, float), "simpo_gamma": (int, float),
+    "sft_coef": (int, float), "ref_path": str,
 }
-STAGES = ("sft", "rm")
+STAGES = ("sft", "rm", "dpo")
+DPO_KEYS = ("beta", "loss_type", "label_smoothing", "simpo_gamma", "sft_coef", "ref_path")
 
 
 def load_config(path: str, world_size: Optional[int] = None, device_supports_fp16: bool = True) -> TrainConfig:
@@ -165,6 +184,7 @@ def validate(raw: dict, path: str = "<config>", world_size: Optional[int] = None
     _validate_batch(ds, topo, problems)
     _validate_precision_and_zero(ds, device_supports_fp16, problems)
     _validate_attention(project, problems)
+    _validate_dpo(project, problems)
     if problems:
         raise ConfigError(path, problems)
     warnings = _precision_warnings(ds)
@@ -232,6 +252,33 @@ def _validate_values(project: dict, problems: list[str]) -> None:
             problems.append(f"{key} must not be negative")
     if not project.get("n_epochs") and not project.get("train_steps"):
         problems.append("say how long to train: n_epochs and/or train_steps (train_steps wins when both are given)")
+
+
+def _validate_dpo(project: dict, problems: list[str]) -> None:
+    if project.get("stage", "sft") != "dpo":
+        given = [k for k in DPO_KEYS if k in project]
+        if given:
+            problems.append(f"{', '.join(given)}: DPO keys, but stage is {project.get('stage', 'sft')!r} (set \"stage\": \"dpo\" or remove them)")
+        return
+    from .dpo_math import LOSS_TYPES
+
+    for key in ("beta", "label_smoothing", "simpo_gamma", "sft_coef"):
+        if key in project and not math.isfinite(project[key]):
+            problems.append(f"{key} must be a finite number, got {project[key]}")
+            return
+    loss_type = project.get("loss_type", "sigmoid")
+    if loss_type not in LOSS_TYPES:
+        problems.append(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+    if project.get("beta", 0.1) <= 0:
+        problems.append(f"beta must be positive, got {project['beta']}")
+    if not 0 <= project.get("label_smoothing", 0) < 0.5:
+        problems.append(f"label_smoothing must be in [0, 0.5) (the assumed share of flipped preference labels), got {project['label_smoothing']}")
+    elif project.get("label_smoothing") and loss_type == "ipo":
+        problems.append("label_smoothing applies to loss_type \"sigmoid\" (cDPO) and \"simpo\", not \"ipo\"; remove it")
+    if project.get("sft_coef", 0) < 0:
+        problems.append(f"sft_coef must not be negative, got {project['sft_coef']}")
+    if project.get("from_scratch"):
+        problems.append("stage \"dpo\" starts from trained weights (model_path, usually an SFT run); from_scratch is not supported")
 
 
 def _validate_batch(ds: dict, topo: Optional[ModelTopo], problems: list[str]) -> None:

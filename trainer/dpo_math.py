@@ -1,0 +1,128 @@
+"""The DPO family's math as small pure functions (used by `trainer.recipes.dpo` on the last stage).
+
+Notation, per pair (B pairs; chosen side c, rejected side r):
+    pi_c, pi_r     summed log-probs of the answer tokens (answer + end of turn) under the policy
+    ref_c, ref_r   the same under the frozen reference (precomputed once, `trainer.reference_logps`)
+    n_c, n_r       answer tokens of each side
+
+Losses (each float[B]; the recipe takes the mean over pairs):
+    "sigmoid" (DPO, Rafailov et al. 2023), with label smoothing eps (cDPO, Mitchell 2023):
+        h = (pi_c - ref_c) - (pi_r - ref_r)
+        loss = -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h)
+    "ipo" (Azar et al. 2023), on length-averaged log-probs (as the IPO paper and TRL do):
+        h = (pi_c / n_c - ref_c / n_c) - (pi_r / n_r - ref_r / n_r)
+        loss = (h - 1 / (2 * beta))^2
+    "simpo" (Meng et al. 2024), reference-free, length-normalised, target margin gamma:
+        z = beta * (pi_c / n_c - pi_r / n_r) - gamma
+        loss = -(1 - eps) * logsigmoid(z) - eps * logsigmoid(-z)
+
+Rewards (TRL's `rewards/*`): beta times the policy-minus-reference log-prob of each side, on the same
+quantity the loss uses (sums for sigmoid, per-token averages for ipo, averages with no reference for
+simpo). The reference values are detached: gradients reach the policy only.
+"""
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "ipo", "simpo")
+
+
+@dataclass(frozen=True)
+class DPOOptions:
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    sft_coef: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg) -> "DPOOptions":
+        return cls(cfg.loss_type, float(cfg.beta), float(cfg.label_smoothing), float(cfg.simpo_gamma), float(cfg.sft_coef))
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.loss_type != "simpo"
+
+
+class PairTerms(NamedTuple):
+    losses: torch.Tensor            # float[B]
+    chosen_rewards: torch.Tensor    # float[B], detached
+    rejected_rewards: torch.Tensor  # float[B], detached
+    chosen_logps: torch.Tensor      # float[B], detached: the policy quantity the loss uses
+    rejected_logps: torch.Tensor
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed fp32 log-prob of each row's target tokens float32[N], target tokens per row int64[N]).
+    logits float[N,T,V], labels int64[N,T] unshifted, -100 where not trained (logits at t predict t+1)."""
+    shift_labels = labels[:, 1:].to(logits.device)
+    token_logps = -F.cross_entropy(logits[:, :-1, :].float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
+                                   ignore_index=-100, reduction="none").view(shift_labels.shape)  # 0 where ignored
+    return token_logps.sum(-1), (shift_labels != -100).sum(-1)
+
+
+def sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+def ipo_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def simpo_loss(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    z = beta * (avg_chosen - avg_rejected) - gamma
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def pair_terms(opts: DPOOptions, pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
+               n_c: torch.Tensor, n_r: torch.Tensor) -> PairTerms:
+    """Per-pair losses, rewards and log-probs of `opts.loss_type` (module docstring). All float[B]
+    but the counts; ref_* are ignored (may be zeros) for simpo."""
+    ref_c, ref_r = ref_c.detach().to(pi_c.dtype), ref_r.detach().to(pi_r.dtype)
+    n_c, n_r = n_c.to(pi_c.dtype).clamp(min=1), n_r.to(pi_r.dtype).clamp(min=1)
+    if opts.loss_type == "sigmoid":
+        c, r = pi_c - ref_c, pi_r - ref_r
+        losses, logp_c, logp_r = sigmoid_loss(c - r, opts.beta, opts.label_smoothing), pi_c, pi_r
+    elif opts.loss_type == "ipo":
+        logp_c, logp_r = pi_c / n_c, pi_r / n_r
+        c, r = logp_c - ref_c / n_c, logp_r - ref_r / n_r
+        losses = ipo_loss(c - r, opts.beta)
+    elif opts.loss_type == "simpo":
+        logp_c, logp_r = pi_c / n_c, pi_r / n_r
+        c, r = logp_c, logp_r
+        losses = simpo_loss(logp_c, logp_r, opts.beta, opts.simpo_gamma, opts.label_smoothing)
+    else:
+        raise ValueError(f"loss_type {opts.loss_type!r}: use one of {LOSS_TYPES}")
+    return PairTerms(losses, (opts.beta * c).detach(), (opts.beta * r).detach(), logp_c.detach(), logp_r.detach())
+
+
+# Fields of `pair_stats` (float64 sums over a micro-batch's weighted pairs).
+STAT_FIELDS = ("pairs", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+               "logps/rejected", "preference_loss", "sft_nll", "sft_tokens")
+
+
+def pair_stats(terms: PairTerms, chosen_nll: torch.Tensor, chosen_tokens: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """float64[len(STAT_FIELDS)] on the CPU: sums over pairs weighted by `weight` float[B] (0 for filler).
+    chosen_nll float[B]: the chosen answers' summed token NLL; chosen_tokens [B]: their token counts."""
+    w = weight.to(terms.losses.device, torch.float64)
+    c, r = terms.chosen_rewards.double(), terms.rejected_rewards.double()
+    columns = (torch.ones_like(w), c, r, c - r, (c > r).double(), terms.chosen_logps.double(),
+               terms.rejected_logps.double(), terms.losses.detach().double(), chosen_nll.detach().double(),
+               chosen_tokens.double())
+    return torch.stack([(x * w).sum() for x in columns]).cpu()
+
+
+def metrics_from_stats(sums: torch.Tensor, sft_coef: float) -> dict:
+    """TRL-named means from summed `pair_stats`: rewards/*, logps/*, and loss = mean preference loss
+    + sft_coef * mean NLL per chosen answer token."""
+    s = dict(zip(STAT_FIELDS, sums.tolist()))
+    n = max(s["pairs"], 1.0)
+    out = {k: s[k] / n for k in STAT_FIELDS[1:7]}
+    sft = s["sft_nll"] / max(s["sft_tokens"], 1.0)
+    out["loss"] = s["preference_loss"] / n + sft_coef * sft
+    if sft_coef:
+        out["sft_loss"] = sft
+    return out

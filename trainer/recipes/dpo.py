@@ -1,0 +1,217 @@
+"""Direct preference optimisation (DPO, and its IPO / cDPO / SimPO / RPO variants) on the pipeline engine.
+
+Data: `pairwise` records; each micro-batch holds both sides of its pairs (B pairs -> 2B rows, the B
+chosen rows first, `data.dataset.collate_pairs`). The last stage sums each row's answer-token
+log-probs and computes the loss of `loss_type` (`trainer.dpo_math` has the formulas) against the
+reference's log-probs, which were computed once before training (`trainer.reference_logps`) and reach
+the last stage through the labels tuple: (answer labels int64[2B,T], reference log-probs float64[2B],
+sft scale float64[]).
+
+Normalisation: every micro-batch holds the same number of pairs, so the preference term is the mean
+over the micro-batch's pairs and DeepSpeed's mean over micro-batches and data-parallel ranks is the
+mean over the global batch's pairs. The optional SFT term (`sft_coef`, RPO: the chosen answers' LM
+loss) is the mean over the global batch's chosen answer tokens, normalised as SFT's loss is
+(`trainer.batches`: sum / N_chosen_global * grad_accum * D).
+
+Metrics: DeepSpeed's train_batch returns only the loss, so the loss_fn also records each micro-batch's
+sums (`dpo_math.pair_stats`) on the last stage; after train_batch they are all-reduced (zeros from
+the other stages) into TRL's `rewards/chosen|rejected|margins|accuracies`, `logps/chosen|rejected`,
+written as Train/... and Eval/... through DeepSpeed's monitor and shown on the progress bar.
+
+    deepspeed train_ds.py --config configs/ds_config_dpo.json      ("stage": "dpo")
+
+For the RLHF command (SFT -> DPO): give this recipe the SFT run's save_path as model_path (ref_path
+then defaults to it); nothing else is needed from the SFT stage.
+"""
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from data.dataset import collate_pairs
+
+from .. import checkpoint
+from ..batches import GlobalBatches, eval_row_indices, n_target_tokens
+from ..data_loading import load_data
+from ..distributed import all_reduce_sum, broadcast_object
+from ..dpo_math import STAT_FIELDS, DPOOptions, metrics_from_stats, pair_stats, pair_terms, sequence_logps
+from ..engine import build_engine
+from ..forward_only import forward_only
+from ..guards import check_finite_loss
+from ..metering import StepMeter, log_plan, write_events
+from ..metrics import write_loss_curve
+from ..model_plan import plan_model
+from ..preflight import preflight
+from ..reference_logps import ReferenceLogps, frozen_reference_engine
+
+
+def run(cfg, topo, device_name: str) -> dict:
+    """Train; returns {"step", "history", "evals", "train_metrics"} on every rank. Collective."""
+    from transformers import AutoTokenizer
+
+    hosts = preflight(cfg, topo.rank, topo.world_size)
+    opts = DPOOptions.from_config(cfg)
+    plan = plan_model(cfg, head="lm")
+    tokenizer = AutoTokenizer.from_pretrained(plan.side_dir)
+    data = load_data(cfg, tokenizer, "pairwise", topo, collate_pairs)
+    n_train = broadcast_object(len(data.data.train) if topo.rank == 0 else None)
+    total_steps = cfg.train_steps or cfg.n_epochs * data.steps_per_epoch
+
+    resume_from = checkpoint.decide_resume(cfg.save_path, cfg.resume)
+    if topo.rank == 0:
+        log_plan("dpo", cfg, plan, data.data.stats)
+    # Reference log-probs: cached, or from a frozen reference engine (freed before the policy is
+    # built), or, when ref_path is the policy's start and the run is fresh, from the policy below.
+    if opts.uses_reference:
+        ref_plan = plan if cfg.ref_path in (None, cfg.model_path) else plan_model(cfg, head="lm", model_path=cfg.ref_path)
+        ref = ReferenceLogps.lookup(cfg, topo, data, plan, ref_plan, n_train)
+        if ref.missing and (resume_from or not ref.policy_is_reference):
+            with frozen_reference_engine(cfg, ref_plan, topo) as ref_engine:
+                ref.compute(ref_engine, cfg, topo, data, n_train, data.n_eval_rows, f"a frozen copy of {ref_plan.model_path}")
+    else:
+        ref = ReferenceLogps.unused(n_train, data.n_eval_rows)
+    loss_fn = DPOLoss(opts)
+    engine = build_engine(cfg, plan, topo, total_steps, weights="checkpoint" if resume_from else "load", loss_fn=loss_fn)
+    if ref.missing:
+        ref.compute(engine, cfg, topo, data, n_train, data.n_eval_rows, "the policy's starting weights")
+    if topo.rank == 0:
+        checkpoint.prepare_save_path(cfg.save_path, plan, cfg.config_path, cfg.precision, data.data.stats["pad"]["id"])
+        checkpoint.write_topology(cfg.save_path, plan, topo, hosts)
+    batches = None
+    if topo.is_data_stage:
+        batches = ChosenTokenBatches(WithReference(data.data.train, ref.train), cfg.micro_batch, cfg.grad_accum,
+                                     topo.dp_rank, topo.data, cfg.seed, collate=collate_dpo)
+    state = checkpoint.start_or_resume(engine, resume_from, batches)
+
+    meter = StepMeter(cfg, plan, engine, topo, device_name, total_steps, state.step)
+    sft_scale = float(cfg.grad_accum * topo.data)  # see trainer.batches: sum / N_global * grad_accum * D
+    last_saved, train_metrics = (state.step if resume_from else None), []
+    for step in range(state.step + 1, total_steps + 1):
+        feed, real_tokens = None, 0
+        if batches is not None:
+            micro, n_chosen_tokens, real_tokens = batches.next_step()
+            factor = torch.tensor(sft_scale / max(n_chosen_tokens, 1), dtype=torch.float64)
+            feed = ((inputs, (labels, ref_logps, factor)) for inputs, labels, ref_logps in micro)
+        start = time.perf_counter()
+        loss = float(engine.train_batch(data_iter=feed))
+        seconds = time.perf_counter() - start
+        check_finite_loss(loss, step)
+        metrics = metrics_from_stats(all_reduce_sum(loss_fn.take_step_stats()), opts.sft_coef)
+        metrics["loss"] = loss
+        state.step = step
+        state.history.append([step, loss])
+        train_metrics.append([step, metrics])
+        meter.log_step(step, loss, real_tokens, seconds)
+        show_train_metrics(meter, engine, topo, step, metrics)
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and data.n_eval_rows:
+            state.evals.append([step, meter.log_eval(step, evaluate(engine, cfg, data, ref, opts, topo), shown="rewards/accuracies")])
+        if cfg.save_interval and step % cfg.save_interval == 0:
+            checkpoint.save_training(engine, cfg.save_path, state, batches, cfg.keep_last)
+            last_saved = step
+    meter.close()
+
+    if data.n_eval_rows and (not state.evals or state.evals[-1][0] != state.step):
+        state.evals.append([state.step, meter.log_eval(state.step, evaluate(engine, cfg, data, ref, opts, topo), shown="rewards/accuracies")])
+    if last_saved != state.step:
+        checkpoint.save_training(engine, cfg.save_path, state, batches, cfg.keep_last)
+    if topo.rank == 0:
+        write_loss_curve(str(Path(cfg.save_path) / "loss_curve.png"), state.history,
+                         [(s, e["loss"]) for s, e in state.evals], f"{plan.hf_config.model_type} dpo ({opts.loss_type})")
+    return {"step": state.step, "history": state.history, "evals": state.evals, "train_metrics": train_metrics}
+
+
+class DPOLoss:
+    """The training loss_fn: labels (answer labels int64[2B,T], reference log-probs float[2B], sft
+    scale float64[]) -> mean preference loss over the B pairs (+ sft_coef * the chosen answers'
+    summed NLL * sft scale). Records each micro-batch's `pair_stats` for the step's metrics."""
+
+    def __init__(self, opts: DPOOptions):
+        self.opts, self.stats = opts, []
+
+    def __call__(self, logits, labels):
+        answer_labels, ref_logps, sft_scale = labels
+        logps, counts = sequence_logps(logits, answer_labels)
+        (pi_c, pi_r), (n_c, n_r) = logps.chunk(2), counts.chunk(2)
+        terms = pair_terms(self.opts, pi_c, pi_r, *ref_logps.to(logps.device).chunk(2), n_c, n_r)
+        loss = terms.losses.mean()
+        if self.opts.sft_coef:
+            loss = loss - self.opts.sft_coef * pi_c.sum() * sft_scale.to(loss.device, loss.dtype)
+        self.stats.append(pair_stats(terms, -pi_c, n_c, torch.ones_like(pi_c)))
+        return loss
+
+    def take_step_stats(self) -> torch.Tensor:
+        """The summed stats of the micro-batches since the last call (zeros off the last stage)."""
+        total = torch.stack(self.stats).sum(0) if self.stats else torch.zeros(len(STAT_FIELDS), dtype=torch.float64)
+        self.stats = []
+        return total
+
+
+def eval_pair_stats(opts: DPOOptions):
+    """forward_only's reduce: labels (answer labels, reference log-probs, real float[B]) -> pair_stats."""
+    def reduce(logits, labels):
+        answer_labels, ref_logps, real = labels
+        logps, counts = sequence_logps(logits, answer_labels)
+        (pi_c, pi_r), (n_c, n_r) = logps.chunk(2), counts.chunk(2)
+        terms = pair_terms(opts, pi_c, pi_r, *ref_logps.to(logps.device).chunk(2), n_c, n_r)
+        return pair_stats(terms, -pi_c, n_c, real)
+    return reduce
+
+
+def evaluate(engine, cfg, data, ref, opts, topo) -> dict:
+    """TRL's metrics and the loss over the eval pairs, each replica's last stage scoring its share
+    (`eval_row_indices`); sums all-reduced. Collective."""
+    pairs = WithReference(data.eval, ref.eval) if data.eval is not None else None
+    sums = None
+    for micro_indices in eval_row_indices(data.n_eval_rows, cfg.micro_batch, cfg.grad_accum, topo.dp_rank, topo.data):
+        micro = None
+        if pairs is not None:
+            micro = []
+            for indices in micro_indices:
+                inputs, labels, ref_logps = collate_dpo([pairs[max(i, 0)] for i in indices])
+                micro.append((inputs, (labels, ref_logps, torch.tensor([float(i >= 0) for i in indices]))))
+        results = forward_only(engine, micro, cfg.grad_accum, eval_pair_stats(opts))
+        part = torch.stack(results).sum(0) if results else torch.zeros(len(STAT_FIELDS), dtype=torch.float64)
+        sums = part if sums is None else sums + part
+    return metrics_from_stats(all_reduce_sum(sums), opts.sft_coef)
+
+
+def show_train_metrics(meter, engine, topo, step: int, metrics: dict) -> None:
+    """Train/rewards/..., Train/logps/... to the monitor (the meter wrote Train/loss); accuracy and
+    margin on the progress bar."""
+    if topo.rank != 0:
+        return
+    write_events(engine, [(f"Train/{k}", float(v), step) for k, v in metrics.items() if k != "loss"])
+    meter.bar.set_postfix_str(f"{meter.bar.postfix}, acc={metrics['rewards/accuracies']:.3g}, "
+                              f"margin={metrics['rewards/margins']:.3g}")
+
+
+class WithReference(Dataset):
+    """A PairwiseDataset whose items also carry the pair's reference log-probs float64[2] (chosen, rejected)."""
+
+    def __init__(self, pairs, ref_logps: torch.Tensor):
+        assert len(pairs) == len(ref_logps), (len(pairs), len(ref_logps))
+        self.pairs, self.ref_logps = pairs, ref_logps
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        inputs, labels, margin = self.pairs[i]
+        return inputs, labels, margin, self.ref_logps[i]
+
+
+def collate_dpo(items: list) -> tuple:
+    """B WithReference items -> ((input_ids [2B,T], attention_mask [2B,T]), labels [2B,T], ref float64[2B]);
+    chosen rows first. A record's `margin` (an RM field) is not used by DPO."""
+    inputs, labels, _ = collate_pairs([it[:3] for it in items])
+    return inputs, labels, torch.stack([it[3] for it in items]).t().reshape(-1)
+
+
+class ChosenTokenBatches(GlobalBatches):
+    """GlobalBatches whose N_global counts the chosen answers' target tokens: the SFT term's normaliser."""
+
+    def _targets(self, index: int) -> int:
+        if index not in self._n_targets:
+            self._n_targets[index] = n_target_tokens(self.dataset[index][1][0])
+        return self._n_targets[index]

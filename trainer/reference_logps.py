@@ -1,0 +1,193 @@
+"""The DPO reference's log-probs: computed once, before training, in one pipelined forward-only pass
+over the train and eval pairs, and cached, so no reference model is in memory during training.
+
+    <cache_dir>/ref_logps-<key>.pt     {"key": parts, "train": float64[n_train, 2], "eval": float64[n_eval, 2] | None}
+                                       columns: (chosen, rejected) summed answer-token log-probs
+
+The key hashes what the values depend on: the reference checkpoint (each layer file's name, size,
+modification time and the SHA-256 of its first and last MiB: identity, not a full content hash,
+which would read a 7B model's 13 GB on every start), its model config, the attention implementation,
+the precision, and the data (the dataset cache key: files' content, tokenizer, template, max_seq_len,
+eval split, ...). A miss is never wrong, only slow: the values are then recomputed from `ref_path`.
+
+Where the pass runs:
+  - a cache hit (e.g. every resumed run): nothing runs;
+  - `ref_path` is the policy's starting checkpoint (the default) and the run starts fresh: on the
+    policy engine itself, before the first step (`compute`);
+  - otherwise (another reference, or a resumed run whose cache is gone): on a frozen reference
+    engine (`frozen_reference_engine`: no optimizer, freed before the policy engine is built), so a
+    resumed run never scores the reference with its partially trained policy.
+
+Every rank ends up with the values (the last stage of each data-parallel replica scores its share of
+the rows, `batches.eval_row_indices`; one all-reduce); the first process of each node writes the file
+(node-local cache folders work), atomically.
+"""
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from data.dataset import collate_pairs
+from models.pipe_dir import find_layer_files, resolve_checkpoint_dir
+
+from .batches import eval_row_indices
+from .distributed import all_reduce_sum, broadcast_object
+from .dpo_math import sequence_logps
+from .forward_only import forward_only
+
+logger = logging.getLogger("pipetune")
+CACHE_VERSION = 1
+_EDGE = 1 << 20  # bytes hashed at each end of a layer file
+
+
+def checkpoint_fingerprint(model_path) -> list:
+    """[(layer file name, size, mtime_ns, sha256 of its first and last MiB)] of a pipeline checkpoint
+    (a hg_to_pp folder, a training save_path (its `latest`) or a global_stepN)."""
+    layer_dir, _ = resolve_checkpoint_dir(Path(model_path))
+    out = []
+    for _, path in sorted(find_layer_files(layer_dir).items()):
+        st = path.stat()
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            h.update(f.read(_EDGE))
+            if st.st_size > 2 * _EDGE:
+                f.seek(-_EDGE, os.SEEK_END)
+                h.update(f.read(_EDGE))
+        out.append((path.name, st.st_size, st.st_mtime_ns, h.hexdigest()))
+    return out
+
+
+def reference_identity(cfg, plan) -> dict:
+    """What of the reference model its log-probs depend on (the cache key's model part)."""
+    return {"layers": checkpoint_fingerprint(plan.model_path), "config": plan.hf_config.to_json_string(use_diff=False),
+            "flash_attn": cfg.use_flash_attn, "precision": cfg.precision}
+
+
+class ReferenceLogps:
+    """The reference's (chosen, rejected) log-prob sums per pair, on every rank; `missing` until
+    loaded or computed."""
+
+    def __init__(self, key_parts: Optional[dict], path: Optional[str], train=None, eval=None, policy_is_reference=False):
+        self.key_parts, self.path = key_parts, path
+        self.train, self.eval = train, eval
+        self.policy_is_reference = policy_is_reference  # ref_path holds the policy's starting weights
+
+    @property
+    def missing(self) -> bool:
+        return self.train is None
+
+    @classmethod
+    def unused(cls, n_train: int, n_eval: int) -> "ReferenceLogps":
+        """Zeros, for reference-free losses (SimPO): no pass, no cache."""
+        return cls(None, None, torch.zeros(n_train, 2, dtype=torch.float64),
+                   torch.zeros(n_eval, 2, dtype=torch.float64) if n_eval else None)
+
+    @classmethod
+    def lookup(cls, cfg, topo, data, policy_plan, ref_plan, n_train: int) -> "ReferenceLogps":
+        """Collective: rank 0 computes the key and reads the cache when present; broadcast to every rank."""
+        answer = None
+        if topo.rank == 0:
+            identity = reference_identity(cfg, ref_plan)
+            key_parts = {"version": CACHE_VERSION, "reference": identity, "data": data.data.stats["cache"]["key"]}
+            key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:32]
+            path = os.path.join(cfg.data_cache_dir(), f"ref_logps-{key}.pt")
+            same = ref_plan.model_path == policy_plan.model_path or identity == reference_identity(cfg, policy_plan)
+            train = evals = None
+            if os.path.isfile(path):
+                saved = torch.load(path, weights_only=True)
+                if saved.get("key") == json.dumps(key_parts, sort_keys=True) and len(saved["train"]) == n_train:
+                    train, evals = saved["train"], saved["eval"]
+            answer = (key_parts, path, train, evals, same)
+        key_parts, path, train, evals, same = broadcast_object(answer)
+        if train is not None and topo.rank == 0:
+            logger.info("reference log-probs: reused %s", path)
+        ref = cls(key_parts, path, train, evals, same)
+        if train is not None:
+            ref.write_once_per_node()  # a node-local cache folder of another node may lack it
+        return ref
+
+    def compute(self, engine, cfg, topo, data, n_train: int, n_eval: int, source: str) -> None:
+        """Collective: score the train and eval pairs on `engine` (its current weights), then cache."""
+        self.train = score_pairs(engine, data.data.train if data.data is not None else None, n_train, cfg, topo)
+        self.eval = score_pairs(engine, data.eval, n_eval, cfg, topo) if n_eval else None
+        if topo.rank == 0:
+            logger.info("reference log-probs of %d train + %d eval pairs computed on %s; cached in %s",
+                        n_train, n_eval, source, self.path)
+        self.write_once_per_node()
+
+    def write_once_per_node(self) -> None:
+        if int(os.environ.get("LOCAL_RANK", 0)) != 0 or os.path.isfile(self.path):
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".ref_logps.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save({"key": json.dumps(self.key_parts, sort_keys=True), "train": self.train, "eval": self.eval}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def score_pairs(engine, pairs, n_rows: int, cfg, topo) -> torch.Tensor:
+    """Collective: float64[n_rows, 2] summed answer log-probs (chosen, rejected) of every pair, on
+    every rank. `pairs`: the PairwiseDataset on data ranks, None elsewhere."""
+    sums = torch.zeros(n_rows, 2, dtype=torch.float64)
+    seen = torch.zeros(n_rows, dtype=torch.float64)
+    for micro_indices in eval_row_indices(n_rows, cfg.micro_batch, cfg.grad_accum, topo.dp_rank, topo.data):
+        micro = None
+        if pairs is not None:
+            micro = []
+            for indices in micro_indices:
+                inputs, labels, _ = collate_pairs([pairs[max(i, 0)] for i in indices])
+                micro.append((inputs, (labels, torch.tensor(indices))))
+        results = forward_only(engine, micro, cfg.grad_accum, _row_logps)
+        for logps, indices in results or []:
+            real = indices >= 0
+            sums[indices[real]] = logps.view(2, -1).t()[real]
+            seen[indices[real]] += 1
+    sums, seen = all_reduce_sum(sums), all_reduce_sum(seen)
+    assert bool((seen == 1).all()), "every pair is scored by exactly one replica"
+    return sums
+
+
+def _row_logps(logits, labels):
+    answer_labels, indices = labels
+    return sequence_logps(logits, answer_labels)[0].double().cpu(), indices
+
+
+def frozen_ds_config(cfg) -> dict:
+    """DeepSpeed config of a frozen, forward-only engine: the batch keys and precision only."""
+    keep = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "bfloat16",
+            "fp16", "steps_per_print")
+    return {k: v for k, v in cfg.ds_config.items() if k in keep}
+
+
+@contextlib.contextmanager
+def frozen_reference_engine(cfg, plan, topo):
+    """Collective: a forward-only pipeline engine of `plan` (weights from plan.model_path, no
+    optimizer, no gradients), freed on exit."""
+    import deepspeed
+
+    from .engine import build_pipeline_module, load_weights
+
+    module = build_pipeline_module(plan, topo)
+    load_weights(module, plan, cfg.seed)
+    module.requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=frozen_ds_config(cfg))
+    try:
+        yield engine
+    finally:
+        del engine, module
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
