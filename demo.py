@@ -4,6 +4,7 @@
   python demo.py --model-path runs/quickstart/hf --prompt "What is the capital of France?"
   python demo.py --model-path runs/quickstart/ckpt --prompts-file q.jsonl --output a.jsonl --greedy
   deepspeed --num_gpus 2 demo.py --model-path runs/quickstart/hf      # AutoTP over 2 devices
+  deepspeed --num_gpus 2 demo.py --model-path runs/quickstart/ckpt --pipeline-stages 2   # pipeline split
 
 --model-path is a Hugging Face folder (a `convert_model.py pp_to_hg` output, or any LLaMA/BLOOM
 folder) or a pipeline checkpoint (a `hg_to_pp` output, a training save_path, a global_stepN folder),
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use deepspeed.init_inference in a single process too (always used under the deepspeed launcher)")
     r.add_argument("--kernel-inject", default="auto", choices=["auto", "on", "off"],
                    help="DeepSpeed kernel injection; auto: on for CUDA + llama/bloom + float16/bfloat16, off otherwise")
+    r.add_argument("--pipeline-stages", type=int, metavar="P",
+                   help="split a pipeline checkpoint over P ranks (deepspeed --num_gpus P x D) and generate with the KV-cached "
+                        "pipelined generator instead of AutoTP (see docs/inference.md)")
     r.add_argument("--show-prompt", action="store_true", help="print each rendered prompt (exactly what the model sees) to stderr")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p
@@ -110,6 +114,10 @@ def run(args, stdin: IO[str], stdout: IO[str], stderr: IO[str]) -> int:
 
     check_args(args)
     items = read_inputs(args)  # before loading the model: bad input fails fast
+    if args.pipeline_stages is not None:
+        from inference.pipeline import run_pipeline
+
+        return run_pipeline(args, items, stdin, stdout, stderr)
     device_kind = pick_device(args.device)
     ranks = init_ranks(device_kind == "cuda")
     out, err = (stdout, stderr) if ranks.is_main else (NullIO(), NullIO())

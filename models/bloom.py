@@ -45,6 +45,8 @@ class BloomPipeBlock(BloomBlock):
         self.config = config
 
     def forward(self, inputs: tuple, past_key_values=None) -> tuple:
+        """As `LlamaPipeBlock.forward`; with a cache, alibi covers every key position (past + new),
+        taken from the full mask, so left padding shifts it as it shifts positions."""
         hidden, attention_mask, segment_ids = split_stage_inputs(inputs)
         causal_mask = create_causal_mask(
             config=self.config,
@@ -52,6 +54,7 @@ class BloomPipeBlock(BloomBlock):
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             and_mask_function=None if segment_ids is None else same_segment_mask_fn(segment_ids),
+            layer_idx=self.self_attention.layer_idx,
         )
         alibi = alibi_from(attention_mask, segment_ids, self.num_heads, hidden.dtype)
         hidden, _ = super().forward(

@@ -40,8 +40,11 @@ class LlamaPipeBlock(LlamaDecoderLayer):
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
 
     def forward(self, inputs: tuple, past_key_values=None) -> tuple:
+        """Training: hidden [B,T,H] and mask [B,T]. Cached decoding (`past_key_values` a transformers
+        Cache holding this block's earlier keys/values): hidden holds only the new positions
+        [B,q,H] while the mask covers past + new [B,past+q]; positions are the mask's last q."""
         hidden, attention_mask, segment_ids = split_stage_inputs(inputs)
-        position_ids = position_ids_from(attention_mask, segment_ids)
+        position_ids = position_ids_from(attention_mask, segment_ids)[:, -hidden.shape[1]:]
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=hidden,
@@ -49,6 +52,7 @@ class LlamaPipeBlock(LlamaDecoderLayer):
             past_key_values=past_key_values,
             position_ids=position_ids,
             and_mask_function=None if segment_ids is None else same_segment_mask_fn(segment_ids),
+            layer_idx=self.self_attn.layer_idx,  # the cache holds only this stage's layers' entries
         )
         cos_sin = self.rotary_emb(hidden, position_ids=position_ids)
         hidden = super().forward(

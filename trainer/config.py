@@ -23,6 +23,8 @@ Project keys (all optional unless marked):
   seed            (1234) data order, init, dropout
   save_interval   steps between checkpoints (0: only at the end); keep_last: checkpoints kept (2)
   eval_interval   steps between evaluations (0: only at the end)
+  eval_samples    SFT: at each eval, generate for this many eval-split prompts on the pipeline (greedy, 64 new
+                  tokens; or {"n", "max_new_tokens", "greedy", "temperature", ...}) -> save_path/eval_samples.jsonl
   resume          "auto" (continue from save_path/latest when present), "never", or a checkpoint folder
   no_decay        parameter-name patterns without weight decay (default: biases and norm weights)
   stage           "sft" (causal LM loss on the trained tokens), "rm" (reward model: pairwise records,
@@ -101,6 +103,7 @@ class TrainConfig:
     save_interval: int = 0
     keep_last: int = 2
     eval_interval: int = 0
+    eval_samples: Any = 0  # int or dict: see trainer.eval_samples
     resume: str = "auto"
     no_decay: tuple = DEFAULT_NO_DECAY
     stage: str = "sft"
@@ -244,6 +247,10 @@ def _validate_values(project: dict, problems: list[str]) -> None:
         problems.append("eval_fraction must be in [0, 1)")
     if project.get("eval_fraction") and project.get("eval_data_path"):
         problems.append("give eval_data_path or eval_fraction, not both")
+    if "eval_samples" in project:
+        from .eval_samples import config_problems
+
+        problems.extend(config_problems(project["eval_samples"]))
     for key in ("max_seq_len", "keep_last"):
         if key in project and project[key] < 1:
             problems.append(f"{key} must be at least 1")

@@ -14,6 +14,7 @@ from ..batches import collate, eval_batches, with_normaliser
 from ..data_loading import load_data
 from ..distributed import all_reduce_sum
 from ..engine import build_engine
+from ..eval_samples import sample_generations
 from ..forward_only import forward_only
 from ..guards import check_finite_loss
 from ..losses import global_token_mean_loss, token_loss_sums
@@ -60,6 +61,7 @@ def run(cfg, topo, device_name: str) -> dict:
         meter.log_step(step, loss, real_tokens, seconds)
         if cfg.eval_interval and step % cfg.eval_interval == 0 and data.n_eval_rows:
             state.evals.append([step, meter.log_eval(step, evaluate(engine, cfg, data, topo))])
+            sample_generations(engine, cfg, plan, tokenizer, data, topo, step)  # eval_samples: N (0: off)
         if cfg.save_interval and step % cfg.save_interval == 0:
             checkpoint.save_training(engine, cfg.save_path, state, data.batches, cfg.keep_last)
             last_saved = step
@@ -67,6 +69,7 @@ def run(cfg, topo, device_name: str) -> dict:
 
     if data.n_eval_rows and (not state.evals or state.evals[-1][0] != state.step):
         state.evals.append([state.step, meter.log_eval(state.step, evaluate(engine, cfg, data, topo))])
+        sample_generations(engine, cfg, plan, tokenizer, data, topo, state.step)
     if last_saved != state.step:
         checkpoint.save_training(engine, cfg.save_path, state, data.batches, cfg.keep_last)
     if topo.rank == 0:
