@@ -19,6 +19,10 @@ Losses (each float[B]; the recipe takes the mean over pairs):
 Rewards (TRL's `rewards/*`): beta times the policy-minus-reference log-prob of each side, on the same
 quantity the loss uses (sums for sigmoid, per-token averages for ipo, averages with no reference for
 simpo). The reference values are detached: gradients reach the policy only.
+
+`DPOLoss` is the training loss_fn DeepSpeed calls on the last stage; `eval_pair_stats` the
+forward-only reduce of the evaluation. Both take the labels tuple the recipe feeds
+(answer labels int64[2B,T], reference log-probs float[2B], sft scale float64[] | real-pair weights float[B]).
 """
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -126,3 +130,43 @@ def metrics_from_stats(sums: torch.Tensor, sft_coef: float) -> dict:
     if sft_coef:
         out["sft_loss"] = sft
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The last stage's loss_fn and eval reduce, on these functions.
+
+class DPOLoss:
+    """The training loss_fn: labels (answer labels int64[2B,T], reference log-probs float[2B], sft
+    scale float64[]) -> mean preference loss over the B pairs (+ sft_coef * the chosen answers'
+    summed NLL * sft scale). Records each micro-batch's `pair_stats` for the step's metrics."""
+
+    def __init__(self, opts: DPOOptions):
+        self.opts, self.stats = opts, []
+
+    def __call__(self, logits, labels):
+        answer_labels, ref_logps, sft_scale = labels
+        logps, counts = sequence_logps(logits, answer_labels)
+        (pi_c, pi_r), (n_c, n_r) = logps.chunk(2), counts.chunk(2)
+        terms = pair_terms(self.opts, pi_c, pi_r, *ref_logps.to(logps.device).chunk(2), n_c, n_r)
+        loss = terms.losses.mean()
+        if self.opts.sft_coef:
+            loss = loss - self.opts.sft_coef * pi_c.sum() * sft_scale.to(loss.device, loss.dtype)
+        self.stats.append(pair_stats(terms, -pi_c, n_c, torch.ones_like(pi_c)))
+        return loss
+
+    def take_step_stats(self) -> torch.Tensor:
+        """The summed stats of the micro-batches since the last call (zeros off the last stage)."""
+        total = torch.stack(self.stats).sum(0) if self.stats else torch.zeros(len(STAT_FIELDS), dtype=torch.float64)
+        self.stats = []
+        return total
+
+
+def eval_pair_stats(opts: DPOOptions):
+    """forward_only's reduce: labels (answer labels, reference log-probs, real float[B]) -> pair_stats."""
+    def reduce(logits, labels):
+        answer_labels, ref_logps, real = labels
+        logps, counts = sequence_logps(logits, answer_labels)
+        (pi_c, pi_r), (n_c, n_r) = logps.chunk(2), counts.chunk(2)
+        terms = pair_terms(opts, pi_c, pi_r, *ref_logps.to(logps.device).chunk(2), n_c, n_r)
+        return pair_stats(terms, -pi_c, n_c, real)
+    return reduce

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.utils.data import Dataset
 
 from data.dataset import collate_pairs
 from models.pipe_dir import find_layer_files, resolve_checkpoint_dir
@@ -161,8 +162,8 @@ def score_pairs(engine, pairs, n_rows: int, cfg, topo) -> torch.Tensor:
 
 
 def _row_logps(logits, labels):
-    answer_labels, indices = labels
-    return sequence_logps(logits, answer_labels)[0].double().cpu(), indices
+    answer_labels, indices = labels  # DeepSpeed moved both to the device
+    return sequence_logps(logits, answer_labels)[0].double().cpu(), indices.cpu()
 
 
 def frozen_ds_config(cfg) -> dict:
@@ -191,3 +192,28 @@ def frozen_reference_engine(cfg, plan, topo):
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Feeding them to the last stage, each pair with its own values.
+
+class WithReference(Dataset):
+    """A PairwiseDataset whose items also carry the pair's reference log-probs float64[2] (chosen, rejected)."""
+
+    def __init__(self, pairs, ref_logps: torch.Tensor):
+        assert len(pairs) == len(ref_logps), (len(pairs), len(ref_logps))
+        self.pairs, self.ref_logps = pairs, ref_logps
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        inputs, labels, margin = self.pairs[i]
+        return inputs, labels, margin, self.ref_logps[i]
+
+
+def collate_dpo(items: list) -> tuple:
+    """B WithReference items -> ((input_ids [2B,T], attention_mask [2B,T]), labels [2B,T], ref float64[2B]);
+    chosen rows first. A record's `margin` (an RM field) is not used by DPO."""
+    inputs, labels, _ = collate_pairs([it[:3] for it in items])
+    return inputs, labels, torch.stack([it[3] for it in items]).t().reshape(-1)

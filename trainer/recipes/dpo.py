@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from data.dataset import collate_pairs
 
@@ -35,7 +34,7 @@ from .. import checkpoint
 from ..batches import GlobalBatches, eval_row_indices, n_target_tokens
 from ..data_loading import load_data
 from ..distributed import all_reduce_sum, broadcast_object
-from ..dpo_math import STAT_FIELDS, DPOOptions, metrics_from_stats, pair_stats, pair_terms, sequence_logps
+from ..dpo_math import STAT_FIELDS, DPOLoss, DPOOptions, eval_pair_stats, metrics_from_stats
 from ..engine import build_engine
 from ..forward_only import forward_only
 from ..guards import check_finite_loss
@@ -43,7 +42,7 @@ from ..metering import StepMeter, log_plan, write_events
 from ..metrics import write_loss_curve
 from ..model_plan import plan_model
 from ..preflight import preflight
-from ..reference_logps import ReferenceLogps, frozen_reference_engine
+from ..reference_logps import ReferenceLogps, WithReference, collate_dpo, frozen_reference_engine
 
 
 def run(cfg, topo, device_name: str) -> dict:
@@ -121,48 +120,11 @@ def run(cfg, topo, device_name: str) -> dict:
     return {"step": state.step, "history": state.history, "evals": state.evals, "train_metrics": train_metrics}
 
 
-class DPOLoss:
-    """The training loss_fn: labels (answer labels int64[2B,T], reference log-probs float[2B], sft
-    scale float64[]) -> mean preference loss over the B pairs (+ sft_coef * the chosen answers'
-    summed NLL * sft scale). Records each micro-batch's `pair_stats` for the step's metrics."""
-
-    def __init__(self, opts: DPOOptions):
-        self.opts, self.stats = opts, []
-
-    def __call__(self, logits, labels):
-        answer_labels, ref_logps, sft_scale = labels
-        logps, counts = sequence_logps(logits, answer_labels)
-        (pi_c, pi_r), (n_c, n_r) = logps.chunk(2), counts.chunk(2)
-        terms = pair_terms(self.opts, pi_c, pi_r, *ref_logps.to(logps.device).chunk(2), n_c, n_r)
-        loss = terms.losses.mean()
-        if self.opts.sft_coef:
-            loss = loss - self.opts.sft_coef * pi_c.sum() * sft_scale.to(loss.device, loss.dtype)
-        self.stats.append(pair_stats(terms, -pi_c, n_c, torch.ones_like(pi_c)))
-        return loss
-
-    def take_step_stats(self) -> torch.Tensor:
-        """The summed stats of the micro-batches since the last call (zeros off the last stage)."""
-        total = torch.stack(self.stats).sum(0) if self.stats else torch.zeros(len(STAT_FIELDS), dtype=torch.float64)
-        self.stats = []
-        return total
-
-
-def eval_pair_stats(opts: DPOOptions):
-    """forward_only's reduce: labels (answer labels, reference log-probs, real float[B]) -> pair_stats."""
-    def reduce(logits, labels):
-        answer_labels, ref_logps, real = labels
-        logps, counts = sequence_logps(logits, answer_labels)
-        (pi_c, pi_r), (n_c, n_r) = logps.chunk(2), counts.chunk(2)
-        terms = pair_terms(opts, pi_c, pi_r, *ref_logps.to(logps.device).chunk(2), n_c, n_r)
-        return pair_stats(terms, -pi_c, n_c, real)
-    return reduce
-
-
 def evaluate(engine, cfg, data, ref, opts, topo) -> dict:
     """TRL's metrics and the loss over the eval pairs, each replica's last stage scoring its share
     (`eval_row_indices`); sums all-reduced. Collective."""
     pairs = WithReference(data.eval, ref.eval) if data.eval is not None else None
-    sums = None
+    sums = torch.zeros(len(STAT_FIELDS), dtype=torch.float64)
     for micro_indices in eval_row_indices(data.n_eval_rows, cfg.micro_batch, cfg.grad_accum, topo.dp_rank, topo.data):
         micro = None
         if pairs is not None:
@@ -171,8 +133,8 @@ def evaluate(engine, cfg, data, ref, opts, topo) -> dict:
                 inputs, labels, ref_logps = collate_dpo([pairs[max(i, 0)] for i in indices])
                 micro.append((inputs, (labels, ref_logps, torch.tensor([float(i >= 0) for i in indices]))))
         results = forward_only(engine, micro, cfg.grad_accum, eval_pair_stats(opts))
-        part = torch.stack(results).sum(0) if results else torch.zeros(len(STAT_FIELDS), dtype=torch.float64)
-        sums = part if sums is None else sums + part
+        if results is not None:
+            sums += torch.stack(results).sum(0)
     return metrics_from_stats(all_reduce_sum(sums), opts.sft_coef)
 
 
@@ -184,28 +146,6 @@ def show_train_metrics(meter, engine, topo, step: int, metrics: dict) -> None:
     write_events(engine, [(f"Train/{k}", float(v), step) for k, v in metrics.items() if k != "loss"])
     meter.bar.set_postfix_str(f"{meter.bar.postfix}, acc={metrics['rewards/accuracies']:.3g}, "
                               f"margin={metrics['rewards/margins']:.3g}")
-
-
-class WithReference(Dataset):
-    """A PairwiseDataset whose items also carry the pair's reference log-probs float64[2] (chosen, rejected)."""
-
-    def __init__(self, pairs, ref_logps: torch.Tensor):
-        assert len(pairs) == len(ref_logps), (len(pairs), len(ref_logps))
-        self.pairs, self.ref_logps = pairs, ref_logps
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int):
-        inputs, labels, margin = self.pairs[i]
-        return inputs, labels, margin, self.ref_logps[i]
-
-
-def collate_dpo(items: list) -> tuple:
-    """B WithReference items -> ((input_ids [2B,T], attention_mask [2B,T]), labels [2B,T], ref float64[2B]);
-    chosen rows first. A record's `margin` (an RM field) is not used by DPO."""
-    inputs, labels, _ = collate_pairs([it[:3] for it in items])
-    return inputs, labels, torch.stack([it[3] for it in items]).t().reshape(-1)
 
 
 class ChosenTokenBatches(GlobalBatches):
