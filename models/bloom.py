@@ -44,9 +44,19 @@ class BloomPipeBlock(BloomBlock):
         super().__init__(config, layer_idx)
         self.config = config
 
-    def forward(self, inputs: tuple, past_key_values=None) -> tuple:
+    def forward(self, inputs: tuple, past_key_values=None, attention_inputs=None) -> tuple:
         """As `LlamaPipeBlock.forward`; with a cache, alibi covers every key position (past + new),
         taken from the full mask, so left padding shifts it as it shifts positions."""
+        hidden, attention_mask, segment_ids = split_stage_inputs(inputs)
+        causal_mask, alibi = attention_inputs or self.attention_inputs(inputs, past_key_values)
+        hidden, _ = super().forward(
+            hidden, alibi=alibi, attention_mask=causal_mask, layer_past=past_key_values,
+            use_cache=past_key_values is not None,
+        )
+        return join_stage_outputs(hidden, attention_mask, segment_ids)
+
+    def attention_inputs(self, inputs: tuple, past_key_values=None) -> tuple:
+        """(causal mask, alibi): the same for every block of a stage."""
         hidden, attention_mask, segment_ids = split_stage_inputs(inputs)
         causal_mask = create_causal_mask(
             config=self.config,
@@ -56,12 +66,7 @@ class BloomPipeBlock(BloomBlock):
             and_mask_function=None if segment_ids is None else same_segment_mask_fn(segment_ids),
             layer_idx=self.self_attention.layer_idx,
         )
-        alibi = alibi_from(attention_mask, segment_ids, self.num_heads, hidden.dtype)
-        hidden, _ = super().forward(
-            hidden, alibi=alibi, attention_mask=causal_mask, layer_past=past_key_values,
-            use_cache=past_key_values is not None,
-        )
-        return join_stage_outputs(hidden, attention_mask, segment_ids)
+        return causal_mask, alibi_from(attention_mask, segment_ids, self.num_heads, hidden.dtype)
 
 
 class BloomFinalNorm(nn.Module):

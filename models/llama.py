@@ -39,10 +39,28 @@ class LlamaPipeBlock(LlamaDecoderLayer):
         self.config = config
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
 
-    def forward(self, inputs: tuple, past_key_values=None) -> tuple:
+    def forward(self, inputs: tuple, past_key_values=None, attention_inputs=None) -> tuple:
         """Training: hidden [B,T,H] and mask [B,T]. Cached decoding (`past_key_values` a transformers
         Cache holding this block's earlier keys/values): hidden holds only the new positions
-        [B,q,H] while the mask covers past + new [B,past+q]; positions are the mask's last q."""
+        [B,q,H] while the mask covers past + new [B,past+q]; positions are the mask's last q.
+        `attention_inputs`: what `attention_inputs()` returns, computed once for a stage's blocks."""
+        hidden, attention_mask, segment_ids = split_stage_inputs(inputs)
+        if attention_inputs is None:
+            attention_inputs = self.attention_inputs(inputs, past_key_values)
+        position_ids, causal_mask, cos_sin = attention_inputs
+        hidden = super().forward(
+            hidden,
+            attention_mask=causal_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+            position_embeddings=cos_sin,
+        )
+        return join_stage_outputs(hidden, attention_mask, segment_ids)
+
+    def attention_inputs(self, inputs: tuple, past_key_values=None) -> tuple:
+        """(position ids, causal mask, RoPE cos/sin) for these inputs: the same for every block of a
+        stage (same config; with a cache, every layer has seen the same positions)."""
         hidden, attention_mask, segment_ids = split_stage_inputs(inputs)
         position_ids = position_ids_from(attention_mask, segment_ids)[:, -hidden.shape[1]:]
         causal_mask = create_causal_mask(
@@ -54,16 +72,7 @@ class LlamaPipeBlock(LlamaDecoderLayer):
             and_mask_function=None if segment_ids is None else same_segment_mask_fn(segment_ids),
             layer_idx=self.self_attn.layer_idx,  # the cache holds only this stage's layers' entries
         )
-        cos_sin = self.rotary_emb(hidden, position_ids=position_ids)
-        hidden = super().forward(
-            hidden,
-            attention_mask=causal_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=past_key_values is not None,
-            position_embeddings=cos_sin,
-        )
-        return join_stage_outputs(hidden, attention_mask, segment_ids)
+        return position_ids, causal_mask, self.rotary_emb(hidden, position_ids=position_ids)
 
 
 class LlamaFinalNorm(nn.Module):

@@ -227,11 +227,16 @@ class _Stage:
 
     def forward(self, x, mask: torch.Tensor, cache):
         """x: ids [b,q] (stage 0) or hidden [b,q',H]; mask [b, past+q] -> hidden, or logits [b,V] on the last stage."""
-        h = (x, mask)
+        h, shared = (x, mask), None
         for index, layer in self.layers:
             if index == self.n_blocks + 1:  # the final norm and head need only the newest position
                 h = (h[0][:, -1:], h[1])
-            h = layer(h, past_key_values=cache) if 1 <= index <= self.n_blocks else layer(h)
+            if 1 <= index <= self.n_blocks:
+                # Positions, mask (and RoPE / alibi) once per stage and step, not once per block.
+                shared = shared or layer.attention_inputs(h, cache)
+                h = layer(h, past_key_values=cache, attention_inputs=shared)
+            else:
+                h = layer(h)
         return h[:, -1] if self.place.is_last else h[0]
 
 
