@@ -20,8 +20,13 @@ written as Train/... and Eval/... through DeepSpeed's monitor and shown on the p
 
     deepspeed train_ds.py --config configs/ds_config_dpo.json      ("stage": "dpo")
 
-For the RLHF command (SFT -> DPO): give this recipe the SFT run's save_path as model_path (ref_path
-then defaults to it); nothing else is needed from the SFT stage.
+For the RLHF command (issue 14: SFT -> DPO instead of SFT -> RM -> PPO), what it needs from here:
+a DPO config of its own (stage "dpo", its own save_path, pairwise data) whose model_path is the SFT
+run's save_path (its `latest` is followed; ref_path then defaults to it, so the reference is the SFT
+model); `run(cfg, topo, device_name)` in the same process after the SFT recipe returned (engines are
+built per call; tests/multirank/train_runs.py runs recipes in sequence that way); resume "auto" per
+stage (a finished stage trains no step); the reference cache is keyed by the SFT checkpoint's layer
+files, so an SFT stage that trains further invalidates it. Export: pp_to_hg of the DPO save_path.
 """
 import time
 from pathlib import Path
