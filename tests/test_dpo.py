@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -231,10 +232,22 @@ def test_shipped_dpo_configs_validate():
 
 # ------------------------------------------------------------------------------------ 2-stage runs
 
+def free_port(preferred: int) -> int:
+    """`preferred`, or the next free one of this file's ports 29870-29879 (other test runs share the machine)."""
+    for port in [preferred] + [p for p in range(29870, 29880) if p != preferred]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    return preferred
+
+
 def launch(script: str, *args, port: int, env_extra=None, check=True, timeout=1800):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), script, *args]
+           "--master_port", str(free_port(port)), script, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
     if check:
         assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
