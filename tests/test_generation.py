@@ -5,8 +5,8 @@ ragged prompts; M = 1, 2, 3); seeded sampling does not depend on M or on the row
 independently; forward_only returns every micro-batch's logits; SFT eval_samples and
 `demo.py --pipeline-stages 2` work on real launches.
 
-The 2-rank cases run in two launches (tests/multirank/generate_runs.py holds all generator cases and
-an SFT run; the demo is the other).
+The multi-rank cases run in three launches: 2 ranks for every generator case and an SFT run
+(tests/multirank/generate_runs.py), 4 ranks for P = 4 and P = 2 x D = 2 (same script), 2 for the demo.
 """
 import json
 import os
@@ -232,9 +232,9 @@ def test_topology_not_matching_the_world_is_an_error():
 # ---------------------------------------------------------------------------------------------
 # 2 ranks: pipeline stages, data-parallel replicas, engine, SFT eval_samples, demo.
 
-def launch(script, *args, port, timeout=1200):
+def launch(script, *args, port, ranks=2, timeout=1200):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1",
            "--master_port", str(port), str(script), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
@@ -387,3 +387,24 @@ def test_demo_pipeline_stages_2_gives_hf_greedy_tokens(model_dirs, hf_models, tm
         expected = hf_greedy(hf_models["llama"], ids, max_new=8, eos=eos)
         assert row["token_ids"] == expected and row["tokens"] == len(expected)
         assert row["finish_reason"] == ("eos" if expected[-1] in eos else "length")
+
+
+@pytest.mark.multirank
+def test_four_ranks_middle_stages_and_replicas_equal_hf_and_the_two_rank_samples(model_dirs, hf_models, runs, tmp_path):
+    """P = 4 (stages 1 and 2 get the ids from the last stage to stop in step) and P = 2 x D = 2: greedy
+    tokens equal HF's, sampled ones equal the 2-stage run's (sampling does not depend on the layout)."""
+    two_rank, _, _ = runs
+    spec = {"models": {name: str(pp) for name, (_, pp) in model_dirs.items()}, "prompts": ragged_prompts(),
+            "max_new": MAX_NEW, "layouts": True}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    launch(REPO / "tests" / "multirank" / "generate_runs.py", "--spec", tmp_path / "spec.json", "--out", tmp_path / "out.json",
+           port=29855, ranks=4)
+    results = json.loads((tmp_path / "out.json").read_text())
+    for name in ("llama", "bloom"):
+        expected = [hf_greedy(hf_models[name], p) for p in ragged_prompts()]
+        for stages, parts_len in ((4, 4), (2, 2)):
+            greedy, sample = results[f"{name}/p{stages}/greedy"], results[f"{name}/p{stages}/sample"]
+            assert len(greedy["parts"]) == parts_len and greedy["stages_agree"] and sample["stages_agree"]
+            assert greedy["answers"] == expected, (name, stages)
+            if name == "llama":
+                assert sample["answers"] == two_rank["llama/sample_m1"]["answers"], stages

@@ -1,7 +1,8 @@
 """Run under `deepspeed --num_gpus 2`: every pipelined-generation case of tests/test_generation.py in
 one launch (launching ranks costs ~10-15 s each time). --spec is a JSON file written by the test:
-{"models": {name: pipeline checkpoint}, "prompts": [[ids]], "max_new": int, "sft_config": path|null};
-rank 0 writes {case: result} to --out (answers from stage 0, log-probs from the last stage).
+{"models": {name: pipeline checkpoint}, "prompts": [[ids]], "max_new": int, "sft_config": path|null,
+"layouts": true for the 4-rank layouts run}; rank 0 writes {case: result} to --out (answers from stage 0,
+log-probs from the last stage).
 """
 import argparse
 import json
@@ -129,6 +130,31 @@ def forward_only_case(pp, prompts) -> dict:
     return merged
 
 
+def run_layouts(spec: dict) -> dict:
+    """Under 4 ranks: P = 4 (two middle stages, which get the ids from the last stage) and P = 2 x D = 2;
+    greedy and sampled answers of every replica, in prompt order."""
+    from inference.pipeline import load_pipeline_module
+    from trainer.generation import generate, replica_share
+    from trainer.sampling import SamplingConfig
+
+    prompts, results = spec["prompts"], {}
+    for name in ("llama", "bloom"):
+        for stages in (4, 2):
+            module, plan, _ = load_pipeline_module(spec["models"][name], stages)
+            for key, sampling in (("greedy", SamplingConfig()), ("sample", SamplingConfig(**SAMPLING))):
+                gen = generate(module, plan.model_config, replica_share(prompts, module), max_new_tokens=spec["max_new"],
+                               stop_ids=[plan.model_config.eos_token_id], sampling=sampling, n_micro=2)
+                mine = (module.topology().get_coord(dist.get_rank()).data, [gen.answer(i) for i in range(len(gen.n_new))])
+                parts = [None] * dist.get_world_size()
+                dist.all_gather_object(parts, mine)
+                replicas = dict(parts)  # every stage of a replica holds the same answers
+                answers = [replicas[i % len(replicas)][i // len(replicas)] for i in range(len(prompts))]
+                results[f"{name}/p{stages}/{key}"] = {"answers": answers, "parts": plan.parts,
+                                                      "stages_agree": all(a == replicas[d] for d, a in parts)}
+            del module
+    return results
+
+
 def run_sft(config_path: str) -> dict:
     from deepspeed.accelerator import get_accelerator
 
@@ -155,7 +181,7 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     spec = json.loads(open(args.spec).read())
     try:
-        results = run_cases(spec)
+        results = run_layouts(spec) if spec.get("layouts") else run_cases(spec)
         if spec.get("sft_config"):
             results["sft"] = run_sft(spec["sft_config"])
     except BaseException:
