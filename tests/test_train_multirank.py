@@ -8,6 +8,7 @@ Launches are grouped (each costs ~10-15 s of start-up): one launch trains most c
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,10 +43,17 @@ def make_config(tmp: Path, name: str, pp_dir: Path, **over) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A port nobody listens on (other test files may launch ranks at the same time)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch(script: str, *args, env_extra=None, check=True, timeout=1200):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
-           "--master_port", "29741", script, *args]
+           "--master_port", str(free_port()), script, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
     if check:
         assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
@@ -120,6 +128,9 @@ def runs(model_dirs, tmp_path_factory):
                                            model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}, "parts": [7]}),
         "two_stage_sgd": make_config(tmp, "two_stage_sgd", pp, optimizer=SGD),
         "grad_ckpt": make_config(tmp, "grad_ckpt", pp, use_grad_ckpt=True, train_steps=2),
+        # torch.compile of each block inside DeepSpeed's pipeline (aot_eager: dynamo's graph capture
+        # without inductor's minute of C++ compilation on CPU; tests/test_compile.py covers inductor).
+        "compiled": make_config(tmp, "compiled", pp, compile={"backend": "aot_eager"}),
         "bf16": make_config(tmp, "bf16", pp, bf16={"enabled": True}, train_steps=2),
         "lion_pytorch": make_config(tmp, "lion_pytorch", pp, train_steps=2,
                                     optimizer={"type": "LionPytorch", "params": {"lr": 1e-4, "weight_decay": 0.1, "use_triton": True}}),
@@ -231,6 +242,13 @@ def test_rm_starts_from_an_sft_training_save_path(runs):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), i
     head = torch.load(rm / f"layer_{n - 1:02d}-model_states.pt", weights_only=True)
     assert list(head) == ["score.weight"] and head["score.weight"].shape == (1, 64)
+
+
+def test_compiled_blocks_take_the_same_steps(runs):
+    runs, _ = runs
+    compiled, eager = losses(runs["compiled"][0]), losses(runs["two_stage_adamw"][0])
+    assert len(compiled) == 3
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=0, atol=1e-6)
 
 
 def test_keep_last_prunes_by_save_order_and_keeps_the_resumed_checkpoint(runs):

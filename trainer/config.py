@@ -19,6 +19,8 @@ Project keys (all optional unless marked):
   n_epochs / train_steps  how long to train: train_steps wins when both are given
   model_topo      {"process_topology": {"axes": ["pipe", "data"], "dims": [P, D]}, "parts": [...] | "auto"}
   use_grad_ckpt   activation checkpointing of the transformer blocks (false)
+  compile         torch.compile each transformer block (per block, so the pipeline schedule is untouched):
+                  true, or an object of torch.compile options ({"backend": ..., "mode": ...}); default false
   use_flash_attn  flash_attention_2 (LLaMA on CUDA with flash-attn installed) (false)
   seed            (1234) data order, init, dropout
   save_interval   steps between checkpoints (0: only at the end); keep_last: checkpoints kept (2)
@@ -59,7 +61,7 @@ DEEPSPEED_KEYS = frozenset({
     "autotuning", "compression_training", "data_efficiency", "timers", "torch_autocast", "disable_allgather",
     "seq_parallel_communication_data_type", "graph_harvesting", "use_data_before_expert_parallelism", "sparse_attention",
     "eigenvalue", "progressive_layer_drop", "curriculum_learning", "nebula", "weight_quantization",
-    "load_universal_checkpoint", "use_node_local_storage", "hybrid_engine", "compile", "dataloader_drop_last",
+    "load_universal_checkpoint", "use_node_local_storage", "hybrid_engine", "dataloader_drop_last",
 })
 
 DEFAULT_NO_DECAY = ("bias", "norm.weight", "layernorm.weight", "ln_f.weight")
@@ -98,6 +100,7 @@ class TrainConfig:
     n_epochs: Optional[int] = None
     train_steps: Optional[int] = None
     use_grad_ckpt: bool = False
+    compile: Any = False  # False | True | {torch.compile keyword arguments}
     use_flash_attn: bool = False
     seed: int = 1234
     save_interval: int = 0
@@ -187,6 +190,7 @@ def validate(raw: dict, path: str = "<config>", world_size: Optional[int] = None
     _validate_batch(ds, topo, problems)
     _validate_precision_and_zero(ds, device_supports_fp16, problems)
     _validate_attention(project, problems)
+    _validate_compile(project, problems)
     _validate_dpo(project, problems)
     if problems:
         raise ConfigError(path, problems)
@@ -349,6 +353,20 @@ def _validate_precision_and_zero(ds: dict, device_supports_fp16: bool, problems:
         problems.append(
             'data_types.grad_accum_dtype "fp32" with bf16 needs zero_optimization {"stage": 1} (DeepSpeed has no fp32 '
             "accumulation for bf16 at ZeRO stage 0)")
+
+
+COMPILE_OPTIONS = ("backend", "mode", "fullgraph", "dynamic", "options")
+
+
+def _validate_compile(project: dict, problems: list[str]) -> None:
+    value = project.get("compile", False)
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(COMPILE_OPTIONS))
+        if unknown:
+            problems.append(f"compile: unknown torch.compile options {unknown}; use {list(COMPILE_OPTIONS)}")
+    elif not isinstance(value, bool):
+        problems.append(f'compile must be true, false or an object of torch.compile options (e.g. {{"mode": "max-autotune"}}), '
+                        f"got {json.dumps(value)}")
 
 
 def _validate_attention(project: dict, problems: list[str]) -> None:

@@ -24,10 +24,12 @@ from .topology import Topology
 logger = logging.getLogger(__name__)
 
 
-def build_pipeline_module(plan: ModelPlan, topo: Topology, loss_fn=None, grad_ckpt: bool = False):
-    """The PipelineModule of this rank's stage (layers built on the CPU, weights uninitialised)."""
+def build_pipeline_module(plan: ModelPlan, topo: Topology, loss_fn=None, grad_ckpt: bool = False, compile=False):
+    """The PipelineModule of this rank's stage (layers built on the CPU, weights uninitialised).
+    compile: True or torch.compile options: each block of the stage is compiled on its own
+    (`nn.Module.compile`, in place), so DeepSpeed's schedule and checkpoint files are unchanged."""
     arch = get_architecture(plan.model_config.model_type)
-    return partitioned_pipeline_module_class()(
+    module = partitioned_pipeline_module_class()(
         build_layer_specs(plan.model_config, plan.head),
         boundaries=plan.boundaries,
         topology=topo.deepspeed_topology(),
@@ -36,6 +38,19 @@ def build_pipeline_module(plan: ModelPlan, topo: Topology, loss_fn=None, grad_ck
         # Only blocks: checkpointing the embedding fails (its input needs no grad).
         checkpointable_layers=[arch.block.__name__] if grad_ckpt else None,
     )
+    if compile:
+        compile_blocks(module, arch.block, {} if compile is True else dict(compile))
+    return module
+
+
+def compile_blocks(module, block_class: type, options: dict) -> int:
+    """torch.compile every block of this stage in place; returns how many were compiled."""
+    n = 0
+    for _, layer in local_layers(module):
+        if isinstance(layer, block_class):
+            layer.compile(**options)
+            n += 1
+    return n
 
 
 def load_weights(module, plan: ModelPlan, seed: int) -> None:
@@ -102,7 +117,7 @@ def build_engine(cfg: TrainConfig, plan: ModelPlan, topo: Topology, total_steps:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    module = build_pipeline_module(plan, topo, loss_fn, cfg.use_grad_ckpt)
+    module = build_pipeline_module(plan, topo, loss_fn, cfg.use_grad_ckpt, cfg.compile)
     if weights == "load":
         load_weights(module, plan, cfg.seed)
     elif weights == "init":

@@ -3,6 +3,8 @@
 Labels follow HF's convention: int64[B,T], unshifted, -100 where no loss is taken; the loss shifts
 (logits at t predict the token at t+1).
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -40,3 +42,65 @@ def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """float64[2] on the CPU: (summed cross-entropy, target tokens) of a micro-batch; for evaluation."""
     total, count = shifted_token_losses(logits, labels)
     return torch.stack([total.double(), count.double()]).cpu()
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over target rows of cross_entropy(hidden @ weight.T, labels), computed chunk by chunk of
+    rows so that only `chunk` x V logits exist at a time; the backward recomputes each chunk's logits
+    instead of keeping them. hidden float[N,H], weight float[V,H], labels int64[N] (-100: no loss).
+    Logits and their softmax are fp32 whatever the input dtype (as `shifted_token_losses` does)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk: int):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = (hidden[rows] @ weight.t()).float()  # [c, V]
+            target = labels[rows]
+            valid = target != -100
+            picked = logits.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)
+            total += ((torch.logsumexp(logits, dim=1) - picked) * valid).sum()
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.chunk = chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        hidden, weight, labels = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            target = labels[rows]
+            valid = (target != -100).unsqueeze(1)
+            # d loss / d logits = softmax - onehot(target), zero on rows without a target; the
+            # softmax is computed in place in the chunk's logits buffer (one [c, V] buffer at a time).
+            grad = (hidden[rows] @ weight.t()).float()
+            grad.sub_(grad.amax(dim=1, keepdim=True)).exp_()
+            grad.div_(grad.sum(dim=1, keepdim=True))
+            grad.scatter_add_(1, target.clamp(min=0).unsqueeze(1), -torch.ones_like(grad[:, :1]))
+            grad.mul_(valid * grad_total)
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad @ weight.float()).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t(), hidden[rows].float())
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+CHUNK_BYTES = 2**27  # fp32 logits per chunk: 128 MiB (133 tokens at BLOOM's 250,880 vocabulary)
+
+
+def chunked_lm_head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             chunk_tokens: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`shifted_token_losses` without the [B,T,V] logits: the LM head's matmul and the cross-entropy
+    run over chunks of `chunk_tokens` positions, the backward recomputing each chunk. hidden
+    float[B,T,H] (the final norm's output), weight float[V,H] (the head's, or the tied embedding's),
+    labels int64[B,T] unshifted. Returns (summed fp32 loss, number of target tokens). Peak memory of
+    the loss: one chunk_tokens x V fp32 buffer (default: CHUNK_BYTES worth) and the weight's fp32
+    gradient, instead of B x T x V logits, their log-softmax and gradients."""
+    if chunk_tokens is None:
+        chunk_tokens = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    shift_hidden = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(hidden.device)
+    total = _ChunkedLinearCrossEntropy.apply(shift_hidden, weight, shift_labels, chunk_tokens)
+    return total, (shift_labels != -100).sum()
