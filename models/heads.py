@@ -1,9 +1,38 @@
 """Heads for the last pipe layer. Swappable: the LM head for SFT/pretraining, a scalar value head
 for reward models and the PPO critic. Keys match transformers' (`lm_head.weight`, `score.weight`).
 """
+from typing import NamedTuple, Union
+
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+
+class DeferredLogits(NamedTuple):
+    """An LM head's output when its logits are left to the loss: the final norm's output
+    float[B,T,H] and the head weight float[V,H] (the tied embedding's when tied). A loss computes
+    the matmul chunk by chunk (trainer.losses.chunked_lm_head_loss_sum), so [B,T,V] never exists.
+    Only returned while gradients are enabled and the head's `defer_logits` is set (training);
+    under no_grad (eval, generation, scoring) heads return logits."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+
+def lm_logits(output: Union[torch.Tensor, DeferredLogits]) -> torch.Tensor:
+    """Logits float[B,T,V] from an LM head's output, deferred or not."""
+    return F.linear(output.hidden, output.weight) if isinstance(output, DeferredLogits) else output
+
+
+def set_defer_logits(module: nn.Module, on: bool = True) -> int:
+    """Make every LM head inside `module` (a PipelineModule's stage, or plain layers) defer its logits
+    to the loss while training; a tied head reads the flag from its embedding module. Returns how
+    many modules were set."""
+    n = 0
+    for sub in module.modules():
+        if isinstance(sub, LMHead) or hasattr(sub, "embedding_weight"):
+            sub.defer_logits = on
+            n += 1
+    return n
 
 
 class LMHead(nn.Module):
@@ -13,7 +42,11 @@ class LMHead(nn.Module):
         super().__init__()
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, inputs: tuple) -> torch.Tensor:
+    defer_logits = False
+
+    def forward(self, inputs: tuple):
+        if self.defer_logits and torch.is_grad_enabled():
+            return DeferredLogits(inputs[0], self.lm_head.weight)
         return self.lm_head(inputs[0])
 
 
@@ -29,9 +62,11 @@ class ValueHead(nn.Module):
         return self.score(inputs[0]).squeeze(-1)
 
 
-def tied_lm_head(embedding_module: nn.Module, inputs: tuple) -> torch.Tensor:
+def tied_lm_head(embedding_module: nn.Module, inputs: tuple):
     """Forward of a tied LM head: DeepSpeed calls it with the stage's copy of the tied embedding
-    module (TiedLayerSpec forward_fn). logits = hidden @ embedding_weight.T."""
+    module (TiedLayerSpec forward_fn). logits = hidden @ embedding_weight.T (or DeferredLogits)."""
+    if getattr(embedding_module, "defer_logits", False) and torch.is_grad_enabled():
+        return DeferredLogits(inputs[0], embedding_module.embedding_weight)
     return F.linear(inputs[0], embedding_module.embedding_weight)
 
 

@@ -39,3 +39,41 @@ def test_chunked_head_loss_fp32_and_scaled_gradient():
     torch.testing.assert_close(chunked, loss, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(hidden.grad, expected[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(weight.grad, expected[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type, tied", [("llama", False), ("llama", True), ("bloom", True)])
+def test_deferred_head_in_the_pipe_layers_equals_full_logits(model_type, tied):
+    """set_defer_logits: while training, the head hands (hidden, weight) to the loss, which gives the
+    same loss and gradients (tied embedding included); under no_grad the head still returns logits."""
+    from transformers import AutoConfig
+
+    from conftest import REPO
+    from models.heads import DeferredLogits, set_defer_logits
+    from models.pipeline import SequentialPipe, build_layers, prepare_config
+    from trainer.losses import global_token_mean_loss
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(REPO / "configs" / f"tiny-{model_type}", tie_word_embeddings=tied)
+    pipe = SequentialPipe(build_layers(prepare_config(config)))
+    ids = torch.randint(3, config.vocab_size, (2, 24))
+    mask = torch.ones_like(ids)
+    labels = ids.masked_fill(torch.rand(ids.shape) < 0.3, -100)
+    scale = torch.tensor(1.0 / 30, dtype=torch.float64)
+
+    def step():
+        for p in pipe.parameters():
+            p.grad = None
+        out = pipe((ids, mask))
+        loss = global_token_mean_loss(out, (labels, scale))
+        loss.backward()
+        return out, loss.detach(), [p.grad.clone() for p in pipe.parameters()]
+
+    full_out, loss, grads = step()
+    assert set_defer_logits(pipe) >= 1
+    deferred_out, loss_d, grads_d = step()
+    assert isinstance(deferred_out, DeferredLogits) and not isinstance(full_out, DeferredLogits)
+    torch.testing.assert_close(loss_d, loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads, grads_d):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(pipe((ids, mask)), full_out.detach())

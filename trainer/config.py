@@ -21,6 +21,8 @@ Project keys (all optional unless marked):
   use_grad_ckpt   activation checkpointing of the transformer blocks (false)
   compile         torch.compile each transformer block (per block, so the pipeline schedule is untouched):
                   true, or an object of torch.compile options ({"backend": ..., "mode": ...}); default false
+  chunked_loss    SFT: the LM head's matmul and the cross-entropy run over chunks of tokens, the backward
+                  recomputing each chunk, so the [B,T,V] logits never exist (true; false: full logits)
   use_flash_attn  flash_attention_2 (LLaMA on CUDA with flash-attn installed) (false)
   seed            (1234) data order, init, dropout
   save_interval   steps between checkpoints (0: only at the end); keep_last: checkpoints kept (2)
@@ -101,6 +103,7 @@ class TrainConfig:
     train_steps: Optional[int] = None
     use_grad_ckpt: bool = False
     compile: Any = False  # False | True | {torch.compile keyword arguments}
+    chunked_loss: bool = True
     use_flash_attn: bool = False
     seed: int = 1234
     save_interval: int = 0
@@ -147,6 +150,7 @@ PROJECT_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig)) - {"ds
 _TYPES = {
     "from_scratch": bool, "eval_fraction": (int, float), "max_seq_len": int, "pack": bool, "overflow": str,
     "skip_bad_records": bool, "n_epochs": int, "train_steps": int, "use_grad_ckpt": bool, "use_flash_attn": bool,
+    "chunked_loss": bool,
     "seed": int, "save_interval": int, "keep_last": int, "eval_interval": int, "resume": str, "stage": str,
     "model_path": str, "save_path": str, "cache_dir": str, "no_decay": list, "pad_token": (str, int),
     "beta": (int, float), "loss_type": str, "label_smoothing": (int, float), "simpo_gamma": (int, float),

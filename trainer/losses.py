@@ -8,10 +8,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from models.heads import DeferredLogits
 
-def shifted_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+def shifted_token_losses(logits, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed fp32 cross-entropy over the target tokens, number of target tokens) of a micro-batch.
-    logits float[B,T,V], labels int64[B,T] (unshifted)."""
+    logits float[B,T,V], or the head's DeferredLogits (then computed chunk by chunk, never [B,T,V]);
+    labels int64[B,T] (unshifted)."""
+    if isinstance(logits, DeferredLogits):
+        return chunked_lm_head_loss_sum(logits.hidden, logits.weight, labels)
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:].to(shift_logits.device)
     total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from models.heads import set_defer_logits
+
 from .. import checkpoint
 from ..batches import collate, eval_batches, with_normaliser
 from ..data_loading import load_data
@@ -39,6 +41,7 @@ def run(cfg, topo, device_name: str) -> dict:
         log_plan("sft", cfg, plan, data.data.stats)
     engine = build_engine(cfg, plan, topo, total_steps, weights="checkpoint" if resume_from else
                           ("init" if cfg.from_scratch else "load"), loss_fn=global_token_mean_loss)
+    set_defer_logits(engine.module, cfg.chunked_loss)  # the loss computes the head chunk by chunk
     if topo.rank == 0:
         checkpoint.prepare_save_path(cfg.save_path, plan, cfg.config_path, cfg.precision, data.data.stats["pad"]["id"])
         checkpoint.write_topology(cfg.save_path, plan, topo, hosts)
