@@ -1,5 +1,6 @@
 """Shared fixtures: tiny HF models with seeded random weights, built once per test session from the
-committed configs (no weights are downloaded or stored in git)."""
+committed configs (no weights are downloaded or stored in git). Norm weights and biases are random
+too (HF's init leaves them at 1 and 0), so logits and training parity exercise them."""
 import json
 import os
 from pathlib import Path
@@ -32,8 +33,24 @@ def tiny_hf(tmp_path_factory):
         if key not in cache:
             name = f"{model_type}-{'tied' if tied else 'untied' if tied is False else 'default'}-{dtype}-{len(cache)}"
             out = tmp_path_factory.mktemp("hf") / name
-            cache[key] = save_random_model(CONFIGS[model_type], out, seed=0, dtype=dtype,
-                                           tie_word_embeddings=tied, overrides=overrides)
+            save_random_model(CONFIGS[model_type], out, seed=0, dtype=dtype, tie_word_embeddings=tied, overrides=overrides)
+            cache[key] = randomise_norms_and_biases(out, dtype, seed=1)
         return cache[key]
 
     return make
+
+
+def randomise_norms_and_biases(hf_dir: Path, dtype: str, seed: int, scale: float = 0.1) -> Path:
+    """Add seeded N(0, scale) noise to every 1-D parameter of the HF model in hf_dir (norm weights,
+    norm and linear biases: HF initialises them to exactly 1 and 0) and save it back."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.dim() == 1:
+                p.add_((torch.randn(p.shape, generator=gen) * scale).to(p.dtype))
+    model.save_pretrained(hf_dir)
+    return hf_dir

@@ -278,7 +278,7 @@ def test_bad_prompts_file_line_is_one_error_line(llama_pp, tmp_path, lines, expe
     (["--max-context", "16", "--prompt", "a long question " * 10], "the prompt is"),
     (["--max-context", "8", "--max-new-tokens", "8", "--prompt", "x"], "--max-context must be larger"),
     (["--record", '{"type": "instruct"}'], "--record: record 0: field 'instruct': missing"),
-    (["--kernel-inject", "on", "--prompt", "x"], "needs CUDA"),
+    (["--kernel-inject", "on", "--device", "cpu", "--prompt", "x"], "needs CUDA"),  # --device cpu: also on a CUDA machine
 ])
 def test_bad_options_are_one_error_line(llama_pp, extra, expected):
     err = io.StringIO()

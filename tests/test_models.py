@@ -102,7 +102,9 @@ def test_unknown_model_type_lists_supported():
         get_architecture("gpt2")
 
 
-def test_attention_implementation_is_always_explicit():
+def test_attention_implementation_is_always_explicit(monkeypatch):
+    import transformers.utils
+
     config = AutoConfig.from_pretrained("configs/tiny-llama")
     assert getattr(config, "_attn_implementation", None) in (None, "eager", "sdpa")
     with pytest.raises(ValueError, match="no attention implementation"):
@@ -112,6 +114,10 @@ def test_attention_implementation_is_always_explicit():
     assert prepare_config(bloom)._attn_implementation == "eager"
     with pytest.raises(ValueError, match="not supported for model_type 'bloom'"):
         prepare_config(bloom, "sdpa")
+    # flash_attention_2 where flash-attn is usable (a CUDA machine with the package); a clear error elsewhere.
+    if transformers.utils.is_flash_attn_2_available():
+        assert prepare_config(config, "flash_attention_2")._attn_implementation == "flash_attention_2"
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
     with pytest.raises(RuntimeError, match="flash_attn package is not usable"):
         prepare_config(config, "flash_attention_2")
 
