@@ -27,6 +27,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -40,6 +48,7 @@ def worker(work: Path) -> int:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    from models.heads import set_defer_logits
     from trainer.config import validate
     from trainer.distributed import finish, world
     from trainer.engine import build_engine
@@ -59,6 +68,7 @@ def worker(work: Path) -> int:
     on_gpu = accel.device_name() == "cuda"
     before = torch.cuda.memory_allocated() if on_gpu else current_rss()
     engine = build_engine(cfg, plan, topo, settings["steps"], weights="init", loss_fn=global_token_mean_loss)
+    set_defer_logits(engine.module, cfg.chunked_loss)  # as the SFT recipe does
     trace = [("built", current_rss() - before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)]
     gen = torch.Generator().manual_seed(0)
     mb, seq, n_micro = cfg.micro_batch, cfg.max_seq_len, cfg.grad_accum
@@ -99,6 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--full-logits", action="store_true", help="chunked_loss false: the head's full logits")
     p.add_argument("--work-dir")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -120,6 +131,7 @@ def main(argv=None) -> int:
     config = {
         "model_path": str(model_dir), "from_scratch": True, "save_path": str(work / "save"), "data_path": "unused.json",
         "train_steps": args.steps, "max_seq_len": args.seq_len, "use_grad_ckpt": args.grad_ckpt,
+        "chunked_loss": not args.full_logits,
         "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [args.stages, 1]}, "parts": "auto"},
         "train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": args.micro_batches,
         "steps_per_print": 10**9, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
@@ -129,7 +141,7 @@ def main(argv=None) -> int:
     # so peak RSS follows live memory instead of what glibc keeps in its heap after activations are freed.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "131072"}
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.stages), "--master_addr", "127.0.0.1",
-           "--master_port", os.environ.get("MASTER_PORT", "29683"), str(Path(__file__).resolve()), "--worker", str(work)]
+           "--master_port", os.environ.get("MASTER_PORT") or str(free_port()), str(Path(__file__).resolve()), "--worker", str(work)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
@@ -138,6 +150,7 @@ def main(argv=None) -> int:
     mib = 2**20
     print(f"LLaMA hidden {args.hidden}, {args.layers} blocks, vocab {args.vocab}; seq {args.seq_len}, micro-batch "
           f"{args.micro_batch} x {args.micro_batches}; fp32 AdamW; grad ckpt {'on' if args.grad_ckpt else 'off'}; "
+          f"{'full logits' if args.full_logits else 'chunked head loss'}; "
           f"parts {results[0]['parts']}")
     print("\n| stage | estimate MiB | weights | grads | optimizer | activations | head | measured MiB | estimate / measured |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -124,7 +124,10 @@ def test_stage_memory_of_tiny_llama_by_hand():
     p1 = 46208 + 64 + 65536
     assert s1["weights"] == 4 * p1 and s1["optimizer"] == 8 * p1
     assert s1["activations"] == per_token * tokens * 4 + 2 * 64 * tokens * 4  # a block + the final norm
-    assert s1["head"] == tokens * 1024 * 16  # logits, log-softmax, its gradient, the logits' gradient (fp32)
+    assert s1["head"] == 2 * tokens * 1024 * 4  # chunked loss (SFT default): 2 fp32 chunks, here the whole 256 tokens
+    full = memory_settings(validate({**raw, "chunked_loss": False}, world_size=2), config)
+    s1_full = stage_memory(config, names, counts, False, 4, 7, 1, full)
+    assert s1_full["head"] == tokens * 1024 * 16  # logits, log-softmax, its gradient, the logits' gradient (fp32)
     report = stage_report([4, 3], names, counts, 4, lambda a, b, s: stage_memory(config, names, counts, False, a, b, s, settings))
     line0 = report.split("\n")[0]
     assert line0.startswith(f"  stage 0: layers 0-3 (embedding .. block.2), {p0 * 4 / 2**20:.1f} MiB params, "

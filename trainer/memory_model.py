@@ -11,8 +11,9 @@ Per stage s of P (bytes; N = the stage's parameters, B micro-batch, T sequence l
                flight, plus one block's full activations while it is recomputed
   head         the last stage's LM head: logits B x T x V in the activation dtype (and their fp32 copy
                in 16-bit training), the loss's log-softmax and its gradient, the logits' gradient (fp32):
-               16 bytes per logit at the peak of the micro-batch being processed; a value head's
-               output is negligible
+               16 bytes per logit at the peak of the micro-batch being processed; with SFT's chunked
+               loss two fp32 chunks of trainer.losses.CHUNK_BYTES instead; a value head's output is
+               negligible
 The activation dtype is the training precision's (fp32 on fp32 runs). Not counted: the optimizer
 step's temporaries (torch's foreach AdamW: one parameter-sized buffer), which exist only after the
 backward has freed the activations, and the communication buffers (a few micro-batch activations).
@@ -26,6 +27,8 @@ from typing import Optional
 from compat.private_api import attn_implementation
 from models.dtypes import bytes_per_param
 from models.registry import get_architecture
+
+from .losses import CHUNK_BYTES
 
 ADAM_LIKE = ("adam", "adamw", "fusedadam", "cpuadam", "deepspeedcpuadam", "onebitadam", "zerooneadam", "lamb")
 ONE_STATE = ("lion", "lionpytorch", "lion_pytorch", "lion-pytorch", "adagrad")
@@ -41,6 +44,7 @@ class MemorySettings:
     stages: int
     grad_ckpt: bool
     attn_implementation: str
+    chunked_head: bool = False  # the loss computes the LM head chunk by chunk (SFT's chunked_loss)
 
 
 def optimizer_state_bytes(optimizer: dict, precision: str) -> float:
@@ -70,7 +74,8 @@ def memory_settings(cfg, model_config) -> MemorySettings:
         optimizer /= cfg.model_topo.data
     grads = 4.0 if precision == "fp32" else 2.0 + 4.0
     return MemorySettings(bytes_per_param(precision), grads, optimizer, cfg.micro_batch, cfg.max_seq_len,
-                          cfg.model_topo.pipe, cfg.use_grad_ckpt, attn_implementation(model_config) or "sdpa")
+                          cfg.model_topo.pipe, cfg.use_grad_ckpt, attn_implementation(model_config) or "sdpa",
+                          chunked_head=cfg.stage == "sft" and cfg.chunked_loss)
 
 
 def stage_memory(model_config, layer_names: list, layer_params: list, tied_head: bool, start: int, stop: int,
@@ -99,8 +104,10 @@ def stage_memory(model_config, layer_names: list, layer_params: list, tied_head:
         activations += 2 * hidden * tokens * act_bytes * in_flight
     head = 0.0
     if "lm_head" in names:
-        logits = tokens * model_config.vocab_size
-        head = logits * (act_bytes + 4 + 4 + 4 + (2 if act_bytes != 4 else 0))
+        if settings.chunked_head:  # one fp32 chunk of logits in the loss's forward and backward, and a temporary
+            head = 2.0 * min(tokens, max(1, CHUNK_BYTES // (4 * model_config.vocab_size))) * model_config.vocab_size * 4
+        else:
+            head = tokens * model_config.vocab_size * (act_bytes + 4 + 4 + 4 + (2 if act_bytes != 4 else 0))
     return {"weights": params * settings.param_bytes, "gradients": params * settings.grad_bytes,
             "optimizer": params * settings.optimizer_bytes, "activations": activations, "head": head}
 
