@@ -97,7 +97,12 @@ def generate(module, model_config, prompts: Sequence[Sequence[int]], *, max_new_
     on_step(rows, ids, active): called on every rank after each step of a micro-batch with its row
         indices, the new ids int64[b] and which rows were still generating (bool[b]).
     """
-    sampling.check()
+    try:
+        sampling.check()
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
+    if n_micro is not None and n_micro < 1:
+        raise GenerationError(f"n_micro must be >= 1, got {n_micro}")
     place = _place(module)
     stop_ids = _default_stop_ids(model_config) if stop_ids is None else list(stop_ids)
     pad_id = (model_config.pad_token_id if model_config.pad_token_id is not None else 0) if pad_id is None else pad_id
@@ -109,8 +114,6 @@ def generate(module, model_config, prompts: Sequence[Sequence[int]], *, max_new_
         return _empty_result(place.is_last)
     seeds = list(seeds) if seeds is not None else row_seeds(sampling.seed, prompts)
     m = min(n_micro or place.n_stages, n)
-    if m < 1:
-        raise GenerationError(f"n_micro must be >= 1, got {n_micro}")
 
     stage = _Stage(place, model_config, module)
     batches = [_MicroBatch(rows, prompts, pad_id, stage.device) for rows in _split_rows(prompts, m)]
