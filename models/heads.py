@@ -18,6 +18,13 @@ class DeferredLogits(NamedTuple):
     weight: torch.Tensor
 
 
+def _non_leaf(weight: torch.Tensor) -> torch.Tensor:
+    """A view of the weight with a grad_fn. Engines hook their backward prologue on the outputs that
+    have one (DeepSpeed's BF16_Optimizer clears the 16-bit gradients there); a bare parameter in the
+    output would get its gradient accumulated before that prologue ran, and then cleared."""
+    return weight.view_as(weight)
+
+
 def lm_logits(output: Union[torch.Tensor, DeferredLogits]) -> torch.Tensor:
     """Logits float[B,T,V] from an LM head's output, deferred or not."""
     return F.linear(output.hidden, output.weight) if isinstance(output, DeferredLogits) else output
@@ -46,7 +53,7 @@ class LMHead(nn.Module):
 
     def forward(self, inputs: tuple):
         if self.defer_logits and torch.is_grad_enabled():
-            return DeferredLogits(inputs[0], self.lm_head.weight)
+            return DeferredLogits(inputs[0], _non_leaf(self.lm_head.weight))
         return self.lm_head(inputs[0])
 
 
@@ -66,7 +73,7 @@ def tied_lm_head(embedding_module: nn.Module, inputs: tuple):
     """Forward of a tied LM head: DeepSpeed calls it with the stage's copy of the tied embedding
     module (TiedLayerSpec forward_fn). logits = hidden @ embedding_weight.T (or DeferredLogits)."""
     if getattr(embedding_module, "defer_logits", False) and torch.is_grad_enabled():
-        return DeferredLogits(inputs[0], embedding_module.embedding_weight)
+        return DeferredLogits(inputs[0], _non_leaf(embedding_module.embedding_weight))
     return F.linear(inputs[0], embedding_module.embedding_weight)
 
 

@@ -154,23 +154,43 @@ def test_precision_and_zero():
 
 def test_bf16_accumulation_warns_unless_zero1_fp32_and_shipped_configs_accumulate_in_fp32():
     """Issue 11.3: bf16 + ZeRO 0 accumulates gradients in bf16 (DeepSpeed's BF16_Optimizer); one
-    clear warning line; ZeRO 1 + grad_accum_dtype fp32 is the fix, ZeRO 0 + fp32 is refused."""
+    clear warning line; ZeRO 1 + grad_accum_dtype fp32 + communication_data_type fp32 is the fix (the
+    all-reduce casts to bf16 otherwise: tests/test_train_parity.py), ZeRO 0 + fp32 is refused."""
     bf16 = {"bf16": {"enabled": True}, "gradient_accumulation_steps": 4}
+    fix = ('add "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"} and '
+           '"communication_data_type": "fp32"')
     (warning,) = validate(cfg(**bf16), world_size=4).warnings
     assert warning.startswith("bf16 with gradient_accumulation_steps 4 accumulates gradients in bf16") and "\n" not in warning
-    assert 'add "zero_optimization": {"stage": 1} and "data_types": {"grad_accum_dtype": "fp32"}' in warning
+    assert warning.endswith(fix)
     assert validate(cfg(**bf16, zero_optimization={"stage": 1}), world_size=4).warnings  # ZeRO 1 alone: still bf16
-    fixed = validate(cfg(**bf16, zero_optimization={"stage": 1}, data_types={"grad_accum_dtype": "fp32"}), world_size=4)
+    # fp32 accumulation, but the all-reduce still casts the sums to bf16:
+    assert validate(cfg(**bf16, zero_optimization={"stage": 1}, data_types={"grad_accum_dtype": "fp32"}), world_size=4).warnings
+    fixed = validate(cfg(**bf16, zero_optimization={"stage": 1}, data_types={"grad_accum_dtype": "fp32"},
+                         communication_data_type="fp32"), world_size=4)
     assert fixed.warnings == () and fixed.ds_config["data_types"] == {"grad_accum_dtype": "fp32"}
     assert validate(cfg(bf16={"enabled": True}, gradient_accumulation_steps=1), world_size=4).warnings == ()
     assert validate(cfg(gradient_accumulation_steps=4), world_size=4).warnings == ()  # fp32
     assert problems(cfg(**bf16, data_types={"grad_accum_dtype": "fp32"})) == [
         'data_types.grad_accum_dtype "fp32" with bf16 needs zero_optimization {"stage": 1} (DeepSpeed has no fp32 '
         "accumulation for bf16 at ZeRO stage 0)"]
-    for name in ("ds_config_pp.json", "ds_config_rm.json"):
+    for name in ("ds_config_pp.json", "ds_config_rm.json", "ds_config_dpo.json"):
         shipped = load_config(str(REPO / "configs" / name), world_size=8)
         assert shipped.precision == "bf16" and shipped.grad_accum > 1 and shipped.warnings == (), name
-        assert shipped.ds_config["zero_optimization"]["stage"] == 1
+        assert shipped.ds_config["zero_optimization"]["stage"] == 1 and shipped.ds_config["communication_data_type"] == "fp32"
+
+
+def test_zero1_with_an_untested_optimizer_is_a_config_error_and_cpu_lion_warns():
+    """DeepSpeed asserts (a traceback) on an optimizer it has not tested with ZeRO, e.g. SGD."""
+    sgd = {"type": "SGD", "params": {"lr": 0.1}}
+    assert problems(cfg(optimizer=sgd, zero_optimization={"stage": 1})) == [
+        "optimizer type 'SGD' with zero_optimization stage 1: DeepSpeed refuses optimizers it has not tested with ZeRO; "
+        'add "zero_allow_untested_optimizer": true to use it anyway, or use AdamW, Adam, Adagrad or Lion']
+    assert validate(cfg(optimizer=sgd, zero_optimization={"stage": 1}, zero_allow_untested_optimizer=True), world_size=4)
+    assert validate(cfg(optimizer={"type": "LionPytorch", "params": {"lr": 1e-4}}, zero_optimization={"stage": 1}), world_size=4)
+    offload = {"stage": 1, "offload_optimizer": {"device": "cpu"}}
+    (warning,) = validate(cfg(optimizer={"type": "Lion", "params": {"lr": 1e-4}}, zero_optimization=offload), world_size=4).warnings
+    assert warning.startswith("DeepSpeed's CPU Lion (offload_optimizer) moves every parameter whose update is zero")
+    assert warning.endswith('use "type": "LionPytorch"')
 
 
 def test_flash_attention_with_packing_is_refused():

@@ -491,30 +491,15 @@ def test_bf16_zero1_fp32_accumulation_equals_hf_loop(runs, dirs, name):
 
 
 @multirank
-@pytest.mark.xfail(strict=True, reason="bf16 + ZeRO-1 + grad_accum_dtype fp32 (configs/ds_config_pp.json, ds_config_rm.json): DeepSpeed's "
-                                       "gradient all-reduce casts the fp32-accumulated gradient to communication_data_type, bf16 by "
-                                       "default, so the optimizer gets it rounded to bf16 (and D replicas summed in bf16); the configs "
-                                       "need \"communication_data_type\": \"fp32\"")
 def test_shipped_bf16_config_gives_the_optimizer_fp32_accumulated_gradients(runs, dirs):
+    """The shipped configs' precision keys (bf16, ZeRO-1, fp32 accumulation and, found by this test,
+    an fp32 communication_data_type: DeepSpeed's all-reduce casts to bf16 otherwise)."""
     _, save = runs["bf16_zero1_fp32_accum"]
     ref = bf16_reference(dirs, steps=1, bf16=True, accum_dtype=torch.float32)
     assert max_diff(pipeline_grads(save, dirs["llama"][1])[0], ref.grads[0]) <= 1e-6
 
 
-def chunked_loss_is_default() -> bool:
-    """Whether SFT's LM head defers its logits to a chunked loss by default (config key chunked_loss)."""
-    import dataclasses
-
-    from trainer.config import TrainConfig
-
-    return any(f.name == "chunked_loss" and f.default is True for f in dataclasses.fields(TrainConfig))
-
-
 @multirank
-@pytest.mark.xfail(chunked_loss_is_default(), strict=True, reason=(
-    "chunked_loss under bf16: the LM head weight gets a zero gradient. The head returns DeferredLogits(hidden, "
-    "weight), so DeepSpeed's output backward hooks (which run the backward prologue, BF16_Optimizer.clear_lp_grads) "
-    "fire only when the loss's backward reaches `hidden`, after lm_head.weight.grad was accumulated, and zero it"))
 def test_bf16_with_the_default_lm_head_loss_trains_every_weight(runs, dirs):
     """bf16 with SFT's default head loss (the chunked loss where the trainer has it, full logits
     otherwise): every weight gets a non-zero gradient at every step, the first step's gradients are

@@ -198,7 +198,7 @@ def validate(raw: dict, path: str = "<config>", world_size: Optional[int] = None
     _validate_dpo(project, problems)
     if problems:
         raise ConfigError(path, problems)
-    warnings = _precision_warnings(ds)
+    warnings = _precision_warnings(ds) + _optimizer_warnings(ds)
     fields = {k: v for k, v in project.items() if k != "model_topo"}
     if "no_decay" in fields:
         fields["no_decay"] = tuple(fields["no_decay"])
@@ -353,6 +353,13 @@ def _validate_precision_and_zero(ds: dict, device_supports_fp16: bool, problems:
             f"zero_optimization.stage {stage}: the pipeline engine supports ZeRO stage 0 or 1 only (stage 2/3 partition "
             "gradients/parameters, which pipeline parallelism does not allow); use stage 1, optionally with offload_optimizer"
         )
+    optimizer = ds.get("optimizer") or {}
+    kind = str(optimizer.get("type", "adamw")).lower()
+    if (stage == 1 and kind not in ZERO_TESTED_OPTIMIZERS and kind not in ("lionpytorch", "lion_pytorch", "lion-pytorch")
+            and not ds.get("zero_allow_untested_optimizer")):
+        problems.append(f'optimizer type {optimizer.get("type")!r} with zero_optimization stage 1: DeepSpeed refuses optimizers '
+                        'it has not tested with ZeRO; add "zero_allow_untested_optimizer": true to use it anyway, or use '
+                        "AdamW, Adam, Adagrad or Lion")
     if bf16 and stage == 0 and _accumulates_in_fp32(ds):
         problems.append(
             'data_types.grad_accum_dtype "fp32" with bf16 needs zero_optimization {"stage": 1} (DeepSpeed has no fp32 '
@@ -382,13 +389,31 @@ def _validate_attention(project: dict, problems: list[str]) -> None:
 
 def _precision_warnings(ds: dict) -> list[str]:
     """bf16 gradients accumulated in bf16 over several micro-batches lose precision (DeepSpeed warns
-    too): measured 0.6-1.6% gradient error over 32 micro-batches. ZeRO-1 with fp32 accumulation avoids it."""
+    too): measured 0.6-1.6% gradient error over 32 micro-batches. ZeRO-1 with fp32 accumulation avoids
+    it, and only with an fp32 communication_data_type: DeepSpeed's gradient all-reduce otherwise casts
+    the fp32 sums back to bf16 (even with one replica) before the optimizer sees them."""
     bf16 = ds.get("bf16", {}).get("enabled", False) or ds.get("bfloat16", {}).get("enabled", False)
     accum = ds.get("gradient_accumulation_steps", 1)
-    if bf16 and accum > 1 and not _accumulates_in_fp32(ds):
+    fp32_comm = str(ds.get("communication_data_type", "")).lower() in ("fp32", "float32", "float")
+    if bf16 and accum > 1 and not (_accumulates_in_fp32(ds) and fp32_comm):
         return [f"bf16 with gradient_accumulation_steps {accum} accumulates gradients in bf16 (about 1% gradient error over "
-                'dozens of micro-batches): add "zero_optimization": {"stage": 1} and "data_types": {"grad_accum_dtype": "fp32"}']
+                'dozens of micro-batches): add "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"} '
+                'and "communication_data_type": "fp32"']
     return []
+
+
+def _optimizer_warnings(ds: dict) -> list[str]:
+    optimizer = ds.get("optimizer") if isinstance(ds.get("optimizer"), dict) else {}
+    offload = ((ds.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device")
+    if str(optimizer.get("type", "")).lower() == "lion" and offload == "cpu":
+        return ['DeepSpeed\'s CPU Lion (offload_optimizer) moves every parameter whose update is zero (no gradient: the '
+                "pad row, embeddings of tokens not in the batch) by lr at every step; lion-pytorch leaves them alone: "
+                'use "type": "LionPytorch"']
+    return []
+
+
+# DeepSpeed's config optimizer types it builds as ZeRO-supported classes (deepspeed/runtime/zero/utils.py).
+ZERO_TESTED_OPTIMIZERS = ("adam", "adamw", "adagrad", "lion")
 
 
 def _accumulates_in_fp32(ds: dict) -> bool:
