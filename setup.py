@@ -4,6 +4,8 @@ Versions are pinned to the ones tested together (CPU: torch 2.13.0+cpu; see READ
 """
 from setuptools import find_packages, setup
 
+HF_DATA = ["datasets==5.2.0", "pyarrow==26.0.1"]
+
 setup(
     name="pipetune",
     version="0.1.0",
@@ -12,7 +14,7 @@ setup(
     packages=find_packages(include=["models", "models.*", "data", "data.*", "trainer", "trainer.*", "convert", "convert.*",
                                     "compat", "compat.*", "inference", "inference.*"]),
     py_modules=["train_ds", "convert_model", "demo"],
-    package_data={"data": ["samples/*.json", "samples/*.jsonl"]},
+    package_data={"data": ["samples/*.json", "samples/*.jsonl", "samples/*.parquet"]},
     install_requires=[
         "torch==2.13.0",
         "deepspeed==0.19.8",
@@ -27,5 +29,6 @@ setup(
         "numpy==2.4.6",
         "matplotlib==3.11.2",
     ],
-    extras_require={"test": ["pytest==9.2.0"]},
+    # "hf": reading .parquet files and datasets' save_to_disk folders (imported only for such files).
+    extras_require={"hf": HF_DATA, "test": ["pytest==9.2.0", *HF_DATA]},
 )

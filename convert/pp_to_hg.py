@@ -152,7 +152,7 @@ def pp_to_hg(input_path: str, save_path: str, max_shard_size: str = "5GB", overw
         tokenizer = _load_tokenizer(tmp)
         pad_id = _value_head_pad(tmp, config, tokenizer, read_metadata(search)) if head == "value" else None
         _write_config(tmp, config, specs, head, pad_id)
-        _write_chat_template(tmp, tokenizer)
+        _write_chat_template(tmp, tokenizer, read_metadata(search).get("template", "pipetune"))
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -189,13 +189,20 @@ def _load_tokenizer(out: Path):
     return AutoTokenizer.from_pretrained(out)
 
 
-def _write_chat_template(out: Path, tokenizer) -> None:
-    """Store the training prompt format with the tokenizer (`chat_template.jinja`, which
-    transformers loads with the tokenizer), so `apply_chat_template` reproduces training prompts."""
+def _write_chat_template(out: Path, tokenizer, template: str = "pipetune") -> None:
+    """Store the prompt format training used with the tokenizer (`chat_template.jinja`, which
+    transformers loads with the tokenizer), so `apply_chat_template` reproduces training prompts:
+    pipetune's template, or for `template` "model" (recorded in pipetune.json) the tokenizer's own."""
     from data.templates import set_chat_template
 
     if tokenizer is None:
         return  # no tokenizer to attach it to
+    if template == "model":
+        if not tokenizer.chat_template:
+            raise ConversionError("pipetune.json says training used the tokenizer's own chat template (template "
+                                  "\"model\"), but the checkpoint's tokenizer has none")
+        (out / "chat_template.jinja").write_text(tokenizer.get_chat_template())
+        return
     (out / "chat_template.jinja").write_text(set_chat_template(tokenizer))
 
 

@@ -302,6 +302,7 @@ class _Outcomes:
         self.reasons: List[str] = []
         self.problems: List[Problem] = []
         self.writer = SampleWriter()
+        self.pending: List[Tuple[np.ndarray, np.ndarray]] = []  # kept samples of the current batch
         self.samples: Optional[Samples] = None
 
     @property
@@ -320,7 +321,12 @@ class _Outcomes:
         self.chunks.append(chunks)
         self.n_samples.append(len(fitted))
         self.margin.append(margin)
-        self.writer.add(fitted)
+        self.pending.extend(fitted)
+
+    def end_batch(self) -> None:
+        """Store the batch's kept samples as one chunk (no per-sample arrays are kept)."""
+        self.writer.add(self.pending)
+        self.pending = []
 
     def arrays(self):
         for name in ("type", "status", "reason", "truncated", "context_cut", "chunks", "n_samples", "margin",
@@ -344,8 +350,10 @@ def _run_stream(stream: RecordStream, strict: bool, failed: bool = False, **job)
         batch.append(rec)
         if len(batch) == job["batch_size"]:
             _process(out, batch, skip=failed or (strict and bool(stream.problems or out.problems)), **job)
+            out.end_batch()
             batch = []
     _process(out, batch, skip=failed or (strict and bool(stream.problems or out.problems)), **job)
+    out.end_batch()
     out.arrays()
     return out
 
@@ -424,10 +432,13 @@ def _part(out: _Outcomes, index: np.ndarray, kind: str, pack: bool, T: int) -> D
     raw = out.raw_len[in_part[out.raw_rec]] if len(out.raw_rec) else np.zeros(0, dtype=np.int64)
     group = 2 if kind == "pairwise" else 1
     lengths = samples.lengths()
-    if kind == "lm":
-        rows = pack_rows(lengths.tolist(), T) if pack else [[i] for i in range(len(samples))]
+    if kind == "lm" and pack:
+        rows = pack_rows(lengths.tolist(), T)
         row_offsets, row_samples = rows_to_arrays(rows)
         n_rows = len(rows)
+    elif kind == "lm":  # one sample per row
+        row_offsets, row_samples = np.arange(len(samples) + 1, dtype=np.int64), np.arange(len(samples), dtype=np.int64)
+        n_rows = len(samples)
     else:
         row_offsets = row_samples = None
         n_rows = len(samples) // group

@@ -1,11 +1,15 @@
-"""``python -m data.inspect PATH... [--tokenizer-path DIR] [--max-seq-len N] [--show K] [--skip-bad]
-[--kind lm|pairwise|prompt] [--overflow truncate|drop|chunk] [--pack] [--pad-token TOKEN]``
+"""``python -m data.inspect PATH... [--format FORMAT] [--tokenizer-path DIR] [--template pipetune|model]
+[--max-seq-len N] [--show K] [--skip-bad] [--kind lm|pairwise|prompt] [--overflow truncate|drop|chunk] [--pack]
+[--pad-token TOKEN]``
 
-Validates record files: exit 0 when valid; otherwise prints one line per bad record to stderr and exits
-1 (no traceback). ``--skip-bad`` drops bad records instead and reports counts by reason.
+Validates record files (.json, .jsonl, .parquet, save_to_disk folders; any record format of
+``data.formats``, detected per file or given with --format): exit 0 when valid; otherwise prints one
+line per bad record to stderr and exits 1 (no traceback). ``--skip-bad`` drops bad records instead and
+reports counts by reason. It prints each file's record format and the record types it maps to.
 With ``--tokenizer-path`` it also tokenizes: per-type counts, token-length statistics, how many samples
 would be truncated or dropped at ``--max-seq-len``, and K rendered samples with the trained (unmasked)
-tokens marked ⟦like this⟧ (green when the output is a terminal), so you see exactly what is learned.
+tokens marked ⟦like this⟧ (green when the output is a terminal), so you see exactly what is learned,
+with pipetune's template or (``--template model``) the tokenizer's own chat template.
 """
 from __future__ import annotations
 
@@ -15,14 +19,20 @@ import json
 import sys
 from typing import List, Optional
 
+from data.chat_template import TEMPLATES
 from data.errors import DataError, TokenizerError
+from data.formats import FORMATS
 from data.packing import OVERFLOW_POLICIES
 from data.records import load_records
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data.inspect", description=__doc__.split("\n\n")[1])
-    p.add_argument("paths", nargs="+", help=".json/.jsonl files, globs or directories")
+    p.add_argument("paths", nargs="+", help=".json/.jsonl/.parquet files, save_to_disk folders, globs or folders")
+    p.add_argument("--format", choices=("auto",) + FORMATS, default="auto",
+                   help="the record format of every path (default: detected per file)")
+    p.add_argument("--template", choices=TEMPLATES, default="pipetune",
+                   help="pipetune's prompt template, or the tokenizer's own chat template (model)")
     p.add_argument("--tokenizer-path", help="HF tokenizer directory (enables token statistics and --show)")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--show", type=int, default=0, metavar="K", help="render K samples with the trained part marked")
@@ -49,11 +59,13 @@ def mark_trained(tokenizer, ids, trained, color: bool = False) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    paths = args.paths if args.format == "auto" else [{"path": p, "format": args.format} for p in args.paths]
     if args.tokenizer_path is None:
-        loaded = load_records(args.paths)
+        loaded = load_records(paths)
         if loaded.problems and not args.skip_bad:
             return _fail(DataError(loaded.problems))
         print(f"files: {len(loaded.files)}  valid records: {len(loaded.records)}")
+        _print_formats(dict(loaded.formats))
         print("types:", json.dumps(dict(collections.Counter(r.type for r in loaded.records)), ensure_ascii=False))
         if loaded.problems:
             print("dropped bad records:", json.dumps(dict(collections.Counter(p.reason for p in loaded.problems))))
@@ -67,8 +79,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: cannot load tokenizer from {args.tokenizer_path}: {e}", file=sys.stderr)
         return 2
     try:
-        built = build_dataset(args.paths, tokenizer, args.max_seq_len, kind=args.kind, pack=args.pack,
-                              overflow=args.overflow, strict=not args.skip_bad, pad_token=args.pad_token)
+        built = build_dataset(paths, tokenizer, args.max_seq_len, kind=args.kind, pack=args.pack,
+                              overflow=args.overflow, strict=not args.skip_bad, pad_token=args.pad_token,
+                              template=args.template)
     except TokenizerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -80,6 +93,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     st, tr = built.stats, built.stats["train"]
     print(f"files: {len(st['files'])}  valid records: {st['records']}  kind: {args.kind}  "
           f"max_seq_len: {args.max_seq_len}")
+    _print_formats(st["formats"])
+    _print_template(st["template"], tokenizer)
     print("types used:", json.dumps(tr["types"], ensure_ascii=False))
     if tr["unused"]:
         print(f"types not used by kind={args.kind}:", json.dumps(tr["unused"]))
@@ -109,6 +124,26 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(["[chosen]", "[rejected]"][side])
             print(mark_trained(tokenizer, row_ids[keep].tolist(), (row_lab[keep] != -100).tolist(), color))
     return 0
+
+
+def _print_formats(formats: dict) -> None:
+    for path, fmt in formats.items():
+        print(f"  {path}: {fmt} format" + ("" if fmt == "pipetune" else " (mapped to the unified record types)"))
+
+
+def _print_template(st: dict, tokenizer) -> None:
+    if st["name"] == "pipetune":
+        print("template: pipetune (Human:/Assistant:, data.templates)")
+        return
+    how = "its {% generation %} blocks" if st["generation_blocks"] else "incremental rendering"
+    print(f"template: the tokenizer's chat template; trained: assistant turns (from {how}), each ending with "
+          f"{st['end_of_turn']!r}")
+    if st["end_of_turn"] != tokenizer.eos_token:
+        print(f"  note: turns end with {st['end_of_turn']!r}, not EOS {tokenizer.eos_token!r}: generation must stop "
+              "at it (generation_config.json eos_token_id)")
+    if not st["prompt_boundary_ok"]:
+        print("  note: the tokenizer merges tokens across the end of the assistant header, so a prompt tokenized "
+              "alone (demo, serving) differs in its last tokens from the context training saw")
 
 
 def _fail(err: DataError) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -71,28 +72,34 @@ class Samples:
 
 
 class SampleWriter:
-    """Samples appended a batch at a time (``add``), kept as one concatenated chunk per batch, so that
-    memory holds ~5 bytes per token and no per-sample objects; ``finish`` joins the chunks."""
+    """Samples appended a batch at a time (``add``) and spilled to two temporary files (ids, targets) as
+    they come; ``finish`` reads them back into one array each. So memory holds no per-sample arrays while
+    a large file streams by, nothing accumulates in the heap between batches, and the result (~5 bytes
+    per token) is allocated once."""
 
-    def __init__(self):
-        self.tokens: List[np.ndarray] = []
-        self.target: List[np.ndarray] = []
+    def __init__(self, spill_dir: Optional[str] = None):
+        self._files = (tempfile.TemporaryFile(dir=spill_dir, prefix="pipetune-ids-"),
+                       tempfile.TemporaryFile(dir=spill_dir, prefix="pipetune-target-"))
         self.lengths: List[np.ndarray] = []
 
     def add(self, samples: Sequence[Tuple[np.ndarray, np.ndarray]]) -> None:
         if samples:
-            self.tokens.append(np.concatenate([s[0] for s in samples]).astype(np.int32, copy=False))
-            self.target.append(np.concatenate([s[1] for s in samples]).astype(bool, copy=False))
+            np.concatenate([s[0] for s in samples]).astype(np.int32, copy=False).tofile(self._files[0])
+            np.concatenate([s[1] for s in samples]).astype(bool, copy=False).tofile(self._files[1])
             self.lengths.append(np.array([len(s[0]) for s in samples], dtype=np.int64))
 
     def finish(self) -> Samples:
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        join = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dtype=dt))
-        tokens, target = join(self.tokens, np.int32), join(self.target, bool)
-        self.tokens, self.target, self.lengths = [], [], []
-        return Samples(tokens, target, offsets)
+        arrays = []
+        for fh, dtype in zip(self._files, (np.int32, bool)):
+            fh.flush()
+            fh.seek(0)
+            arrays.append(np.fromfile(fh, dtype=dtype))
+            fh.close()
+        self.lengths = []
+        return Samples(arrays[0], arrays[1], offsets)
 
 
 def fit_length(ids: np.ndarray, target: np.ndarray, max_len: int, overflow: str

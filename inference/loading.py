@@ -7,10 +7,11 @@ Two kinds of folder:
   template as `chat_template.jinja`, which transformers prefers to a `chat_template` in
   tokenizer_config.json; a folder without any template gets pipetune's.
 - a pipeline checkpoint (a `hg_to_pp` output, a training save_path, a global_stepN folder), converted in
-  memory: no files are written. It always renders with pipetune's training template (`data.templates`):
-  training never reads the tokenizer's `chat_template`, so a template that a chat model's
-  tokenizer_config.json carries (Llama-2-chat `[INST]`, Llama-3-Instruct) is not the one it was
-  trained with.
+  memory: no files are written. It renders with the template training used, as recorded in its
+  pipetune.json (`training_template_of`): pipetune's (`data.templates`; the default, and for a hg_to_pp
+  output, which nothing trained yet), so that a template a chat model's tokenizer_config.json carries
+  (Llama-2-chat `[INST]`, Llama-3-Instruct) is not used for a model trained on pipetune's; or, for a run
+  with `template: "model"`, the tokenizer's own chat template (`data.chat_template`).
 """
 from __future__ import annotations
 
@@ -42,9 +43,18 @@ def is_pipeline_checkpoint(path: Path) -> bool:
     return bool(find_layer_files(path)) or (path / "latest").is_file()
 
 
-def load_tokenizer(folder: Path, training_template: bool):
-    """The tokenizer of `folder`. `training_template`: always render with pipetune's training
-    template; otherwise keep the folder's own template and fall back to pipetune's."""
+def training_template_of(search: list[Path]) -> str:
+    """The prompt template a pipeline checkpoint was trained with: "pipetune" or "model" (pipetune.json's
+    "template", written by training; "pipetune" when absent)."""
+    from models.pipe_dir import read_metadata
+
+    return read_metadata(search).get("template", "pipetune")
+
+
+def load_tokenizer(folder: Path, training_template):
+    """The tokenizer of `folder`. `training_template`: True or "pipetune": render with pipetune's
+    training template; "model": with the tokenizer's own (an error when it has none); False: keep the
+    folder's own template and fall back to pipetune's."""
     from transformers import AutoTokenizer
 
     from data.templates import set_chat_template
@@ -53,7 +63,12 @@ def load_tokenizer(folder: Path, training_template: bool):
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise InferenceError(f"{folder}: cannot load the tokenizer ({first_line(e)})") from None
-    if training_template or not tokenizer.chat_template:
+    if training_template == "model":
+        if not tokenizer.chat_template:
+            raise InferenceError(f"{folder}: training used the tokenizer's own chat template (template \"model\" in "
+                                 "pipetune.json), but this tokenizer has none: copy chat_template.jinja or "
+                                 "tokenizer_config.json from the training source")
+    elif training_template or not tokenizer.chat_template:
         set_chat_template(tokenizer)
     if tokenizer.eos_token_id is None:
         raise InferenceError(f"{folder}: the tokenizer has no eos_token (it ends every assistant turn in the training template)")
@@ -96,7 +111,7 @@ def load_pipeline_checkpoint(path: Path, dtype: str):
                      if (f := find_side_file(search, name)) is not None), None)
     if tok_file is None:
         raise InferenceError(f"{ckpt_dir}: no tokenizer files here or in {search[-1]} (hg_to_pp copies them; copy them from the source HF folder)")
-    tokenizer = load_tokenizer(tok_file.parent, training_template=True)
+    tokenizer = load_tokenizer(tok_file.parent, training_template=training_template_of(search))
     if dtype == "auto":
         float_dtypes = {s.dtype for s in specs if s.dtype.is_floating_point}
         weights_dtype = float_dtypes.pop() if len(float_dtypes) == 1 else torch_dtype("float32")

@@ -55,3 +55,24 @@ def test_reports_truncation_chunking_and_pad(capsys):
     out = capsys.readouterr().out
     assert "chunked documents: " in out and "context cut from the left" in out
     assert "pad: '<pad>' (id 3, pad token)" in out
+
+
+def test_formats_and_model_template(tmp_path, capsys):
+    from data_fixtures import chat_tokenizer
+
+    samples = [f"{ROOT}/data/samples/{n}" for n in ("messages.jsonl", "sharegpt.json", "alpaca.json", "preference.jsonl",
+                                                   "completion.jsonl", "messages.parquet")]
+    assert main(samples) == 0
+    out = capsys.readouterr().out
+    assert f"{samples[1]}: sharegpt format (mapped to the unified record types)" in out
+    assert f"{samples[5]}: messages format" in out and "valid records: 19" in out
+    assert main([samples[1], "--format", "messages"]) == 1  # stated wrongly: every record is reported
+    assert "field 'messages': missing (required by the messages format)" in capsys.readouterr().err
+    tok_dir = tmp_path / "tok"
+    chat_tokenizer("llama3").save_pretrained(tok_dir)
+    assert main([samples[0], "--tokenizer-path", str(tok_dir), "--template", "model", "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "template: the tokenizer's chat template; trained: assistant turns (from incremental rendering), each " \
+           "ending with '<|eot_id|>'" in out
+    assert "<|start_header_id|>assistant<|end_header_id|>\n\n⟦It splits a model into stages" in out
+    assert "pad: '<|reserved_special_token_0|>'" in out

@@ -54,16 +54,22 @@ def tag_for(step: int) -> str:
     return f"global_step{step}"
 
 
-def prepare_save_path(save_path: str, plan, config_path: str, dtype: str, pad_token_id: int) -> None:
+def prepare_save_path(save_path: str, plan, config_path: str, dtype: str, pad_token_id: int,
+                      template: Optional[str] = None) -> None:
     """Rank 0, once: the side files that make SAVE_PATH a self-contained pipeline checkpoint.
-    pad_token_id: the pad the data used (pp_to_hg writes it into value-head exports)."""
+    pad_token_id: the pad the data used (pp_to_hg writes it into value-head exports). template: the
+    prompt template training used, "pipetune" or "model" (default: the training config's "template"
+    key); pp_to_hg exports it as the chat template and demo.py renders with it."""
     out = Path(save_path)
     out.mkdir(parents=True, exist_ok=True)
     copy_side_files([plan.side_dir], out, skip=("config.json",))
     plan.model_config.save_pretrained(out)  # the config actually trained (with its dtype, attn set on load)
+    if template is None:
+        template = json.loads(Path(config_path).read_text()).get("template", "pipetune")
     write_metadata(out, model_type=plan.model_config.model_type, num_pipe_layers=len(plan.layer_names),
                    layer_names=plan.layer_names, tie_word_embeddings=bool(getattr(plan.model_config, "tie_word_embeddings", False)),
-                   head=plan.head, dtype=dtype, source=str(plan.side_dir.resolve()), pad_token_id=pad_token_id)
+                   head=plan.head, dtype=dtype, source=str(plan.side_dir.resolve()), pad_token_id=pad_token_id,
+                   template=template)
     shutil.copy2(config_path, out / "train_config.json")
 
 

@@ -7,12 +7,16 @@ Project keys (all optional unless marked):
                   with from_scratch, any folder with config.json + tokenizer files
   from_scratch    false: load weights from model_path; true: seeded init from its config.json
   save_path       (required) where checkpoints, logs and the loss curve go
-  data_path       (required) a .json/.jsonl file, a glob, a folder, or a list of them
+  data_path       (required) a .json/.jsonl/.parquet file, a save_to_disk folder, a glob, a folder, or a list of
+                  them; an entry may be {"path": ..., "format": "messages" | "sharegpt" | "alpaca" | "preference"
+                  | "completion" | "pipetune"} (default: the format is detected per file; docs/data_format.md)
   eval_data_path  separate eval files; or eval_fraction: a share of data_path held out (0 = none)
   max_seq_len     tokens per row (default 512); pack: pack several records per row (false)
   overflow        over-long records: "truncate" (default; SFT cut on the right, pairwise/prompt context cut
                   on the left so answers keep their EOS), "drop", or "chunk" (pretrain documents split
                   into max_seq_len rows, every token trained once)
+  template        "pipetune" (default: pipetune's Human:/Assistant: template) or "model" (the tokenizer's own
+                  chat_template, loss on assistant turns only; exports and demo.py then use it too)
   pad_token       the padding token (a token string or id); default: the tokenizer's pad, else unk, else a
                   spare pad-like/reserved special token, else BOS (never EOS; see data.tokenize.choose_pad)
   skip_bad_records  false (strict: any bad record stops the run) | true (drop and count them)
@@ -98,6 +102,7 @@ class TrainConfig:
     pack: bool = False
     overflow: str = "truncate"
     pad_token: Union[str, int, None] = None
+    template: str = "pipetune"
     skip_bad_records: bool = False
     n_epochs: Optional[int] = None
     train_steps: Optional[int] = None
@@ -153,6 +158,7 @@ _TYPES = {
     "chunked_loss": bool,
     "seed": int, "save_interval": int, "keep_last": int, "eval_interval": int, "resume": str, "stage": str,
     "model_path": str, "save_path": str, "cache_dir": str, "no_decay": list, "pad_token": (str, int),
+    "template": str,
     "beta": (int, float), "loss_type": str, "label_smoothing": (int, float), "simpo_gamma": (int, float),
     "sft_coef": (int, float), "ref_path": str,
 }
@@ -255,6 +261,7 @@ def _validate_values(project: dict, problems: list[str]) -> None:
         problems.append("eval_fraction must be in [0, 1)")
     if project.get("eval_fraction") and project.get("eval_data_path"):
         problems.append("give eval_data_path or eval_fraction, not both")
+    _validate_data(project, problems)
     if "eval_samples" in project:
         from .eval_samples import config_problems
 
@@ -294,6 +301,17 @@ def _validate_dpo(project: dict, problems: list[str]) -> None:
         problems.append(f"sft_coef must not be negative, got {project['sft_coef']}")
     if project.get("from_scratch"):
         problems.append("stage \"dpo\" starts from trained weights (model_path, usually an SFT run); from_scratch is not supported")
+
+
+def _validate_data(project: dict, problems: list[str]) -> None:
+    from data.chat_template import TEMPLATES
+    from data.sources import data_path_problems
+
+    if project.get("template", "pipetune") not in TEMPLATES:
+        problems.append(f"template must be {' or '.join(repr(t) for t in TEMPLATES)}, got {project['template']!r}")
+    for key in ("data_path", "eval_data_path"):
+        if project.get(key) is not None:
+            problems.extend(data_path_problems(project[key], key))
 
 
 def _validate_batch(ds: dict, topo: Optional[ModelTopo], problems: list[str]) -> None:

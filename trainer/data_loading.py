@@ -29,7 +29,7 @@ def build_data(cfg, tokenizer, kind: str):
     return build_dataset(
         cfg.data_path, tokenizer, cfg.max_seq_len, kind=kind, pack=cfg.pack and kind == "lm", overflow=cfg.overflow,
         strict=not cfg.skip_bad_records, eval_paths=cfg.eval_data_path, eval_fraction=cfg.eval_fraction,
-        seed=cfg.seed, cache_dir=cfg.data_cache_dir(), pad_token=cfg.pad_token,
+        seed=cfg.seed, cache_dir=cfg.data_cache_dir(), pad_token=cfg.pad_token, template=cfg.template,
     )
 
 
