@@ -244,3 +244,34 @@ def test_demo_renders_prompts_as_training_did(tmp_path, style):
     text = demo_chat(pipetune_run).tokenizer.decode(demo_chat(pipetune_run).prompt_ids(context[-1:]))
     assert text.endswith("Human:\nWhat is 2 + 2?\n\nAssistant:\n")
     assert demo_chat(pp).tokenizer.chat_template != train_tok.chat_template  # hg_to_pp output: nothing trained yet
+
+
+def test_one_rank_training_run_records_and_serves_the_model_template(tmp_path):
+    """train_ds.py with "template": "model" (1 rank, 1 step): pipetune.json records it, and demo renders the
+    save_path's prompts with the tokenizer's template, token for token as the training data has them."""
+    import os
+    import subprocess
+    import sys
+
+    from convert.hg_to_pp import hg_to_pp
+    from test_train_cli import free_port
+
+    pp = hg_to_pp(chat_model_dir(tmp_path, "llama3"), tmp_path / "pp", progress=False)
+    data = write_jsonl(tmp_path / "d.jsonl", [CONVERSATION] * 2)
+    cfg = {"model_path": str(pp), "save_path": str(tmp_path / "run"), "data_path": [{"path": data, "format": "messages"}],
+           "template": "model", "train_steps": 1, "max_seq_len": 64, "train_micro_batch_size_per_gpu": 1,
+           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}, "parts": "auto"},
+           "optimizer": {"type": "SGD", "params": {"lr": 0.0}}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "train_ds.py", "--config", str(tmp_path / "config.json")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run = tmp_path / "run"
+    assert json.loads((run / "pipetune.json").read_text())["template"] == "model"
+    tok = AutoTokenizer.from_pretrained(run)
+    context = CONVERSATION["messages"][:3]
+    want = tok.apply_chat_template(context, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert want[:2] == [tok.bos_token_id, tok.convert_tokens_to_ids("<|start_header_id|>")]
+    assert demo_chat(run).prompt_ids(context) == want
