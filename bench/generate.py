@@ -10,7 +10,9 @@ weights and prompts:
 
   1. HF: `AutoModelForCausalLM.generate` (sdpa, KV cache, the batch left-padded) in one process with
      stages x threads-per-rank torch threads (the pipeline's total core budget); timed before and
-     after the pipeline block (the mean is the reference; both are printed to show drift);
+     after the pipeline block (the mean is the reference; both are printed to show drift); then HF
+     with one thread, a reference that a busy machine does not distort (an oversubscribed OpenMP pool
+     can be many times slower than one thread);
   2. pipelined, M = 1: `trainer.generation.generate` over `--stages` ranks (deepspeed launcher, one
      process per stage, threads-per-rank threads each), one micro-batch: one stage busy at a time;
   3. pipelined, M = P and M = 2P micro-batches in flight, round robin;
@@ -99,7 +101,7 @@ def hf_worker(work: Path) -> int:
     from transformers import AutoModelForCausalLM
 
     settings = json.loads((work / "settings.json").read_text())
-    torch.set_num_threads(settings["stages"] * settings["threads_per_rank"])
+    torch.set_num_threads(settings["hf_threads"])
     model = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32, attn_implementation="sdpa").eval()
     prompts = json.loads((work / "prompts.json").read_text())
     width = max(map(len, prompts))
@@ -121,10 +123,10 @@ def hf_worker(work: Path) -> int:
     return 0
 
 
-def run_hf(settings: dict, work: Path, block: int) -> dict:
-    settings = {**settings, "hf_block": block}
+def run_hf(settings: dict, work: Path, block, threads: int) -> dict:
+    settings = {**settings, "hf_block": block, "hf_threads": threads}
     (work / "settings.json").write_text(json.dumps(settings, indent=1))
-    env = {**os.environ, "OMP_NUM_THREADS": str(settings["stages"] * settings["threads_per_rank"]), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--hf-worker", str(work)], cwd=REPO, env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -277,6 +279,7 @@ def main(argv=None) -> int:
                 "no_engine_baseline": args.no_engine_baseline,
                 "parts": [int(x) for x in args.parts.split(",")] if args.parts else None}
     try:
+        settings["load_start"] = os.getloadavg()[0]
         t0 = time.perf_counter()
         config, n_params = build_model(settings, work)
         settings["vocab_size"] = config.vocab_size
@@ -286,13 +289,15 @@ def main(argv=None) -> int:
               f"{config.num_hidden_layers} layers, {config.num_attention_heads}/{config.num_key_value_heads} heads, vocab "
               f"{config.vocab_size}; {args.batch} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
               f"{args.new_tokens} new tokens each; built in {time.perf_counter() - t0:.1f} s", flush=True)
+        threads = args.stages * args.threads_per_rank
         print("HF generate, block 1 ...", flush=True)
-        hf1 = run_hf(settings, work, 1)
+        hf1 = run_hf(settings, work, 1, threads)
         print(f"pipeline, {args.stages} stages (launch; log in {work / 'pipeline.log'}) ...", flush=True)
         pipe = launch_pipeline(settings, work)
         print("HF generate, block 2 ...", flush=True)
-        hf2 = run_hf(settings, work, 2)
-        report(settings, config, n_params, hf1, hf2, pipe)
+        hf2 = run_hf(settings, work, 2, threads)
+        hf_one = run_hf(settings, work, "1thread", 1) if threads > 1 else None
+        report(settings, config, n_params, hf1, hf2, pipe, hf_one)
     finally:
         if not args.keep:
             for name in ("hf", "pp"):
@@ -302,31 +307,36 @@ def main(argv=None) -> int:
     return 0
 
 
-def report(settings: dict, config, n_params: int, hf1: dict, hf2: dict, pipe: dict) -> None:
+def report(settings: dict, config, n_params: int, hf1: dict, hf2: dict, pipe: dict, hf_one=None) -> None:
     tokens = settings["batch"] * settings["new_tokens"]
     tps = lambda seconds: tokens / statistics.median(seconds)
     hf = (tps(hf1["seconds"]) + tps(hf2["seconds"])) / 2
     reference = hf1["answers"]
     P = settings["stages"]
-    rows = [("(1) HF generate, 1 process, %d threads" % (P * settings["threads_per_rank"]), hf, reference)]
+    rows = [("(1) HF generate, 1 process, %d threads" % (P * settings["threads_per_rank"]), hf, reference,
+             hf1["seconds"] + hf2["seconds"])]
     for m, label in ((1, "(2) pipelined, M = 1"), (P, f"(3) pipelined, M = P = {P}"), (2 * P, f"(3) pipelined, M = 2P = {2 * P}")):
-        rows.append((label, tps(pipe[f"m{m}"]["seconds"]), pipe[f"m{m}"]["answers"]))
+        rows.append((label, tps(pipe[f"m{m}"]["seconds"]), pipe[f"m{m}"]["answers"], pipe[f"m{m}"]["seconds"]))
+    if hf_one is not None:  # one thread: a reference that oversubscription on a shared machine does not distort
+        rows.append(("HF generate, 1 process, 1 thread (reference)", tps(hf_one["seconds"]), hf_one["answers"], hf_one["seconds"]))
     if "engine_nocache" in pipe:
         e = pipe["engine_nocache"]
-        rows.append((f"(4) no cache, engine.eval_batch per token, M = {e['micro_batches']}", tps(e["seconds"]), e["answers"]))
+        rows.append((f"(4) no cache, engine.eval_batch per token, M = {e['micro_batches']}", tps(e["seconds"]), e["answers"],
+                     e["seconds"]))
     print()
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {platform.machine()}, "
           f"{os.cpu_count()} CPUs, python {platform.python_version()}; commit {git_commit()}")
     print(f"model {settings['model']} ({n_params / 1e6:.1f}M params, hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
           f"vocab {config.vocab_size}); batch {settings['batch']}, {settings['new_tokens']} new tokens; {P} stages, parts {pipe['parts']}, "
           f"{settings['threads_per_rank']} thread(s) per rank; median of {settings['repeats']} runs")
-    print(f"HF blocks: {tps(hf1['seconds']):.1f} and {tps(hf2['seconds']):.1f} tokens/s (before / after the pipeline)")
+    print(f"HF blocks: {tps(hf1['seconds']):.1f} and {tps(hf2['seconds']):.1f} tokens/s (before / after the pipeline); "
+          f"load average at the start / end: {settings.get('load_start', 0):.2f} / {os.getloadavg()[0]:.2f}")
     print()
-    print("| path | tokens/s | / HF | greedy tokens == HF |")
-    print("|---|---|---|---|")
-    for label, value, answers in rows:
+    print("| path | tokens/s | / HF | greedy tokens == HF | runs (s) |")
+    print("|---|---|---|---|---|")
+    for label, value, answers, seconds in rows:
         same = sum(a == b for a, b in zip(answers, reference))
-        print(f"| {label} | {value:.1f} | {value / hf:.2f} | {same}/{len(reference)} rows |")
+        print(f"| {label} | {value:.1f} | {value / hf:.2f} | {same}/{len(reference)} rows | {' '.join(f'{x:.2f}' for x in seconds)} |")
     best = max(tps(pipe[f"m{m}"]["seconds"]) for m in (P, 2 * P))
     print()
     print(f"goal (3) / (1) >= 0.8: {'met' if best / hf >= 0.8 else 'missed'} ({best / hf:.2f})")
