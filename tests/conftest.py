@@ -54,3 +54,13 @@ def randomise_norms_and_biases(hf_dir: Path, dtype: str, seed: int, scale: float
                 p.add_((torch.randn(p.shape, generator=gen) * scale).to(p.dtype))
     model.save_pretrained(hf_dir)
     return hf_dir
+
+
+def free_port() -> int:
+    """A local port nobody listens on: test files (and other runs on the machine) launch ranks at the
+    same time, and a fixed --master_port then fails with "address already in use"."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

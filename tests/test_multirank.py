@@ -8,14 +8,14 @@ import sys
 import pytest
 
 from convert.hg_to_pp import hg_to_pp
-from conftest import REPO
+from conftest import REPO, free_port
 
 pytestmark = pytest.mark.multirank
 
 
 def deepspeed_launch(script, *args, timeout=900):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29731", str(script), *args]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()), str(script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
