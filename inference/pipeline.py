@@ -8,7 +8,7 @@ World = P x D ranks: D replicas of the P-stage pipeline; a prompts file is share
 replicas, a chat turn goes to replica 0. Rank 0 (stage 0 of replica 0) reads input and writes
 replies: every stage holds the generated ids, and stage 0 sees each token as soon as it is chosen,
 so replies stream. Prompts are rendered with the training template exactly as `demo.py` does
-(`inference.loading.load_tokenizer(..., training_template=True)`, `apply_chat_template`).
+(`inference.loading.load_tokenizer` with the template training recorded, `apply_chat_template`).
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def load_pipeline_module(model_path, n_stages: int, dtype: str = "auto", device:
 
     from convert.errors import ConversionError
     from convert.pp_to_hg import load_layer, open_pipe_checkpoint
-    from inference.loading import is_pipeline_checkpoint, load_tokenizer, torch_dtype
+    from inference.loading import is_pipeline_checkpoint, load_tokenizer, torch_dtype, training_template_of
     from models.pipe_dir import CheckpointError, find_layer_files, find_side_file
     from models.pipeline import pipe_layer_names, prepare_config
     from trainer.auto_parts import auto_parts
@@ -109,7 +109,7 @@ def load_pipeline_module(model_path, n_stages: int, dtype: str = "auto", device:
                     if (f := find_side_file(search, name)) is not None), None)
     if tok_dir is None:
         raise InferenceError(f"{ckpt_dir}: no tokenizer files here or in {search[-1]} (hg_to_pp copies them)")
-    return module.eval(), plan, load_tokenizer(tok_dir, training_template=True)
+    return module.eval(), plan, load_tokenizer(tok_dir, training_template=training_template_of(search))
 
 
 def stop_ids_of(tokenizer, search_dir: Path) -> list[int]:
