@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from conftest import REPO
+from conftest import REPO, free_port
 from test_models import load_pipe
 from trainer.generation import GenerationError, _place, generate
 from trainer.sampling import SamplingConfig, apply_repetition_penalty, choose_next, draw, row_seeds, warp
@@ -232,10 +232,10 @@ def test_topology_not_matching_the_world_is_an_error():
 # ---------------------------------------------------------------------------------------------
 # 2 ranks: pipeline stages, data-parallel replicas, engine, SFT eval_samples, demo.
 
-def launch(script, *args, port, ranks=2, timeout=1200):
+def launch(script, *args, ranks=2, timeout=1200):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(script), *map(str, args)]
+           "--master_port", str(free_port()), str(script), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -265,7 +265,7 @@ def runs(model_dirs, tmp_path_factory):
     spec = {"models": {name: str(pp) for name, (_, pp) in model_dirs.items()}, "prompts": ragged_prompts(),
             "max_new": MAX_NEW, "sft_config": str(tmp / "sft.json")}
     (tmp / "spec.json").write_text(json.dumps(spec))
-    proc = launch(REPO / "tests" / "multirank" / "generate_runs.py", "--spec", tmp / "spec.json", "--out", tmp / "out.json", port=29851)
+    proc = launch(REPO / "tests" / "multirank" / "generate_runs.py", "--spec", tmp / "spec.json", "--out", tmp / "out.json")
     return json.loads((tmp / "out.json").read_text()), tmp, proc
 
 
@@ -377,7 +377,7 @@ def test_demo_pipeline_stages_2_gives_hf_greedy_tokens(model_dirs, hf_models, tm
     pfile.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     out = tmp_path / "answers.jsonl"
     proc = launch(REPO / "demo.py", "--model-path", pp, "--pipeline-stages", 2, "--prompts-file", pfile, "--output", out,
-                  "--greedy", "--max-new-tokens", 8, "--save-token-ids", port=29853)
+                  "--greedy", "--max-new-tokens", 8, "--save-token-ids")
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(rows) == 3 and rows[1]["id"] == 7 and "pipelined generation (2 stages x 1 replica" in proc.stderr
     tokenizer = load_tokenizer(pp, training_template=True)
@@ -398,7 +398,7 @@ def test_four_ranks_middle_stages_and_replicas_equal_hf_and_the_two_rank_samples
             "max_new": MAX_NEW, "layouts": True}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     launch(REPO / "tests" / "multirank" / "generate_runs.py", "--spec", tmp_path / "spec.json", "--out", tmp_path / "out.json",
-           port=29855, ranks=4)
+           ranks=4)
     results = json.loads((tmp_path / "out.json").read_text())
     for name in ("llama", "bloom"):
         expected = [hf_greedy(hf_models[name], p) for p in ragged_prompts()]
