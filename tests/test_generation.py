@@ -408,3 +408,16 @@ def test_four_ranks_middle_stages_and_replicas_equal_hf_and_the_two_rank_samples
             assert greedy["answers"] == expected, (name, stages)
             if name == "llama":
                 assert sample["answers"] == two_rank["llama/sample_m1"]["answers"], stages
+
+
+def test_eval_samples_config_values():
+    from trainer.eval_samples import EvalSamples, config_problems
+
+    assert config_problems(4) == [] and config_problems({"n": 2, "max_new_tokens": 8, "greedy": False, "temperature": 0.7}) == []
+    assert EvalSamples.from_config(3).sampling.greedy and EvalSamples.from_config(3).max_new_tokens == 64
+    assert not EvalSamples.from_config({"n": 1, "greedy": False}).sampling.greedy
+    assert "eval_samples must not be negative" in config_problems(-1)[0]
+    assert "unknown keys ['tempreature']" in config_problems({"n": 1, "tempreature": 0.5})[0]
+    assert "max_new_tokens must be an integer >= 1" in config_problems({"n": 1, "max_new_tokens": 0})[0]
+    assert "temperature must be > 0" in config_problems({"n": 1, "greedy": False, "temperature": 0})[0]
+    assert "must be a number of prompts or an object" in config_problems(True)[0]
