@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from inference.errors import InferenceError
-from inference.generation import Reply
+from inference.generation import ChatModel, Reply
 from inference.inputs import Item
 
 
@@ -137,17 +137,10 @@ class PipelineChat:
         self.sampling = SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                        repetition_penalty=args.repetition_penalty, seed=args.seed)
 
-    @property
-    def prompt_budget(self) -> int:
-        return self.max_context - self.max_new_tokens
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-
-    def check_fits(self, ids: list[int], where: str) -> None:
-        if len(ids) > self.prompt_budget:
-            raise InferenceError(f"{where}: the prompt is {len(ids)} tokens; with --max-new-tokens {self.max_new_tokens} a context of "
-                                 f"{self.max_context} tokens holds at most {self.prompt_budget}: shorten it or lower --max-new-tokens")
+    # The prompt side is ChatModel's own (same tokenizer, template and context budget).
+    prompt_budget = ChatModel.prompt_budget
+    prompt_ids = ChatModel.prompt_ids
+    check_fits = ChatModel.check_fits
 
     def generate_many(self, prompts: list[list[int]], seed=None, on_step=None):
         """This replica's share of `prompts` -> its `Generation` (rows of prompts[r::D])."""
