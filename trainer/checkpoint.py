@@ -127,14 +127,16 @@ def decide_resume(save_path: str, resume: str) -> Optional[tuple[str, str]]:
     return tuple(value) if value else None
 
 
-def start_or_resume(engine, resume_from: Optional[tuple[str, str]], batches) -> TrainState:
+def start_or_resume(engine, resume_from: Optional[tuple[str, str]], batches, companions: Optional[dict] = None) -> TrainState:
     """Collective. A fresh TrainState, or the one of checkpoint `resume_from` (root, tag) with the
     engine, optimizer, scheduler, data position (`batches`, None on ranks without data) and RNG
-    restored."""
+    restored; `companions` {name: engine} (PPO's critic) from root/name/tag (see `save`)."""
     if not resume_from:
         return TrainState()
     root, tag = resume_from
     saved = load(engine, root, tag)
+    for name, other in (companions or {}).items():
+        load_companion(other, str(Path(root) / name), tag)
     if batches is not None:
         batches.load_state_dict(saved["data"])
     if torch.distributed.get_rank() == 0:
@@ -143,7 +145,8 @@ def start_or_resume(engine, resume_from: Optional[tuple[str, str]], batches) -> 
     return TrainState(saved["step"], saved["history"], saved["evals"], list(saved.get("saved_tags") or [tag]), tag)
 
 
-def save_training(engine, save_path: str, state: TrainState, batches, keep_last: int) -> str:
+def save_training(engine, save_path: str, state: TrainState, batches, keep_last: int,
+                  companions: Optional[dict] = None, extra_state: Optional[dict] = None) -> str:
     """Collective: refuse non-finite weights, then save the engine with the trainer state and rank
     0's data position (rank 0 reads data; every replica's position follows from it)."""
     import deepspeed.comm as dist
@@ -153,8 +156,11 @@ def save_training(engine, save_path: str, state: TrainState, batches, keep_last:
     tag = tag_for(state.step)
     state.saved_tags = [t for t in state.saved_tags if t != tag] + [tag]
     trainer_state = {"step": state.step, "history": state.history, "evals": state.evals, "data": data_position,
-                     "saved_tags": state.saved_tags}
-    return save(engine, save_path, state.step, trainer_state, tags_to_keep(state.saved_tags, keep_last, state.resumed_from))
+                     "saved_tags": state.saved_tags, **(extra_state or {})}
+    for other in (companions or {}).values():
+        check_finite_weights(other.module, state.step)
+    return save(engine, save_path, state.step, trainer_state, tags_to_keep(state.saved_tags, keep_last, state.resumed_from),
+                companions)
 
 
 def tags_to_keep(saved_tags: list, keep_last: int, resumed_from: Optional[str]) -> set:
@@ -164,12 +170,19 @@ def tags_to_keep(saved_tags: list, keep_last: int, resumed_from: Optional[str]) 
     return keep | ({resumed_from} if resumed_from else set())
 
 
-def save(engine, save_path: str, step: int, trainer_state: dict, keep: set) -> str:
-    """Collective: every rank calls it. `keep`: the tags pruning leaves (this one always)."""
+def save(engine, save_path: str, step: int, trainer_state: dict, keep: set, companions: Optional[dict] = None) -> str:
+    """Collective: every rank calls it. `keep`: the tags pruning leaves (this one always).
+    companions {name: engine}: other engines of the run (PPO's critic), each saved as its own
+    DeepSpeed checkpoint in SAVE_PATH/name/global_stepN (with SAVE_PATH/name/latest, so pp_to_hg reads
+    it like any save_path); all of them are complete before SAVE_PATH/latest moves, the one `latest`
+    a resume follows."""
     import deepspeed.comm as dist
 
     tag = tag_for(step)
     engine.save_checkpoint(save_path, tag=tag, save_latest=False)
+    companions = companions or {}
+    for name, other in companions.items():
+        other.save_checkpoint(str(Path(save_path) / name), tag=tag, save_latest=False)
     tag_dir = Path(save_path) / tag
     first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
     torch.save(rng_state(), tag_dir / f"rng_rank_{dist.get_rank():04d}.pt")
@@ -177,12 +190,18 @@ def save(engine, save_path: str, step: int, trainer_state: dict, keep: set) -> s
     if first_on_node:
         _write_json_atomic(tag_dir / "trainer_state.json", trainer_state)
         fsync_tree(tag_dir)
+        for name in companions:
+            fsync_tree(Path(save_path) / name / tag)
     dist.barrier()
     if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
         os.kill(os.getpid(), 9)
     if first_on_node:
+        for name in companions:
+            _write_text_atomic(Path(save_path) / name / "latest", tag)
         _write_text_atomic(Path(save_path) / "latest", tag)
         prune(save_path, set(keep) | {tag})
+        for name in companions:
+            prune(str(Path(save_path) / name), set(keep) | {tag})
     dist.barrier()
     return tag
 
@@ -220,6 +239,17 @@ def load(engine, root: str, tag: str) -> dict:
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return broadcast_object(json.loads((tag_dir / "trainer_state.json").read_text()) if dist.get_rank() == 0 else None)
+
+
+def load_companion(engine, root: str, tag: str) -> None:
+    """Collective: a companion engine's module, optimizer and scheduler from root/tag (see `save`)."""
+    if not (Path(root) / tag).is_dir():
+        raise CheckpointError(f"resume: {Path(root) / tag} is missing (saved together with {Path(root).parent / tag}); "
+                              "the checkpoint is incomplete: resume an older tag or start fresh")
+    load_path, _ = load_checkpoint_with_own_model_states(engine, root, tag, load_module_strict=True,
+                                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag} from {root}")
 
 
 def rng_state() -> dict:

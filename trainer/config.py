@@ -36,8 +36,11 @@ Project keys (all optional unless marked):
   resume          "auto" (continue from save_path/latest when present), "never", or a checkpoint folder
   no_decay        parameter-name patterns without weight decay (default: biases and norm weights)
   stage           "sft" (causal LM loss on the trained tokens), "rm" (reward model: pairwise records,
-                  value head, -logsigmoid(score_chosen - score_rejected)) or "dpo" (pairwise records,
-                  LM head, preference loss against a frozen reference; trainer/recipes/dpo.py)
+                  value head, -logsigmoid(score_chosen - score_rejected)), "dpo" (pairwise records,
+                  LM head, preference loss against a frozen reference; trainer/recipes/dpo.py) or "ppo"
+                  (prompts; actor, critic, reference and reward model on the same ranks; trainer/recipes/ppo.py)
+  PPO keys (stage "ppo" only; trainer/ppo_config.py documents them): actor_path, critic_path, reward_path,
+    ref_path (shared with DPO), and "ppo": {...}; model_path defaults to actor_path
   DPO keys (stage "dpo" only; formulas in trainer/dpo_math.py):
     beta            (0.1) strength of the preference term (SimPO uses ~2)
     loss_type       "sigmoid" (DPO; default), "ipo" (length-averaged log-probs) or "simpo" (reference-free)
@@ -125,6 +128,10 @@ class TrainConfig:
     simpo_gamma: float = 0.5
     sft_coef: float = 0.0
     ref_path: Optional[str] = None
+    actor_path: Optional[str] = None
+    critic_path: Optional[str] = None
+    reward_path: Optional[str] = None
+    ppo: dict = dataclasses.field(default_factory=dict)  # see trainer.ppo_config
     config_path: str = ""
     warnings: tuple = ()  # one line each, logged by rank 0 (not a config key)
 
@@ -160,10 +167,11 @@ _TYPES = {
     "model_path": str, "save_path": str, "cache_dir": str, "no_decay": list, "pad_token": (str, int),
     "template": str,
     "beta": (int, float), "loss_type": str, "label_smoothing": (int, float), "simpo_gamma": (int, float),
-    "sft_coef": (int, float), "ref_path": str,
+    "sft_coef": (int, float), "ref_path": str, "actor_path": str, "critic_path": str, "reward_path": str, "ppo": dict,
 }
-STAGES = ("sft", "rm", "dpo")
+STAGES = ("sft", "rm", "dpo", "ppo")
 DPO_KEYS = ("beta", "loss_type", "label_smoothing", "simpo_gamma", "sft_coef", "ref_path")
+PPO_KEYS = ("actor_path", "critic_path", "reward_path", "ppo")
 
 
 def load_config(path: str, world_size: Optional[int] = None, device_supports_fp16: bool = True) -> TrainConfig:
@@ -186,8 +194,10 @@ def validate(raw: dict, path: str = "<config>", world_size: Optional[int] = None
     for key in sorted(set(raw) - PROJECT_KEYS - DEEPSPEED_KEYS):
         close = difflib.get_close_matches(key, sorted(PROJECT_KEYS | DEEPSPEED_KEYS), n=1, cutoff=0.6)
         problems.append(f"unknown key {key!r}" + (f": did you mean {close[0]!r}?" if close else " (see trainer/config.py for the project keys)"))
+    if raw.get("stage") == "ppo" and "model_path" not in raw and isinstance(raw.get("actor_path"), str):
+        project["model_path"] = raw["actor_path"]  # the actor is the run's model (its tokenizer, its parts)
     for key in ("model_path", "save_path", "data_path", "model_topo"):
-        if key not in raw:
+        if key not in raw and key not in project:
             problems.append(f"missing required key {key!r}")
     for key, typ in _TYPES.items():
         if key in project and project[key] is not None and (not isinstance(project[key], typ) or (typ is int and isinstance(project[key], bool))):
@@ -202,6 +212,7 @@ def validate(raw: dict, path: str = "<config>", world_size: Optional[int] = None
     _validate_attention(project, problems)
     _validate_compile(project, problems)
     _validate_dpo(project, problems)
+    _validate_ppo(project, ds, topo, problems)
     if problems:
         raise ConfigError(path, problems)
     warnings = _precision_warnings(ds) + _optimizer_warnings(ds)
@@ -276,7 +287,23 @@ def _validate_values(project: dict, problems: list[str]) -> None:
         problems.append("say how long to train: n_epochs and/or train_steps (train_steps wins when both are given)")
 
 
+def _validate_ppo(project: dict, ds: dict, topo: Optional[ModelTopo], problems: list[str]) -> None:
+    if project.get("stage", "sft") != "ppo":
+        given = [k for k in PPO_KEYS if k in project]
+        if given:
+            problems.append(f"{', '.join(given)}: PPO keys, but stage is {project.get('stage', 'sft')!r} (set \"stage\": \"ppo\" or remove them)")
+        return
+    from .ppo_config import problems as ppo_problems
+
+    problems.extend(ppo_problems(project, ds, topo.pipe if topo else None))
+
+
 def _validate_dpo(project: dict, problems: list[str]) -> None:
+    if project.get("stage", "sft") == "ppo":  # shares ref_path with DPO, nothing else
+        given = [k for k in DPO_KEYS if k in project and k != "ref_path"]
+        if given:
+            problems.append(f"{', '.join(given)}: DPO keys, but stage is 'ppo' (remove them)")
+        return
     if project.get("stage", "sft") != "dpo":
         given = [k for k in DPO_KEYS if k in project]
         if given:

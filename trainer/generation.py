@@ -33,7 +33,7 @@ losses): `logprobs` under the model's raw distribution (what a training forward 
 log-probs) and `sampling_logprobs` under the distribution actually sampled from (see trainer.sampling).
 """
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch

@@ -2,7 +2,7 @@
 its whole run top to bottom and owns its loop. config "stage" picks the recipe."""
 import importlib
 
-RECIPES = {"sft": "trainer.recipes.sft", "rm": "trainer.recipes.rm", "dpo": "trainer.recipes.dpo"}
+RECIPES = {"sft": "trainer.recipes.sft", "rm": "trainer.recipes.rm", "dpo": "trainer.recipes.dpo", "ppo": "trainer.recipes.ppo"}
 
 
 def get_recipe(name: str):

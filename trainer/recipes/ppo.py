@@ -1,0 +1,344 @@
+"""PPO (InstructGPT step 3) on the pipeline engine: actor, critic, reference and reward model as four
+PipelineModules on the same (P, D) ranks.
+
+    deepspeed train_ds.py --config configs/ds_config_ppo.json      ("stage": "ppo")
+
+Models (trainer/ppo_config.py has every key): the actor (`actor_path`, LM head) and the critic
+(`critic_path`, value head) are trained, each with its own optimizer and scheduler (the critic's
+from "ppo": {"critic": {...}}, else the actor's); the reference (`ref_path`, default the actor's
+start) and the reward model (`reward_path`, default the critic's start) are frozen engines with no
+optimizer. Each may have its own parts; all four share the topology, so stage s of every model is
+on the same ranks and the last stage of each replica holds every model's outputs.
+
+One step (every replica works on its own rows; only sums cross replicas):
+  1. rollout: rank 0 picks `rollout_batch_size` prompts (trainer.rollout), each replica generates
+     its share with the actor's current weights (trainer.generation: KV-cached, micro-batches in
+     flight across the stages), laid out at one fixed width S = max_seq_len + max_new_tokens.
+  2. score, pipelined forward-only passes (trainer.forward_only) over micro-batches of the rows: the
+     actor's log-probs recomputed with the training forward (the "old" log-probs of the ratio), the
+     reference's log-probs, the critic's values, and the reward model's score at each row's last
+     real token (models.heads.last_token_index: the RM recipe's rule).
+  3. rewards (trainer.ppo_math, on the last stage): -kl_coef * KL_t per answer token (or a KL loss
+     term), the clipped score (minus missing_eos_penalty) at the last answer token; GAE; returns =
+     advantages + values; advantages whitened over the whole rollout (sums all-reduced).
+  4. update: ppo_epochs x minibatches of train_batch_size rows (a seeded shuffle, the same on every
+     stage), each one train_batch of the actor (clipped surrogate) and one of the critic (clipped
+     value loss), the tensors riding in the labels tuple to the last stage (trainer.ppo_losses),
+     normalised over the minibatch's answer tokens as SFT normalises.
+
+Metrics (rank 0; DeepSpeed's monitor: CSV / TensorBoard / W&B as configured, and the progress bar):
+PPO/reward_mean, PPO/reward_std (per row: sum of its token rewards), PPO/score_mean (the raw RM
+score), PPO/kl (per row: sum of the KL estimate over its answer), PPO/policy_loss, PPO/value_loss,
+PPO/clip_frac, PPO/approx_kl, PPO/entropy (means over the update's answer tokens),
+PPO/response_length, PPO/logprob_gap (max |generation log-prob - training-forward log-prob| over
+the answer tokens: ~1e-6 in fp32, the same weights), PPO/gen_tokens_per_s (answer tokens generated
+/ generation seconds), PPO/train_tokens_per_s (real rollout tokens x ppo_epochs / update seconds,
+actor and critic together), PPO/time_generate_s, PPO/time_score_s, PPO/time_train_s.
+
+Checkpoints: SAVE_PATH is the actor's save_path (layer files, side files, trainer_state with the
+prompt sampler's position and the metrics, every rank's RNG); the critic is saved with it in
+SAVE_PATH/critic/global_stepN; SAVE_PATH/latest moves last, once both are complete. Export:
+    python convert_model.py pp_to_hg --input-path SAVE_PATH --save-path actor_hf          (*ForCausalLM)
+    python convert_model.py pp_to_hg --input-path SAVE_PATH/critic --save-path critic_hf  (*ForSequenceClassification)
+"""
+import dataclasses
+import logging
+import time
+
+import torch
+from tqdm import tqdm
+
+from models.heads import last_token_index
+from models.pipe_dir import CheckpointError, read_metadata, resolve_checkpoint_dir
+
+from .. import checkpoint
+from ..config import ModelTopo
+from ..data_loading import build_data
+from ..distributed import all_reduce_sum, broadcast_object
+from ..engine import build_engine
+from ..forward_only import forward_only
+from ..generation import generate, replica_share
+from ..guards import check_finite_loss
+from ..metering import log_plan, write_events
+from ..model_plan import plan_model
+from ..ppo_config import PPOOptions
+from ..ppo_losses import ACTOR_STATS, ActorLoss, CriticLoss, reduce_scores, reduce_token_logps, reduce_values
+from ..ppo_math import gae, kl_estimate, token_rewards
+from ..preflight import preflight
+from ..reference_logps import frozen_reference_engine
+from ..rollout import PromptSampler, fixed_width_rollout, step_prompts
+from ..sampling import SamplingConfig
+
+logger = logging.getLogger("pipetune")
+CRITIC_DIR = "critic"
+MONITOR_KEYS = ("tensorboard", "csv_monitor", "wandb", "comet")
+
+
+def run(cfg, topo, device_name: str) -> dict:
+    """Train; returns {"step", "history" ([step, policy loss]), "evals" ([]), "train_metrics"
+    ([step, {PPO/...}])} on every rank. Collective: every rank calls it."""
+    from transformers import AutoTokenizer
+
+    hosts = preflight(cfg, topo.rank, topo.world_size)
+    opts = PPOOptions.from_config(cfg.ppo)
+    critic_parts = opts.critic.get("parts")
+    actor_plan = plan_model(cfg, "lm", cfg.actor_path)
+    critic_plan = plan_model(with_parts(cfg, critic_parts), "value", cfg.critic_path)
+    ref_plan = plan_model(with_parts(cfg, opts.ref_parts), "lm", cfg.ref_path or cfg.actor_path)
+    reward_plan = plan_model(with_parts(cfg, opts.reward_parts or critic_parts), "value", cfg.reward_path or cfg.critic_path)
+    tokenizer = AutoTokenizer.from_pretrained(actor_plan.side_dir)
+    check_models(cfg, opts, tokenizer, {"actor_path": actor_plan, "critic_path": critic_plan,
+                                        "ref_path": ref_plan, "reward_path": reward_plan})
+
+    # Prompts: rank 0 only (broadcast per step); a data error stops every rank.
+    data, problem = None, None
+    if topo.rank == 0:
+        try:
+            data = build_data(cfg, tokenizer, "prompt")
+        except Exception as e:  # noqa: BLE001 - re-raised on rank 0, a stop everywhere
+            problem = e
+    if broadcast_object(problem is not None):
+        raise problem if problem is not None else CheckpointError("stopped: rank 0 could not read the prompts")
+    n_prompts, pad_id = broadcast_object((len(data.train), data.stats["pad"]["id"]) if data is not None else None)
+    prompts_per_step = opts.rollout_batch_size or cfg.global_batch
+    rows = opts.rollout_rows(cfg.global_batch)
+    minibatches = rows // cfg.global_batch
+    total_steps = cfg.train_steps or max(1, cfg.n_epochs * n_prompts // prompts_per_step)
+    optimizer_steps = total_steps * opts.ppo_epochs * minibatches  # what the schedulers count
+    sampler = PromptSampler(n_prompts, cfg.seed) if topo.rank == 0 else None
+
+    resume_from = checkpoint.decide_resume(cfg.save_path, cfg.resume)
+    if topo.rank == 0:
+        log_plan("ppo actor", cfg, actor_plan, data.stats)
+        logger.info("ppo: %d prompts per step x %d samples = %d rows, %d minibatch(es) x %d epoch(s) = %d optimizer "
+                    "steps per PPO step, %d PPO steps", prompts_per_step, opts.n_samples_per_prompt, rows, minibatches,
+                    opts.ppo_epochs, opts.ppo_epochs * minibatches, total_steps)
+    weights = "checkpoint" if resume_from else "load"
+    actor_loss = ActorLoss(opts)
+    actor = build_engine(cfg, actor_plan, topo, optimizer_steps, weights=weights, loss_fn=actor_loss)
+    critic = build_engine(critic_config(cfg, opts), critic_plan, topo, optimizer_steps, weights=weights, loss_fn=CriticLoss(opts))
+    with frozen_reference_engine(cfg, ref_plan, topo) as ref, frozen_reference_engine(cfg, reward_plan, topo) as reward:
+        if topo.rank == 0:
+            checkpoint.prepare_save_path(cfg.save_path, actor_plan, cfg.config_path, cfg.precision, pad_id)
+            checkpoint.prepare_save_path(f"{cfg.save_path}/{CRITIC_DIR}", critic_plan, cfg.config_path, cfg.precision, pad_id)
+            checkpoint.write_topology(cfg.save_path, actor_plan, topo, hosts)
+        state = checkpoint.start_or_resume(actor, resume_from, sampler, companions={CRITIC_DIR: critic})
+        train_metrics = broadcast_object(load_train_metrics(resume_from) if topo.rank == 0 else None)
+
+        sampling = SamplingConfig(greedy=opts.greedy, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+                                  repetition_penalty=opts.repetition_penalty)
+        stop_ids = sorted({tokenizer.eos_token_id, *config_eos(actor_plan.model_config)})
+        bar = tqdm(total=total_steps, initial=state.step, desc="ppo", unit="step", disable=topo.rank != 0, dynamic_ncols=True)
+        last_saved = state.step if resume_from else None
+        for step in range(state.step + 1, total_steps + 1):
+            # 1. Rollout: this replica's share of the step's prompts, generated by the actor.
+            t0 = time.perf_counter()
+            prompts, seeds = step_prompts(sampler, data.train if data else None, prompts_per_step,
+                                          opts.n_samples_per_prompt, cfg.seed, step)
+            gen = generate(actor.module, actor_plan.model_config, replica_share(prompts, actor.module),
+                           max_new_tokens=opts.max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, sampling=sampling,
+                           seeds=replica_share(seeds, actor.module), max_context=cfg.max_seq_len + opts.max_new_tokens)
+            ro = fixed_width_rollout(gen, cfg.max_seq_len, opts.max_new_tokens, pad_id)
+            t1 = time.perf_counter()
+
+            # 2. Score: pipelined forward-only passes; results on the last stage.
+            n_micro = ro.n_rows // cfg.micro_batch
+            all_rows = torch.arange(ro.n_rows)
+            feed = [(ro.ids[r], ro.mask[r]) for r in ro.micro_batches(all_rows, cfg.micro_batch)]
+            token_feed = [(inputs, (ro.tokens[r],)) for inputs, r in zip(feed, ro.micro_batches(all_rows, cfg.micro_batch))]
+            old_logps = forward_only(actor, token_feed, n_micro, reduce_token_logps)
+            ref_logps = forward_only(ref, token_feed, n_micro, reduce_token_logps)
+            old_values = forward_only(critic, token_feed, n_micro, reduce_values)
+            scores = forward_only(reward, [(inputs, (last_token_index(inputs[1]),)) for inputs in feed], n_micro, reduce_scores)
+            t2 = time.perf_counter()
+
+            # 3. Rewards, advantages, returns (last stage); whitening over the whole rollout.
+            scored = None
+            if topo.is_last_stage:
+                old_logps, ref_logps, old_values, scores = (torch.cat(x) for x in (old_logps, ref_logps, old_values, scores))
+                kl = kl_estimate(old_logps, ref_logps, opts.kl_estimator) * ro.answer
+                rewards = token_rewards(kl if opts.kl_in_reward else torch.zeros_like(kl), scores, ro.answer, opts.kl_coef,
+                                        opts.reward_clip, ro.ended, opts.missing_eos_penalty)
+                advantages, returns = gae(rewards, old_values * ro.answer, ro.answer, opts.gamma, opts.lam)
+                scored = {"old_logps": old_logps, "ref_logps": ref_logps, "old_values": old_values, "advantages": advantages,
+                          "returns": returns, "kl": kl, "rewards": rewards, "scores": scores}
+            rollout_stats = rollout_sums(ro, scored, topo)
+            if opts.whiten_advantages:
+                n, mean, var = whitening_moments(rollout_stats)
+                if scored is not None:
+                    scored["advantages"] = (scored["advantages"] - mean) * torch.rsqrt(torch.tensor(var + 1e-8)) * ro.answer
+
+            # 4. Update: ppo_epochs x minibatches, one optimizer step of each model per minibatch.
+            rows_per_minibatch = cfg.micro_batch * cfg.grad_accum
+            orders = [torch.randperm(ro.n_rows, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 131 + epoch))
+                      for epoch in range(opts.ppo_epochs)]
+            chunks = [order[k:k + rows_per_minibatch] for order in orders for k in range(0, ro.n_rows, rows_per_minibatch)]
+            n_tokens = all_reduce_sum(torch.tensor([float(ro.answer[c].sum()) for c in chunks], dtype=torch.float64))
+            policy_losses, value_losses = [], []
+            for chunk, n_global in zip(chunks, n_tokens.tolist()):
+                token_scale = torch.tensor(cfg.grad_accum * topo.data / max(n_global, 1.0), dtype=torch.float64)
+                micro = ro.micro_batches(chunk, cfg.micro_batch)
+                policy_losses.append(float(actor.train_batch(data_iter=iter(
+                    [actor_batch(ro, scored, r, token_scale) for r in micro]))))
+                value_losses.append(float(critic.train_batch(data_iter=iter(
+                    [critic_batch(ro, scored, r, token_scale) for r in micro]))))
+                check_finite_loss(policy_losses[-1], step)
+                check_finite_loss(value_losses[-1], step)
+            t3 = time.perf_counter()
+
+            metrics = step_metrics(rollout_stats, all_reduce_sum(actor_loss.take_stats()), policy_losses, value_losses, logprob_gap(ro, scored), opts, t1 - t0, t2 - t1, t3 - t2)
+            state.step = step
+            state.history.append([step, metrics["PPO/policy_loss"]])
+            train_metrics.append([step, metrics])
+            if topo.rank == 0:
+                write_events(actor, [(k, v, step) for k, v in metrics.items()])
+                bar.set_postfix({"reward": f"{metrics['PPO/reward_mean']:.3g}", "score": f"{metrics['PPO/score_mean']:.3g}",
+                                 "kl": f"{metrics['PPO/kl']:.3g}", "len": f"{metrics['PPO/response_length']:.3g}"})
+                bar.update(1)
+            if cfg.save_interval and step % cfg.save_interval == 0:
+                checkpoint.save_training(actor, cfg.save_path, state, sampler, cfg.keep_last, companions={CRITIC_DIR: critic},
+                                         extra_state={"train_metrics": train_metrics})
+                last_saved = step
+        bar.close()
+        if last_saved != state.step:
+            checkpoint.save_training(actor, cfg.save_path, state, sampler, cfg.keep_last, companions={CRITIC_DIR: critic},
+                                     extra_state={"train_metrics": train_metrics})
+    return {"step": state.step, "history": state.history, "evals": state.evals, "train_metrics": train_metrics}
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup.
+
+def with_parts(cfg, parts):
+    """cfg with another model's layers per stage (None: cfg's own)."""
+    if parts is None:
+        return cfg
+    return dataclasses.replace(cfg, model_topo=ModelTopo(cfg.model_topo.pipe, cfg.model_topo.data, parts))
+
+
+def critic_config(cfg, opts):
+    """The critic engine's config: the actor's DeepSpeed config with the critic's optimizer /
+    scheduler / clipping overrides and no monitor (every PPO metric goes through the actor's)."""
+    ds = {k: v for k, v in cfg.ds_config.items() if k not in MONITOR_KEYS}
+    ds.update({k: v for k, v in opts.critic.items() if k != "parts"})
+    return dataclasses.replace(with_parts(cfg, opts.critic.get("parts")), ds_config=ds)
+
+
+def check_models(cfg, opts, tokenizer, plans: dict) -> None:
+    """Before any engine exists: heads as PPO needs them, one vocabulary, and room for the answers."""
+    from transformers import AutoTokenizer
+
+    for key, plan in plans.items():
+        _, search = resolve_checkpoint_dir(plan.model_path)
+        head = read_metadata(search).get("head", "lm")
+        if key in ("actor_path", "ref_path") and head != "lm":
+            raise CheckpointError(f"{key} {plan.model_path} has a {head} head; the actor and the reference need an LM "
+                                  "head (an SFT run's save_path or a hg_to_pp folder)")
+        if key == "reward_path" and head != "value":
+            raise CheckpointError(f"reward_path {plan.model_path} has an LM head; the reward model must be a trained "
+                                  "reward model (stage \"rm\"'s save_path)")
+        if plan.model_config.vocab_size != plans["actor_path"].model_config.vocab_size:
+            raise CheckpointError(f"{key} {plan.model_path} has a vocabulary of {plan.model_config.vocab_size} tokens, "
+                                  f"actor_path {plans['actor_path'].model_path} has {plans['actor_path'].model_config.vocab_size}: "
+                                  "PPO scores the actor's token ids with every model, so all four need the same tokenizer")
+        if plan.side_dir != plans["actor_path"].side_dir and AutoTokenizer.from_pretrained(plan.side_dir).get_vocab() != tokenizer.get_vocab():
+            raise CheckpointError(f"{key} {plan.model_path}: its tokenizer differs from actor_path's; PPO needs one "
+                                  "tokenizer for all four models (train them from the same base)")
+    context = getattr(plans["actor_path"].model_config, "max_position_embeddings", None)
+    if context and cfg.max_seq_len + opts.max_new_tokens > context:
+        raise CheckpointError(f"max_seq_len {cfg.max_seq_len} (prompt tokens) + ppo.max_new_tokens {opts.max_new_tokens} > the "
+                              f"actor's {context} positions: lower either")
+
+
+def config_eos(config) -> list:
+    eos = config.eos_token_id
+    return [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+
+
+def load_train_metrics(resume_from) -> list:
+    if not resume_from:
+        return []
+    import json
+    from pathlib import Path
+
+    root, tag = resume_from
+    return json.loads((Path(root) / tag / "trainer_state.json").read_text()).get("train_metrics", [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Feeding train_batch: inputs for the first stage, labels (tensors) for the last.
+
+def actor_batch(ro, scored, rows, token_scale) -> tuple:
+    labels = None
+    if scored is not None:
+        labels = (ro.tokens[rows], ro.answer[rows], scored["old_logps"][rows], scored["advantages"][rows],
+                  scored["ref_logps"][rows], token_scale)
+    return (ro.ids[rows], ro.mask[rows]), labels
+
+
+def critic_batch(ro, scored, rows, token_scale) -> tuple:
+    labels = None
+    if scored is not None:
+        labels = (ro.answer[rows], scored["old_values"][rows], scored["returns"][rows], token_scale)
+    return (ro.ids[rows], ro.mask[rows]), labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: sums on the last stage (zeros elsewhere), all-reduced over every rank.
+
+ROLLOUT_SUMS = ("rows", "reward", "reward_sq", "score", "kl", "answer_tokens", "real_tokens", "adv", "adv_sq")
+
+
+def rollout_sums(ro, scored, topo) -> dict:
+    """Collective: sums over the whole rollout (every replica) as float64."""
+    sums = torch.zeros(len(ROLLOUT_SUMS), dtype=torch.float64)
+    if scored is not None:
+        per_row = scored["rewards"].double().sum(1)
+        adv = scored["advantages"].double() * ro.answer.double()
+        sums = torch.stack([torch.tensor(float(ro.n_rows), dtype=torch.float64), per_row.sum(), per_row.pow(2).sum(),
+                            scored["scores"].double().sum(), scored["kl"].double().sum(), ro.answer.double().sum(),
+                            ro.mask.double().sum(), adv.sum(), adv.pow(2).sum()])
+    return dict(zip(ROLLOUT_SUMS, all_reduce_sum(sums).tolist()))
+
+
+def whitening_moments(sums: dict) -> tuple[float, float, float]:
+    """(answer tokens, mean, variance) of the advantages over the whole rollout."""
+    n = max(sums["answer_tokens"], 1.0)
+    mean = sums["adv"] / n
+    return n, mean, max(sums["adv_sq"] / n - mean * mean, 0.0)
+
+
+def logprob_gap(ro, scored) -> float:
+    """Collective: max |generation log-prob - training-forward log-prob| over every answer token."""
+    gap = torch.zeros((), dtype=torch.float64)
+    if scored is not None:
+        gap = ((ro.gen_logps - scored["old_logps"]).abs() * ro.answer).max().double()
+    torch.distributed.all_reduce(gap, op=torch.distributed.ReduceOp.MAX)
+    return float(gap)
+
+
+def step_metrics(sums: dict, actor_stats, policy_losses, value_losses, gap, opts,
+                 gen_s: float, score_s: float, train_s: float) -> dict:
+    rows = max(sums["rows"], 1.0)
+    actor = dict(zip(ACTOR_STATS, actor_stats.tolist()))
+    reward_mean = sums["reward"] / rows
+    n_update = max(actor["tokens"], 1.0)
+    answer_tokens = sums["answer_tokens"]  # generated tokens of the rollout
+    return {
+        "PPO/reward_mean": reward_mean,
+        "PPO/reward_std": max(sums["reward_sq"] / rows - reward_mean ** 2, 0.0) ** 0.5,
+        "PPO/score_mean": sums["score"] / rows,
+        "PPO/kl": sums["kl"] / rows,
+        "PPO/policy_loss": sum(policy_losses) / len(policy_losses),
+        "PPO/value_loss": sum(value_losses) / len(value_losses),
+        "PPO/clip_frac": actor["clip_frac"] / n_update,
+        "PPO/approx_kl": actor["approx_kl"] / n_update,
+        "PPO/entropy": actor["entropy"] / n_update,
+        "PPO/response_length": answer_tokens / rows,
+        "PPO/logprob_gap": gap,
+        "PPO/gen_tokens_per_s": answer_tokens / max(gen_s, 1e-9),
+        "PPO/train_tokens_per_s": sums["real_tokens"] * opts.ppo_epochs / max(train_s, 1e-9),
+        "PPO/time_generate_s": gen_s,
+        "PPO/time_score_s": score_s,
+        "PPO/time_train_s": train_s,
+    }
