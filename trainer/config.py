@@ -11,6 +11,8 @@ Project keys (all optional unless marked):
                   them; an entry may be {"path": ..., "format": "messages" | "sharegpt" | "alpaca" | "preference"
                   | "completion" | "pipetune"} (default: the format is detected per file; docs/data_format.md)
   eval_data_path  separate eval files; or eval_fraction: a share of data_path held out (0 = none)
+  data_split      e.g. "2,4,4" with split_index 0 | 1 | 2: use only that disjoint share of data_path's records
+                  (seeded by `seed`, DeepSpeed-Chat's data_split; the RLHF command gives each step its share)
   max_seq_len     tokens per row (default 512); pack: pack several records per row (false)
   overflow        over-long records: "truncate" (default; SFT cut on the right, pairwise/prompt context cut
                   on the left so answers keep their EOS), "drop", or "chunk" (pretrain documents split
@@ -101,6 +103,8 @@ class TrainConfig:
     from_scratch: bool = False
     eval_data_path: Any = None
     eval_fraction: float = 0.0
+    data_split: Any = None  # "2,4,4" or [2, 4, 4]
+    split_index: int = 0
     max_seq_len: int = 512
     pack: bool = False
     overflow: str = "truncate"
@@ -161,7 +165,7 @@ class TrainConfig:
 PROJECT_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig)) - {"ds_config", "config_path", "warnings"}
 _TYPES = {
     "from_scratch": bool, "eval_fraction": (int, float), "max_seq_len": int, "pack": bool, "overflow": str,
-    "skip_bad_records": bool, "n_epochs": int, "train_steps": int, "use_grad_ckpt": bool, "use_flash_attn": bool,
+    "skip_bad_records": bool, "n_epochs": int, "split_index": int, "data_split": (str, list), "train_steps": int, "use_grad_ckpt": bool, "use_flash_attn": bool,
     "chunked_loss": bool,
     "seed": int, "save_interval": int, "keep_last": int, "eval_interval": int, "resume": str, "stage": str,
     "model_path": str, "save_path": str, "cache_dir": str, "no_decay": list, "pad_token": (str, int),
@@ -224,7 +228,7 @@ def validate(raw: dict, path: str = "<config>", world_size: Optional[int] = None
 
 def _type_name(typ) -> str:
     names = {bool: "true or false", int: "an integer", str: "a string", list: "a list", (int, float): "a number",
-             (str, int): "a string or an integer"}
+             (str, int): "a string or an integer", (str, list): "a string or a list"}
     return names.get(typ, str(typ))
 
 
@@ -272,6 +276,19 @@ def _validate_values(project: dict, problems: list[str]) -> None:
         problems.append("eval_fraction must be in [0, 1)")
     if project.get("eval_fraction") and project.get("eval_data_path"):
         problems.append("give eval_data_path or eval_fraction, not both")
+    if project.get("data_split") is not None:
+        from data.split import parse_data_split
+
+        try:
+            n_shares = len(parse_data_split(project["data_split"]))
+        except ValueError as e:
+            problems.append(str(e))
+        else:
+            if not 0 <= project.get("split_index", 0) < n_shares:
+                problems.append(f"split_index {project['split_index']} is out of range for data_split {project['data_split']!r} "
+                                f"({n_shares} shares: 0 .. {n_shares - 1})")
+    elif "split_index" in project:
+        problems.append("split_index needs data_split (e.g. \"data_split\": \"2,4,4\")")
     _validate_data(project, problems)
     if "eval_samples" in project:
         from .eval_samples import config_problems

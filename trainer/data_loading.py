@@ -30,6 +30,7 @@ def build_data(cfg, tokenizer, kind: str):
         cfg.data_path, tokenizer, cfg.max_seq_len, kind=kind, pack=cfg.pack and kind == "lm", overflow=cfg.overflow,
         strict=not cfg.skip_bad_records, eval_paths=cfg.eval_data_path, eval_fraction=cfg.eval_fraction,
         seed=cfg.seed, cache_dir=cfg.data_cache_dir(), pad_token=cfg.pad_token, template=cfg.template,
+        data_split=cfg.data_split, split_index=cfg.split_index,
     )
 
 
