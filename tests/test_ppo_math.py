@@ -68,7 +68,7 @@ def test_policy_loss_clips_and_counts():
     # max(-A r, -A clip(r)): token 0: max(-1.5, -1.2) = -1.2; token 1: max(1.8, 1.8) = 1.8; token 2: -3.
     assert loss.item() == pytest.approx((-1.2 + 1.8 - 3.0) / 3)
     assert stats["clip_frac"].item() == pytest.approx(1 / 3)
-    k3 = [1 / 1.5 - 1 + math.log(1.5), 1 / 0.9 - 1 + math.log(0.9), 0.0]
+    k3 = [1.5 - 1 - math.log(1.5), 0.9 - 1 - math.log(0.9), 0.0]  # KL(old || new) from old's samples: r - 1 - log r
     assert stats["approx_kl"].item() == pytest.approx(sum(k3) / 3, rel=1e-5)
     # Normalised by a global token count (the minibatch's), not this micro-batch's.
     loss_global, _ = pm.policy_loss(logp, logp_old, adv, mask, 0.2, n_tokens=6)

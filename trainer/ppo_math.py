@@ -102,8 +102,9 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, ep
 
 def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_range: float = 0.2, n_tokens: Optional[float] = None) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate; returns (loss, stats) with stats clip_frac and approx_kl (k3 of the ratio)
-    as detached masked means over the same tokens."""
+    """Clipped surrogate; returns (loss, stats) with stats clip_frac and approx_kl as detached
+    masked means over the same tokens. approx_kl estimates KL(old || new) from tokens sampled from
+    the old policy: k3 = r - 1 - log r (>= 0, unbiased; Schulman's estimator with r = new / old)."""
     log_ratio = logp - logp_old
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -111,7 +112,7 @@ def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Te
     loss = masked_mean(torch.maximum(unclipped, clipped), mask, n_tokens)
     with torch.no_grad():
         stats = {"clip_frac": masked_mean(((ratio - 1.0).abs() > clip_range).float(), mask, n_tokens),
-                 "approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask, n_tokens)}
+                 "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask, n_tokens)}
     return loss, stats
 
 
