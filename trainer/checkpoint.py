@@ -10,6 +10,8 @@
         trainer_state.json         step, losses, evals, data position, the run's save order
         rng_rank_RRRR.pt           each rank's torch / CUDA / numpy / python / DeepSpeed
                                    activation-checkpointing RNG state
+      critic/, ema/                PPO's companions (`save`'s companions): each a save_path of its own
+                                   (side files, global_stepN/, latest), complete before SAVE_PATH/latest moves
 
 DeepSpeed's own `save_checkpoint(save_latest=True)` writes `latest` before our extra state exists,
 so we save with save_latest=False, add our files, fsync every file of the checkpoint and its folder,

@@ -21,6 +21,10 @@ global_stepN folder):
   missing_eos_penalty  (null) subtracted from the score of answers that hit max_new_tokens without EOS
   clip_range (0.2), value_clip (0.2), gamma (1.0), lambda (0.95), whiten_advantages (true)
   entropy_coef         (0) entropy bonus in the actor's loss (PPO/entropy is reported either way)
+  ptx_coef, ptx_data_path  (0, none) InstructGPT's PPO-ptx: after each actor minibatch step, one more actor
+                       step on a batch of LM records from ptx_data_path (any SFT data) with loss ptx_coef x
+                       the token-mean LM loss (DeepSpeed-Chat's unsupervised step; the schedulers count it)
+  ema_decay            (none) keep an EMA of the actor (e.g. 0.992, DeepSpeed-Chat's), saved in SAVE_PATH/ema
   critic               DeepSpeed overrides for the critic engine: {"optimizer", "scheduler",
                        "gradient_clipping"} (default: the actor's), and "parts" (its layers per stage)
   ref_parts, reward_parts   layers per stage of the frozen models (default: the actor's / the critic's)
@@ -58,6 +62,9 @@ class PPOOptions:
     lam: float = 0.95
     whiten_advantages: bool = True
     entropy_coef: float = 0.0
+    ptx_coef: float = 0.0
+    ptx_data_path: Union[str, list, None] = None
+    ema_decay: Optional[float] = None
     critic: dict = field(default_factory=dict)
     ref_parts: Union[list, str, None] = None
     reward_parts: Union[list, str, None] = None
@@ -74,10 +81,10 @@ class PPOOptions:
 
 
 _NUMBERS = ("temperature", "top_p", "repetition_penalty", "kl_coef", "reward_clip", "clip_range", "value_clip", "gamma",
-            "lambda", "entropy_coef", "missing_eos_penalty")
+            "lambda", "entropy_coef", "missing_eos_penalty", "ptx_coef", "ema_decay")
 _INTEGERS = ("rollout_batch_size", "n_samples_per_prompt", "max_new_tokens", "top_k", "ppo_epochs")
 _BOOLS = ("greedy", "kl_in_reward", "whiten_advantages")
-KEYS = _NUMBERS + _INTEGERS + _BOOLS + ("kl_estimator", "critic", "ref_parts", "reward_parts")
+KEYS = _NUMBERS + _INTEGERS + _BOOLS + ("kl_estimator", "critic", "ref_parts", "reward_parts", "ptx_data_path")
 
 
 def problems(project: dict, ds: dict, pipe: Optional[int]) -> list[str]:
@@ -125,7 +132,15 @@ def problems(project: dict, ds: dict, pipe: Optional[int]) -> list[str]:
     for key in ("clip_range", "value_clip", "reward_clip", "temperature"):
         if getattr(opts, key) <= 0:
             out.append(f"ppo.{key} must be positive, got {getattr(opts, key)}")
-    for key in ("kl_coef", "entropy_coef"):
+    if opts.ema_decay is not None and not 0 < opts.ema_decay < 1:
+        out.append(f"ppo.ema_decay must be in (0, 1) (e.g. 0.992), got {opts.ema_decay}")
+    if opts.ptx_coef and not opts.ptx_data_path:
+        out.append("ppo.ptx_coef needs ppo.ptx_data_path (the LM records of the ptx term, e.g. the SFT data)")
+    elif opts.ptx_data_path is not None:
+        from data.sources import data_path_problems
+
+        out.extend(data_path_problems(opts.ptx_data_path, "ppo.ptx_data_path"))
+    for key in ("kl_coef", "entropy_coef", "ptx_coef"):
         if getattr(opts, key) < 0:
             out.append(f"ppo.{key} must not be negative, got {getattr(opts, key)}")
     if not 0 <= opts.gamma <= 1 or not 0 <= opts.lam <= 1:

@@ -24,7 +24,11 @@ One step (every replica works on its own rows; only sums cross replicas):
   4. update: ppo_epochs x minibatches of train_batch_size rows (a seeded shuffle, the same on every
      stage), each one train_batch of the actor (clipped surrogate) and one of the critic (clipped
      value loss), the tensors riding in the labels tuple to the last stage (trainer.ppo_losses),
-     normalised over the minibatch's answer tokens as SFT normalises.
+     normalised over the minibatch's answer tokens as SFT normalises. Minibatches are drawn within
+     each replica's own rows (as each DeepSpeed-Chat rank trains on its own experience). Optional:
+     PPO-ptx (`ptx_coef`: after each actor step, one more on LM records of `ptx_data_path`, at the
+     rollout width so the pipeline's shapes stay fixed) and an EMA of the actor (`ema_decay`,
+     trainer.ema, updated after every actor step).
 
 Metrics (rank 0; DeepSpeed's monitor: CSV / TensorBoard / W&B as configured, and the progress bar):
 PPO/reward_mean, PPO/reward_std (per row: sum of its token rewards), PPO/score_mean (the raw RM
@@ -37,13 +41,17 @@ actor and critic together), PPO/time_generate_s, PPO/time_score_s, PPO/time_trai
 
 Checkpoints: SAVE_PATH is the actor's save_path (layer files, side files, trainer_state with the
 prompt sampler's position and the metrics, every rank's RNG); the critic is saved with it in
-SAVE_PATH/critic/global_stepN; SAVE_PATH/latest moves last, once both are complete. Export:
+SAVE_PATH/critic/global_stepN (and the EMA in SAVE_PATH/ema/global_stepN); SAVE_PATH/latest moves
+last, once all are complete. Export:
     python convert_model.py pp_to_hg --input-path SAVE_PATH --save-path actor_hf          (*ForCausalLM)
     python convert_model.py pp_to_hg --input-path SAVE_PATH/critic --save-path critic_hf  (*ForSequenceClassification)
+    python convert_model.py pp_to_hg --input-path SAVE_PATH/ema --save-path actor_ema_hf  (with ema_decay)
 """
 import dataclasses
+import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -55,6 +63,7 @@ from .. import checkpoint
 from ..config import ModelTopo
 from ..data_loading import build_data
 from ..distributed import all_reduce_sum, broadcast_object
+from ..ema import ActorEMA
 from ..engine import build_engine
 from ..forward_only import forward_only
 from ..generation import generate, replica_share
@@ -71,6 +80,7 @@ from ..sampling import SamplingConfig
 
 logger = logging.getLogger("pipetune")
 CRITIC_DIR = "critic"
+EMA_DIR = "ema"
 MONITOR_KEYS = ("tensorboard", "csv_monitor", "wandb", "comet")
 
 
@@ -104,7 +114,9 @@ def run(cfg, topo, device_name: str) -> dict:
     rows = opts.rollout_rows(cfg.global_batch)
     minibatches = rows // cfg.global_batch
     total_steps = cfg.train_steps or max(1, cfg.n_epochs * n_prompts // prompts_per_step)
-    optimizer_steps = total_steps * opts.ppo_epochs * minibatches  # what the schedulers count
+    # What the schedulers count: one actor and one critic step per minibatch (+ one ptx step of the actor).
+    optimizer_steps = total_steps * opts.ppo_epochs * minibatches
+    actor_steps = optimizer_steps * (2 if opts.ptx_coef else 1)
     sampler = PromptSampler(n_prompts, cfg.seed) if topo.rank == 0 else None
 
     resume_from = checkpoint.decide_resume(cfg.save_path, cfg.resume)
@@ -115,15 +127,25 @@ def run(cfg, topo, device_name: str) -> dict:
                     opts.ppo_epochs, opts.ppo_epochs * minibatches, total_steps)
     weights = "checkpoint" if resume_from else "load"
     actor_loss = ActorLoss(opts)
-    actor = build_engine(cfg, actor_plan, topo, optimizer_steps, weights=weights, loss_fn=actor_loss)
+    actor = build_engine(cfg, actor_plan, topo, actor_steps, weights=weights, loss_fn=actor_loss)
     critic = build_engine(critic_config(cfg, opts), critic_plan, topo, optimizer_steps, weights=weights, loss_fn=CriticLoss(opts))
+    ema = ActorEMA(actor.module, opts.ema_decay, topo.dp_rank) if opts.ema_decay else None
+    companions = {CRITIC_DIR: critic, **({EMA_DIR: ema} if ema else {})}
+    ptx = load_ptx_batches(cfg, opts, tokenizer, topo) if opts.ptx_coef else None
     with frozen_reference_engine(cfg, ref_plan, topo) as ref, frozen_reference_engine(cfg, reward_plan, topo) as reward:
         if topo.rank == 0:
             checkpoint.prepare_save_path(cfg.save_path, actor_plan, cfg.config_path, cfg.precision, pad_id)
             checkpoint.prepare_save_path(f"{cfg.save_path}/{CRITIC_DIR}", critic_plan, cfg.config_path, cfg.precision, pad_id)
+            if ema:
+                checkpoint.prepare_save_path(f"{cfg.save_path}/{EMA_DIR}", actor_plan, cfg.config_path, cfg.precision, pad_id)
             checkpoint.write_topology(cfg.save_path, actor_plan, topo, hosts)
         state = checkpoint.start_or_resume(actor, resume_from, sampler, companions={CRITIC_DIR: critic})
-        train_metrics = broadcast_object(load_train_metrics(resume_from) if topo.rank == 0 else None)
+        saved = broadcast_object(saved_trainer_state(resume_from) if topo.rank == 0 else None)
+        train_metrics = saved.get("train_metrics", [])
+        if ptx is not None and saved.get("ptx_data"):
+            ptx.load_state_dict(saved["ptx_data"])
+        if ema and resume_from:
+            resume_ema(ema, resume_from, topo)
 
         sampling = SamplingConfig(greedy=opts.greedy, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                                   repetition_penalty=opts.repetition_penalty)
@@ -173,8 +195,10 @@ def run(cfg, topo, device_name: str) -> dict:
             orders = [torch.randperm(ro.n_rows, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 131 + epoch))
                       for epoch in range(opts.ppo_epochs)]
             chunks = [order[k:k + rows_per_minibatch] for order in orders for k in range(0, ro.n_rows, rows_per_minibatch)]
-            n_tokens = all_reduce_sum(torch.tensor([float(ro.answer[c].sum()) for c in chunks], dtype=torch.float64))
-            policy_losses, value_losses = [], []
+            # answer tokens of each minibatch over its replicas (counted once per replica: on its last stage)
+            n_tokens = all_reduce_sum(torch.tensor([float(ro.answer[c].sum()) if topo.is_last_stage else 0.0 for c in chunks],
+                                                   dtype=torch.float64))
+            policy_losses, value_losses, ptx_losses = [], [], []
             for chunk, n_global in zip(chunks, n_tokens.tolist()):
                 token_scale = torch.tensor(cfg.grad_accum * topo.data / max(n_global, 1.0), dtype=torch.float64)
                 micro = ro.micro_batches(chunk, cfg.micro_batch)
@@ -182,11 +206,18 @@ def run(cfg, topo, device_name: str) -> dict:
                     [actor_batch(ro, scored, r, token_scale) for r in micro]))))
                 value_losses.append(float(critic.train_batch(data_iter=iter(
                     [critic_batch(ro, scored, r, token_scale) for r in micro]))))
-                check_finite_loss(policy_losses[-1], step)
-                check_finite_loss(value_losses[-1], step)
+                if ptx is not None:
+                    ptx_losses.append(ptx_step(actor, ptx, opts.ptx_coef, cfg.grad_accum * topo.data))
+                if ema:
+                    ema.update()
+                for loss in policy_losses[-1:] + value_losses[-1:] + ptx_losses[-1:]:
+                    check_finite_loss(loss, step)
             t3 = time.perf_counter()
 
-            metrics = step_metrics(rollout_stats, all_reduce_sum(actor_loss.take_stats()), policy_losses, value_losses, logprob_gap(ro, scored), opts, t1 - t0, t2 - t1, t3 - t2)
+            metrics = step_metrics(rollout_stats, all_reduce_sum(actor_loss.take_stats()),
+                                   policy_losses, value_losses, logprob_gap(ro, scored), opts, t1 - t0, t2 - t1, t3 - t2)
+            if ptx_losses:
+                metrics["PPO/ptx_loss"] = sum(ptx_losses) / len(ptx_losses)
             state.step = step
             state.history.append([step, metrics["PPO/policy_loss"]])
             train_metrics.append([step, metrics])
@@ -196,13 +227,13 @@ def run(cfg, topo, device_name: str) -> dict:
                                  "kl": f"{metrics['PPO/kl']:.3g}", "len": f"{metrics['PPO/response_length']:.3g}"})
                 bar.update(1)
             if cfg.save_interval and step % cfg.save_interval == 0:
-                checkpoint.save_training(actor, cfg.save_path, state, sampler, cfg.keep_last, companions={CRITIC_DIR: critic},
-                                         extra_state={"train_metrics": train_metrics})
+                checkpoint.save_training(actor, cfg.save_path, state, sampler, cfg.keep_last, companions,
+                                         extra_state=extra_state(train_metrics, ptx, topo))
                 last_saved = step
         bar.close()
         if last_saved != state.step:
-            checkpoint.save_training(actor, cfg.save_path, state, sampler, cfg.keep_last, companions={CRITIC_DIR: critic},
-                                     extra_state={"train_metrics": train_metrics})
+            checkpoint.save_training(actor, cfg.save_path, state, sampler, cfg.keep_last, companions,
+                                     extra_state=extra_state(train_metrics, ptx, topo))
     return {"step": state.step, "history": state.history, "evals": state.evals, "train_metrics": train_metrics}
 
 
@@ -255,14 +286,61 @@ def config_eos(config) -> list:
     return [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
 
 
-def load_train_metrics(resume_from) -> list:
+def saved_trainer_state(resume_from) -> dict:
+    """Rank 0: the resumed checkpoint's trainer_state.json ({} for a fresh run)."""
     if not resume_from:
-        return []
-    import json
-    from pathlib import Path
-
+        return {}
     root, tag = resume_from
-    return json.loads((Path(root) / tag / "trainer_state.json").read_text()).get("train_metrics", [])
+    return json.loads((Path(root) / tag / "trainer_state.json").read_text())
+
+
+def extra_state(train_metrics: list, ptx, topo) -> dict:
+    """Collective: what PPO adds to trainer_state.json: the metrics so far and rank 0's ptx data position."""
+    return {"train_metrics": train_metrics,
+            "ptx_data": broadcast_object(ptx.state_dict() if ptx is not None and topo.rank == 0 else None)}
+
+
+def resume_ema(ema, resume_from, topo) -> None:
+    """The EMA of the resumed checkpoint, or (a run that enables ema_decay on resume) the current weights."""
+    folder = Path(resume_from[0]) / EMA_DIR / resume_from[1]
+    if folder.is_dir():
+        ema.load(folder)
+    elif topo.rank == 0:
+        logger.warning("ppo: %s has no EMA; the average starts from the resumed actor's weights", folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO-ptx: LM batches of ptx_data_path at the rollout width, one extra actor step each.
+
+def load_ptx_batches(cfg, opts, tokenizer, topo):
+    """Collective: GlobalBatches of the ptx records on the data stages (None elsewhere); rows at the
+    rollout width S, so the pipeline's activation shapes stay the same."""
+    from ..batches import collate
+    from ..data_loading import load_data
+
+    ptx_cfg = dataclasses.replace(cfg, data_path=opts.ptx_data_path, max_seq_len=cfg.max_seq_len + opts.max_new_tokens,
+                                  eval_fraction=0.0, eval_data_path=None, data_split=None, split_index=0, pack=False)
+    return load_data(ptx_cfg, tokenizer, "lm", topo, collate).batches
+
+
+def ptx_step(engine, batches, coef: float, scale: float) -> float:
+    """Collective: one train_batch of the actor on the next ptx batch with loss coef x (token-mean LM
+    loss over the global batch, normalised as SFT's); returns the LM loss (without coef)."""
+    from ..batches import with_normaliser
+    from ..losses import global_token_mean_loss
+
+    feed = None
+    if batches is not None:
+        micro, n_global, _ = batches.next_step()
+        feed = with_normaliser(micro, n_global, scale)
+    module = engine.module
+    ppo_loss_fn = module.loss_fn
+    module.loss_fn = lambda outputs, labels: coef * global_token_mean_loss(outputs, labels)
+    try:
+        loss = float(engine.train_batch(data_iter=feed))
+    finally:
+        module.loss_fn = ppo_loss_fn
+    return loss / coef
 
 
 # ---------------------------------------------------------------------------------------------
