@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 def build_models(work: Path, max_seq_len: int, new_tokens: int) -> dict:
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]  # before bench/ (its convert.py would shadow the package)
     from transformers import AutoTokenizer
 
     from convert.hg_to_pp import hg_to_pp

@@ -28,6 +28,8 @@ global_stepN folder):
   critic               DeepSpeed overrides for the critic engine: {"optimizer", "scheduler",
                        "gradient_clipping"} (default: the actor's), and "parts" (its layers per stage)
   ref_parts, reward_parts   layers per stage of the frozen models (default: the actor's / the critic's)
+  frozen_bf16          (false) hold the reference and the reward model in bf16 whatever the training
+                       precision (half their memory; a GPU option: bf16 on CPU is ~20x slower)
 """
 import json
 import math
@@ -61,6 +63,7 @@ class PPOOptions:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
+    frozen_bf16: bool = False
     entropy_coef: float = 0.0
     ptx_coef: float = 0.0
     ptx_data_path: Union[str, list, None] = None
@@ -83,7 +86,7 @@ class PPOOptions:
 _NUMBERS = ("temperature", "top_p", "repetition_penalty", "kl_coef", "reward_clip", "clip_range", "value_clip", "gamma",
             "lambda", "entropy_coef", "missing_eos_penalty", "ptx_coef", "ema_decay")
 _INTEGERS = ("rollout_batch_size", "n_samples_per_prompt", "max_new_tokens", "top_k", "ppo_epochs")
-_BOOLS = ("greedy", "kl_in_reward", "whiten_advantages")
+_BOOLS = ("greedy", "kl_in_reward", "whiten_advantages", "frozen_bf16")
 KEYS = _NUMBERS + _INTEGERS + _BOOLS + ("kl_estimator", "critic", "ref_parts", "reward_parts", "ptx_data_path")
 
 

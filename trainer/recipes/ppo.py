@@ -132,7 +132,8 @@ def run(cfg, topo, device_name: str) -> dict:
     ema = ActorEMA(actor.module, opts.ema_decay, topo.dp_rank) if opts.ema_decay else None
     companions = {CRITIC_DIR: critic, **({EMA_DIR: ema} if ema else {})}
     ptx = load_ptx_batches(cfg, opts, tokenizer, topo) if opts.ptx_coef else None
-    with frozen_reference_engine(cfg, ref_plan, topo) as ref, frozen_reference_engine(cfg, reward_plan, topo) as reward:
+    frozen_cfg = frozen_config(cfg, opts)
+    with frozen_reference_engine(frozen_cfg, ref_plan, topo) as ref, frozen_reference_engine(frozen_cfg, reward_plan, topo) as reward:
         if topo.rank == 0:
             checkpoint.prepare_save_path(cfg.save_path, actor_plan, cfg.config_path, cfg.precision, pad_id)
             checkpoint.prepare_save_path(f"{cfg.save_path}/{CRITIC_DIR}", critic_plan, cfg.config_path, cfg.precision, pad_id)
@@ -253,6 +254,14 @@ def critic_config(cfg, opts):
     ds = {k: v for k, v in cfg.ds_config.items() if k not in MONITOR_KEYS}
     ds.update({k: v for k, v in opts.critic.items() if k != "parts"})
     return dataclasses.replace(with_parts(cfg, opts.critic.get("parts")), ds_config=ds)
+
+
+def frozen_config(cfg, opts):
+    """The frozen engines' config: cfg's precision, or bf16 with ppo.frozen_bf16."""
+    if not opts.frozen_bf16:
+        return cfg
+    ds = {k: v for k, v in cfg.ds_config.items() if k not in ("fp16", "bf16", "bfloat16")}
+    return dataclasses.replace(cfg, ds_config={**ds, "bf16": {"enabled": True}})
 
 
 def check_models(cfg, opts, tokenizer, plans: dict) -> None:
