@@ -77,3 +77,41 @@ def test_deferred_head_in_the_pipe_layers_equals_full_logits(model_type, tied):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         assert torch.equal(pipe((ids, mask)), full_out.detach())
+
+
+@pytest.mark.parametrize("chunk, use", [(1, "both"), (7, "both"), (1000, "both"), (7, "logp"), (7, "entropy")])
+def test_chunked_token_logps_and_entropy_equal_full_logits(chunk, use):
+    """PPO's / DPO's per-token log-probs (and PPO's entropy) through DeferredLogits: the same values and
+    gradients as log_softmax of the full logits, for either output alone or both weighted."""
+    from models.heads import DeferredLogits
+    from trainer.losses import shifted_token_logps
+
+    torch.manual_seed(2)
+    hidden = torch.randn(3, 12, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 40, (3, 11))
+    w_logp, w_entropy = torch.randn(3, 11, dtype=torch.float64), torch.randn(3, 11, dtype=torch.float64)
+
+    def objective(logp, entropy):
+        return (logp * w_logp * (use != "entropy")).sum() + (entropy * w_entropy * (use != "logp")).sum()
+
+    log_probs = torch.log_softmax(hidden @ weight.t(), -1)[:, :-1]  # written out, not the function under test
+    logp = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    objective(logp, entropy).backward()
+    expected = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    got_logp, got_entropy = shifted_token_logps(DeferredLogits(hidden, weight), tokens, with_entropy=True, chunk_tokens=chunk)
+    if use == "logp":
+        (got_logp * w_logp).sum().backward()
+    elif use == "entropy":
+        (got_entropy * w_entropy).sum().backward()
+    else:
+        objective(got_logp, got_entropy).backward()
+    torch.testing.assert_close(got_logp.double(), logp, rtol=0, atol=1e-5)  # fp32 inside
+    torch.testing.assert_close(got_entropy.double(), entropy, rtol=0, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad, expected[1], rtol=1e-5, atol=1e-5)
+    plain_logp, plain_entropy = shifted_token_logps(hidden @ weight.t(), tokens, with_entropy=True)
+    torch.testing.assert_close(plain_logp.double(), logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(plain_entropy.double(), entropy, rtol=0, atol=1e-5)

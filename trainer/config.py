@@ -27,8 +27,9 @@ Project keys (all optional unless marked):
   use_grad_ckpt   activation checkpointing of the transformer blocks (false)
   compile         torch.compile each transformer block (per block, so the pipeline schedule is untouched):
                   true, or an object of torch.compile options ({"backend": ..., "mode": ...}); default false
-  chunked_loss    SFT: the LM head's matmul and the cross-entropy run over chunks of tokens, the backward
-                  recomputing each chunk, so the [B,T,V] logits never exist (true; false: full logits)
+  chunked_loss    SFT, DPO and the PPO actor: the LM head's matmul and the loss's log-softmax run over chunks
+                  of tokens, the backward recomputing each chunk, so the [B,T,V] logits never exist while
+                  training (true; false: full logits)
   use_flash_attn  flash_attention_2 (LLaMA on CUDA with flash-attn installed) (false)
   seed            (1234) data order, init, dropout
   save_interval   steps between checkpoints (0: only at the end); keep_last: checkpoints kept (2)

@@ -30,6 +30,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .losses import shifted_token_logps
+
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
 
 
@@ -58,13 +60,14 @@ class PairTerms(NamedTuple):
     rejected_logps: torch.Tensor
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(logits, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed fp32 log-prob of each row's target tokens float32[N], target tokens per row int64[N]).
-    logits float[N,T,V], labels int64[N,T] unshifted, -100 where not trained (logits at t predict t+1)."""
-    shift_labels = labels[:, 1:].to(logits.device)
-    token_logps = -F.cross_entropy(logits[:, :-1, :].float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
-                                   ignore_index=-100, reduction="none").view(shift_labels.shape)  # 0 where ignored
-    return token_logps.sum(-1), (shift_labels != -100).sum(-1)
+    logits float[N,T,V] or the head's DeferredLogits (chunked, trainer.losses.shifted_token_logps),
+    labels int64[N,T] unshifted, -100 where not trained (logits at t predict t+1)."""
+    shift_labels = labels[:, 1:]
+    trained = shift_labels != -100
+    token_logps = shifted_token_logps(logits, shift_labels.clamp(min=0))
+    return (token_logps * trained.to(token_logps.device)).sum(-1), trained.sum(-1)
 
 
 def sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:

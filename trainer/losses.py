@@ -109,3 +109,70 @@ def chunked_lm_head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     shift_labels = labels[:, 1:].reshape(-1).to(hidden.device)
     total = _ChunkedLinearCrossEntropy.apply(shift_hidden, weight, shift_labels, chunk_tokens)
     return total, (shift_labels != -100).sum()
+
+
+class _ChunkedTokenLogpsEntropy(torch.autograd.Function):
+    """Per-row log-prob of a target token and the entropy of the distribution, from hidden @ weight.T
+    computed chunk by chunk of rows (only `chunk` x V logits at a time; the backward recomputes each
+    chunk). hidden float[N,H], weight float[V,H], targets int64[N] (any id; callers mask what they do
+    not use). Returns (logp float32[N], entropy float32[N]); both carry gradients:
+        d logp_t / dz = onehot(t) - p,        d H / dz = -p * (log p + H)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        ctx.set_materialize_grads(False)  # an unused output (e.g. the entropy) gets None: skipped below
+        logp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty_like(logp)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            log_probs = torch.log_softmax((hidden[rows] @ weight.t()).float(), dim=1)  # [c, V]
+            logp[rows] = log_probs.gather(1, targets[rows].unsqueeze(1)).squeeze(1)
+            entropy[rows] = -(log_probs.exp() * log_probs).sum(1)
+        ctx.save_for_backward(hidden, weight, targets, entropy)
+        ctx.chunk = chunk
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, entropy = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            log_probs = torch.log_softmax((hidden[rows] @ weight.t()).float(), dim=1)
+            probs = log_probs.exp()
+            grad = torch.zeros_like(probs)
+            if grad_entropy is not None:
+                # -p (log p + H) * dH, reusing log_probs' buffer
+                grad = log_probs.add_(entropy[rows].unsqueeze(1)).mul_(probs).mul_(-grad_entropy[rows].unsqueeze(1))
+            if grad_logp is not None:
+                g = grad_logp[rows].unsqueeze(1)
+                grad.sub_(probs * g)
+                grad.scatter_add_(1, targets[rows].unsqueeze(1), g)
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad @ weight.float()).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t(), hidden[rows].float())
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+def shifted_token_logps(logits, tokens: torch.Tensor, with_entropy: bool = False, chunk_tokens: Optional[int] = None):
+    """fp32 log-probs float32[B,T-1] of tokens int64[B,T-1] (column t: the token logits[:, t] predict,
+    i.e. ids[:, t+1]); with_entropy: also the entropy of each of those distributions, float32[B,T-1].
+    logits float[B,T,V], or the head's DeferredLogits: then the head's matmul runs chunk by chunk of
+    positions (default CHUNK_BYTES of fp32 logits at a time) with the backward recomputing each chunk,
+    so [B,T,V] never exists; the same values and gradients (fp32 rounding apart)."""
+    tokens = tokens.to(logits.hidden.device if isinstance(logits, DeferredLogits) else logits.device)
+    if isinstance(logits, DeferredLogits):
+        hidden, weight = logits.hidden[:, :-1, :], logits.weight
+        if chunk_tokens is None:
+            chunk_tokens = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+        logp, entropy = _ChunkedTokenLogpsEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, tokens.reshape(-1),
+                                                        chunk_tokens)
+        logp, entropy = logp.view(tokens.shape), entropy.view(tokens.shape)
+        return (logp, entropy) if with_entropy else logp
+    log_probs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    logp = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logp
+    return logp, -(log_probs.exp() * log_probs).sum(-1)

@@ -15,27 +15,21 @@ DeepSpeed's train_batch returns only the loss, so the actor's loss_fn also adds 
 sums (float64, detached) to `stats`; the recipe takes them after the step and all-reduces them.
 """
 import torch
-import torch.nn.functional as F
 
-from models.heads import lm_logits, sequence_scores
+from models.heads import sequence_scores
 
-from .ppo_math import entropy_from_logits, kl_estimate, masked_mean, policy_loss, value_loss
+from .losses import shifted_token_logps
+from .ppo_math import kl_estimate, masked_mean, policy_loss, value_loss
 
 ACTOR_STATS = ("tokens", "policy_loss", "clip_frac", "approx_kl", "entropy")
-
-
-def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """fp32 log-probs float32[b, S-1] of tokens int64[b, S-1] under logits float[b, S, V] (the last
-    column predicts nothing)."""
-    shifted = logits[:, :-1, :].float()
-    return -F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), tokens.to(logits.device).reshape(-1),
-                            reduction="none").view(tokens.shape)
 
 
 class ActorLoss:
     """labels: (tokens int64[b,S-1], answer float32[b,S-1], old log-probs float32[b,S-1], advantages
     float32[b,S-1], reference log-probs float32[b,S-1], token_scale float64[]).
-    loss = clipped surrogate - entropy_coef * entropy (+ kl_coef * KL when the KL is a loss term)."""
+    loss = clipped surrogate - entropy_coef * entropy (+ kl_coef * KL when the KL is a loss term).
+    outputs: logits float[b,S,V] or the head's DeferredLogits (chunked_loss: the head's matmul, the
+    log-probs and the entropy chunk by chunk, trainer.losses.shifted_token_logps)."""
 
     def __init__(self, opts):
         self.opts = opts
@@ -43,19 +37,15 @@ class ActorLoss:
 
     def __call__(self, outputs, labels) -> torch.Tensor:
         tokens, answer, old_logp, advantages, ref_logp, token_scale = labels
-        logits = lm_logits(outputs)
-        device = logits.device
+        logp, entropy = shifted_token_logps(outputs, tokens, with_entropy=True)
+        device = logp.device
         answer, old_logp, advantages, ref_logp = (x.to(device) for x in (answer, old_logp, advantages, ref_logp))
         n_tokens = 1.0 / float(token_scale)  # N_minibatch / (grad_accum * D)
-        logp = token_logps(logits, tokens)
         pg_loss, pg_stats = policy_loss(logp, old_logp, advantages, answer, self.opts.clip_range, n_tokens)
         loss = pg_loss
         if self.opts.entropy_coef > 0:
-            entropy = entropy_from_logits(logits[:, :-1])
             loss = loss - self.opts.entropy_coef * masked_mean(entropy, answer, n_tokens)
-        else:
-            with torch.no_grad():
-                entropy = entropy_from_logits(logits[:, :-1])
+        entropy = entropy.detach()
         if not self.opts.kl_in_reward:
             loss = loss + self.opts.kl_coef * masked_mean(kl_estimate(logp, ref_logp, self.opts.kl_estimator), answer, n_tokens)
         with torch.no_grad():
@@ -90,7 +80,7 @@ class CriticLoss:
 
 def reduce_token_logps(logits, labels) -> torch.Tensor:
     """labels (tokens int64[b,S-1],) -> float32[b,S-1] on the CPU."""
-    return token_logps(lm_logits(logits), labels[0]).cpu()
+    return shifted_token_logps(logits, labels[0]).cpu()
 
 
 def reduce_values(values, labels) -> torch.Tensor:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from data.dataset import collate_pairs
+from models.heads import set_defer_logits
 
 from .. import checkpoint
 from ..batches import GlobalBatches, eval_row_indices, n_target_tokens
@@ -77,6 +78,7 @@ def run(cfg, topo, device_name: str) -> dict:
         ref = ReferenceLogps.unused(n_train, data.n_eval_rows)
     loss_fn = DPOLoss(opts)
     engine = build_engine(cfg, plan, topo, total_steps, weights="checkpoint" if resume_from else "load", loss_fn=loss_fn)
+    set_defer_logits(engine.module, cfg.chunked_loss)  # log-probs computed with the head chunk by chunk
     if ref.missing:
         ref.compute(engine, cfg, topo, data, n_train, data.n_eval_rows, "the policy's starting weights")
     if topo.rank == 0:

@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models.heads import last_token_index
+from models.heads import last_token_index, set_defer_logits
 from models.pipe_dir import CheckpointError, read_metadata, resolve_checkpoint_dir
 
 from .. import checkpoint
@@ -129,6 +129,7 @@ def run(cfg, topo, device_name: str) -> dict:
     actor_loss = ActorLoss(opts)
     actor = build_engine(cfg, actor_plan, topo, actor_steps, weights=weights, loss_fn=actor_loss)
     critic = build_engine(critic_config(cfg, opts), critic_plan, topo, optimizer_steps, weights=weights, loss_fn=CriticLoss(opts))
+    set_defer_logits(actor.module, cfg.chunked_loss)  # the actor's loss computes the head chunk by chunk
     ema = ActorEMA(actor.module, opts.ema_decay, topo.dp_rank) if opts.ema_decay else None
     companions = {CRITIC_DIR: critic, **({EMA_DIR: ema} if ema else {})}
     ptx = load_ptx_batches(cfg, opts, tokenizer, topo) if opts.ptx_coef else None
