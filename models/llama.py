@@ -8,7 +8,10 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from .stage_io import join_stage_outputs, position_ids_from, same_segment_mask_fn, split_stage_inputs
+from compat.private_api import attn_implementation
+
+from .stage_io import (VARLEN_IMPLEMENTATIONS, join_stage_outputs, position_ids_from, same_segment_mask_fn,
+                       split_stage_inputs, varlen_kwargs)
 
 
 class LlamaEmbedding(nn.Module):
@@ -47,7 +50,7 @@ class LlamaPipeBlock(LlamaDecoderLayer):
         hidden, attention_mask, segment_ids = split_stage_inputs(inputs)
         if attention_inputs is None:
             attention_inputs = self.attention_inputs(inputs, past_key_values)
-        position_ids, causal_mask, cos_sin = attention_inputs
+        position_ids, causal_mask, cos_sin, attention_kwargs = attention_inputs
         hidden = super().forward(
             hidden,
             attention_mask=causal_mask,
@@ -55,14 +58,19 @@ class LlamaPipeBlock(LlamaDecoderLayer):
             past_key_values=past_key_values,
             use_cache=past_key_values is not None,
             position_embeddings=cos_sin,
+            **attention_kwargs,
         )
         return join_stage_outputs(hidden, attention_mask, segment_ids)
 
     def attention_inputs(self, inputs: tuple, past_key_values=None) -> tuple:
-        """(position ids, causal mask, RoPE cos/sin) for these inputs: the same for every block of a
-        stage (same config; with a cache, every layer has seen the same positions)."""
+        """(position ids, causal mask, RoPE cos/sin, attention kwargs) for these inputs: the same for
+        every block of a stage (same config; with a cache, every layer has seen the same positions).
+        Packed rows under flash attention: no mask, cu_seqlens instead (`stage_io.varlen_kwargs`)."""
         hidden, attention_mask, segment_ids = split_stage_inputs(inputs)
         position_ids = position_ids_from(attention_mask, segment_ids)[:, -hidden.shape[1]:]
+        cos_sin = self.rotary_emb(hidden, position_ids=position_ids)
+        if segment_ids is not None and past_key_values is None and attn_implementation(self.config) in VARLEN_IMPLEMENTATIONS:
+            return position_ids, None, cos_sin, varlen_kwargs(segment_ids)
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=hidden,
@@ -72,7 +80,7 @@ class LlamaPipeBlock(LlamaDecoderLayer):
             and_mask_function=None if segment_ids is None else same_segment_mask_fn(segment_ids),
             layer_idx=self.self_attn.layer_idx,  # the cache holds only this stage's layers' entries
         )
-        return position_ids, causal_mask, self.rotary_emb(hidden, position_ids=position_ids)
+        return position_ids, causal_mask, cos_sin, {}
 
 
 class LlamaFinalNorm(nn.Module):

@@ -55,6 +55,25 @@ def position_ids_from(attention_mask: torch.Tensor, segment_ids: Optional[torch.
     return positions.masked_fill(attention_mask == 0, 1)
 
 
+# Attention implementations that take packed rows padding-free, as cu_seqlens (transformers'
+# FlashAttentionKwargs): no mask is built for them, the kernel never sees another segment's tokens.
+VARLEN_IMPLEMENTATIONS = frozenset({"flash_attention_2", "flash_attention_3"})
+
+
+def varlen_kwargs(segment_ids: torch.Tensor) -> dict:
+    """FlashAttentionKwargs for packed rows: the [B,T] rows flattened into one sequence of B*T tokens,
+    cut at every row start and every change of segment id (a row's trailing padding is a sequence of
+    its own, whose outputs no loss reads). cu_seq_lens int32[n+1] (the offsets), max_length the longest."""
+    batch, seq_len = segment_ids.shape
+    flat = segment_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::seq_len] = True
+    offsets = torch.cat([starts.nonzero().flatten(), torch.tensor([batch * seq_len], device=flat.device)]).to(torch.int32)
+    longest = int((offsets[1:] - offsets[:-1]).max())  # one host sync per stage forward
+    return {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": longest, "max_length_k": longest}
+
+
 def same_segment_mask_fn(segment_ids: torch.Tensor) -> Callable:
     """An `and_mask_function` for transformers' `create_causal_mask`: token q may attend to kv only
     within the same segment (a block-diagonal causal mask for packed rows)."""

@@ -193,11 +193,9 @@ def test_zero1_with_an_untested_optimizer_is_a_config_error_and_cpu_lion_warns()
     assert warning.endswith('use "type": "LionPytorch"')
 
 
-def test_flash_attention_with_packing_is_refused():
-    """Issue 11.1: transformers 5.23's flash_attention_2 ignores the segment mask of packed rows."""
-    assert problems(cfg(use_flash_attn=True, pack=True)) == [
-        "use_flash_attn with pack: flash_attention_2 in transformers 5.23 ignores the packed rows' segment mask, so "
-        "packed records would attend to each other; set pack to false (rows padded) or use_flash_attn to false (sdpa)"]
+def test_flash_attention_with_packing_is_accepted():
+    """Issue 16.2: packed rows reach flash attention padding-free as cu_seqlens (tests/test_flash_varlen.py)."""
+    assert validate(cfg(use_flash_attn=True, pack=True), world_size=4).pack
     assert validate(cfg(use_flash_attn=True), world_size=4).use_flash_attn
 
 

@@ -30,7 +30,8 @@ Project keys (all optional unless marked):
   chunked_loss    SFT, DPO and the PPO actor: the LM head's matmul and the loss's log-softmax run over chunks
                   of tokens, the backward recomputing each chunk, so the [B,T,V] logits never exist while
                   training (true; false: full logits)
-  use_flash_attn  flash_attention_2 (LLaMA on CUDA with flash-attn installed) (false)
+  use_flash_attn  flash_attention_2 (LLaMA on CUDA with flash-attn installed) (false); with pack, packed rows
+                  go to the kernel padding-free as cu_seqlens (models.stage_io.varlen_kwargs), no mask built
   seed            (1234) data order, init, dropout
   save_interval   steps between checkpoints (0: only at the end); keep_last: checkpoints kept (2)
   eval_interval   steps between evaluations (0: only at the end)
@@ -214,7 +215,6 @@ def validate(raw: dict, path: str = "<config>", world_size: Optional[int] = None
     _validate_values(project, problems)
     _validate_batch(ds, topo, problems)
     _validate_precision_and_zero(ds, device_supports_fp16, problems)
-    _validate_attention(project, problems)
     _validate_compile(project, problems)
     _validate_dpo(project, problems)
     _validate_ppo(project, ds, topo, problems)
@@ -441,13 +441,6 @@ def _validate_compile(project: dict, problems: list[str]) -> None:
     elif not isinstance(value, bool):
         problems.append(f'compile must be true, false or an object of torch.compile options (e.g. {{"mode": "max-autotune"}}), '
                         f"got {json.dumps(value)}")
-
-
-def _validate_attention(project: dict, problems: list[str]) -> None:
-    if project.get("use_flash_attn") and project.get("pack"):
-        problems.append(
-            "use_flash_attn with pack: flash_attention_2 in transformers 5.23 ignores the packed rows' segment mask, so "
-            "packed records would attend to each other; set pack to false (rows padded) or use_flash_attn to false (sdpa)")
 
 
 def _precision_warnings(ds: dict) -> list[str]:
