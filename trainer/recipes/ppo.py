@@ -151,7 +151,7 @@ def run(cfg, topo, device_name: str) -> dict:
 
         sampling = SamplingConfig(greedy=opts.greedy, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                                   repetition_penalty=opts.repetition_penalty)
-        stop_ids = sorted({tokenizer.eos_token_id, *config_eos(actor_plan.model_config)})
+        stop_ids = answer_stop_ids(tokenizer, actor_plan)
         bar = tqdm(total=total_steps, initial=state.step, desc="ppo", unit="step", disable=topo.rank != 0, dynamic_ncols=True)
         last_saved = state.step if resume_from else None
         for step in range(state.step + 1, total_steps + 1):
@@ -291,9 +291,18 @@ def check_models(cfg, opts, tokenizer, plans: dict) -> None:
                               f"actor's {context} positions: lower either")
 
 
-def config_eos(config) -> list:
-    eos = config.eos_token_id
-    return [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+def answer_stop_ids(tokenizer, plan) -> list[int]:
+    """Where an answer ends: the tokenizer's EOS and every eos_token_id of the actor's config and
+    generation_config.json (chat models list their end-of-turn token there, e.g. Llama 3's <|eot_id|>)."""
+    from transformers import GenerationConfig
+
+    ids = {tokenizer.eos_token_id}
+    sources = [plan.model_config.eos_token_id]
+    if (plan.side_dir / "generation_config.json").is_file():
+        sources.append(GenerationConfig.from_pretrained(plan.side_dir).eos_token_id)
+    for eos in sources:
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return sorted(i for i in ids if i is not None)
 
 
 def saved_trainer_state(resume_from) -> dict:
