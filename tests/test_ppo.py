@@ -434,3 +434,22 @@ def test_killed_during_save_resumes_exactly(runs, models):
     assert_same_weights(reference_save / "critic" / "global_step6", save / "critic" / "global_step6")
     assert_same_weights(reference_save / "ema" / "global_step6", save / "ema" / "global_step6")
     assert all(math.isfinite(m["PPO/ptx_loss"]) for _, m in state["train_metrics"])
+
+
+def test_disable_dropout_turns_off_every_dropout_of_the_pipe_layers():
+    """A BLOOM config with dropout: after disable_dropout, two training-mode forwards agree."""
+    from transformers import AutoConfig
+
+    from conftest import CONFIGS
+    from models.pipeline import SequentialPipe, build_layers, prepare_config
+    from trainer.engine import disable_dropout
+
+    config = AutoConfig.from_pretrained(CONFIGS["bloom"])
+    config.hidden_dropout, config.attention_dropout = 0.3, 0.3
+    pipe = SequentialPipe(build_layers(prepare_config(config), "lm")).train()
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert not torch.equal(pipe((ids, mask)), pipe((ids, mask)))  # dropout is on
+        assert disable_dropout(pipe) > 0
+        torch.testing.assert_close(pipe((ids, mask)), pipe((ids, mask)), rtol=0, atol=0)

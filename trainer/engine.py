@@ -138,6 +138,24 @@ def build_engine(cfg: TrainConfig, plan: ModelPlan, topo: Topology, total_steps:
     return engine
 
 
+def disable_dropout(module: nn.Module) -> int:
+    """Dropout off in training mode too (PPO: the ratio of the training forward to the rollout's
+    log-probs must be 1 before any update, as TRL's disable_dropout and DeepSpeed-Chat's
+    --disable_actor_dropout do): every nn.Dropout's p and the float dropout rates transformers' layers
+    read at forward time (LLaMA's attention_dropout, BLOOM's hidden_dropout) set to 0. Returns how
+    many were set."""
+    n = 0
+    for sub in module.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.p = 0.0
+            n += 1
+        for name in ("attention_dropout", "hidden_dropout"):
+            if isinstance(getattr(sub, name, None), float):
+                setattr(sub, name, 0.0)
+                n += 1
+    return n
+
+
 def fill_scheduler_steps(ds_config: dict, total_steps: int) -> None:
     """DeepSpeed's decaying schedules need the run length: computed from the data and epochs."""
     sched = ds_config.get("scheduler")

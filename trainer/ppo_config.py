@@ -25,6 +25,8 @@ global_stepN folder):
                        step on a batch of LM records from ptx_data_path (any SFT data) with loss ptx_coef x
                        the token-mean LM loss (DeepSpeed-Chat's unsupervised step; the schedulers count it)
   ema_decay            (none) keep an EMA of the actor (e.g. 0.992, DeepSpeed-Chat's), saved in SAVE_PATH/ema
+  disable_dropout      (true) no dropout in the actor and critic while training (TRL's default): the first
+                       minibatch's ratio is then exactly the rollout's
   critic               DeepSpeed overrides for the critic engine: {"optimizer", "scheduler",
                        "gradient_clipping"} (default: the actor's), and "parts" (its layers per stage)
   ref_parts, reward_parts   layers per stage of the frozen models (default: the actor's / the critic's)
@@ -64,6 +66,7 @@ class PPOOptions:
     lam: float = 0.95
     whiten_advantages: bool = True
     frozen_bf16: bool = False
+    disable_dropout: bool = True
     entropy_coef: float = 0.0
     ptx_coef: float = 0.0
     ptx_data_path: Union[str, list, None] = None
@@ -86,7 +89,7 @@ class PPOOptions:
 _NUMBERS = ("temperature", "top_p", "repetition_penalty", "kl_coef", "reward_clip", "clip_range", "value_clip", "gamma",
             "lambda", "entropy_coef", "missing_eos_penalty", "ptx_coef", "ema_decay")
 _INTEGERS = ("rollout_batch_size", "n_samples_per_prompt", "max_new_tokens", "top_k", "ppo_epochs")
-_BOOLS = ("greedy", "kl_in_reward", "whiten_advantages", "frozen_bf16")
+_BOOLS = ("greedy", "kl_in_reward", "whiten_advantages", "frozen_bf16", "disable_dropout")
 KEYS = _NUMBERS + _INTEGERS + _BOOLS + ("kl_estimator", "critic", "ref_parts", "reward_parts", "ptx_data_path")
 
 

@@ -64,7 +64,7 @@ from ..config import ModelTopo
 from ..data_loading import build_data
 from ..distributed import all_reduce_sum, broadcast_object
 from ..ema import ActorEMA
-from ..engine import build_engine
+from ..engine import build_engine, disable_dropout
 from ..forward_only import forward_only
 from ..generation import generate, replica_share
 from ..guards import check_finite_loss
@@ -130,6 +130,9 @@ def run(cfg, topo, device_name: str) -> dict:
     actor = build_engine(cfg, actor_plan, topo, actor_steps, weights=weights, loss_fn=actor_loss)
     critic = build_engine(critic_config(cfg, opts), critic_plan, topo, optimizer_steps, weights=weights, loss_fn=CriticLoss(opts))
     set_defer_logits(actor.module, cfg.chunked_loss)  # the actor's loss computes the head chunk by chunk
+    if opts.disable_dropout:
+        disable_dropout(actor.module)
+        disable_dropout(critic.module)
     ema = ActorEMA(actor.module, opts.ema_decay, topo.dp_rank) if opts.ema_decay else None
     companions = {CRITIC_DIR: critic, **({EMA_DIR: ema} if ema else {})}
     ptx = load_ptx_batches(cfg, opts, tokenizer, topo) if opts.ptx_coef else None
