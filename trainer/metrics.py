@@ -66,3 +66,25 @@ def write_loss_curve(path: str, train: list[tuple[int, float]], evals: list[tupl
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def write_metric_curves(path: str, series: dict, xlabel: str, ylabel: str, title: str) -> None:
+    """One PNG with a line per entry of `series` {label: [(x, y), ...]} (e.g. the RLHF command's PPO
+    reward, RM score and KL per PPO step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for label, points in series.items():
+        if points:
+            ax.plot([x for x, _ in points], [y for _, y in points], label=label, linewidth=1.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
