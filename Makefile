@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: quickstart test install clean
+.PHONY: quickstart rlhf-quickstart test install clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: setup.py
 
 quickstart: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash tools/quickstart.sh
+
+# SFT -> reward model -> PPO with rlhf.py on the tiny model (README "RLHF"); output in runs/rlhf-quickstart/
+rlhf-quickstart: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash tools/rlhf_quickstart.sh
 
 test: install
 	$(PY) -m pytest
