@@ -17,6 +17,9 @@ differs (data_path, optimizer, parts, train_steps / n_epochs, "ppo": {...} setti
      "rm":  {"data_path": "...", "optimizer": {"params": {"lr": 1e-4}}},
      "ppo": {"data_path": "...", "train_steps": 30, "ppo": {"rollout_batch_size": 16}}}
 
+(a section holds what a train_ds.py config of that stage holds: the ppo section's "ppo" object is
+PPO's settings, trainer/ppo_config.py).
+
 A step's config = `merge(shared, section)` (the section wins; objects merge key by key, except an
 object whose "type" differs from the shared one's, e.g. another optimizer or scheduler, which
 replaces it whole; null removes a shared key), plus what the chain sets (`step_config`):
@@ -243,7 +246,8 @@ def validate_steps(steps: list[Step], path: str, world_size=None, device_support
     found = {}
     for step in steps:
         try:
-            step.cfg = validate(json.loads(json.dumps(step.raw)), str(step.config_file), world_size, device_supports_fp16)
+            fresh = json.loads(json.dumps(step.raw))  # validate fills in DeepSpeed's batch keys; step.raw stays as written
+            step.cfg = validate(fresh, str(step.config_file), world_size, device_supports_fp16)
         except ConfigError as e:
             found[step.name] = e.problems
     if not found:
@@ -476,8 +480,11 @@ def reward_trend(curve: list) -> dict:
     """PPO's start and end: means over the first and the last `window` steps (a quarter of the run,
     1 to 5 steps: one rollout's mean is noisy)."""
     window = max(1, min(5, len(curve) // 4))
-    mean = lambda rows, i: sum(r[i] for r in rows) / len(rows) if rows else None  # noqa: E731
     first, last = curve[:window], curve[-window:]
+
+    def mean(rows: list, column: int):
+        return sum(r[column] for r in rows) / len(rows) if rows else None
+
     return {"window": window, "reward_start": mean(first, 1), "reward_end": mean(last, 1),
             "score_start": mean(first, 2), "score_end": mean(last, 2), "kl_end": mean(last, 3)}
 
@@ -492,7 +499,10 @@ def write_reward_curve(path: str, curve: list) -> None:
 
 
 def summary_text(summary: dict, root: Path) -> str:
-    fmt = lambda x: "n/a" if x is None else f"{x:.4g}"  # noqa: E731
+    """The lines rank 0 prints at the end (and writes to summary.txt)."""
+    def fmt(x) -> str:
+        return "n/a" if x is None else f"{x:.4g}"
+
     lines = [f"RLHF summary ({root / SUMMARY_FILE}):"]
     for name, s in summary["steps"].items():
         if name == "sft":
