@@ -15,12 +15,13 @@ Nothing is imported here (no import-time work); import the modules you need:
 - ``data.tokenize``  render + tokenize once with offsets -> input_ids and labels (-100 masked);
                      the pad token (``choose_pad``, never EOS)
 - ``data.packing``   right-truncate/drop over-long samples, pack into ``max_seq_len`` rows
-- ``data.truncate``  left cut of pairwise/prompt context (the answer keeps its EOS), pretrain chunks
+- ``data.truncate``  left cut of pairwise/ranked/prompt context (answers keep their EOS), pretrain chunks
 - ``data.dataset``   ``build_dataset`` (the one builder) and the torch Datasets it returns
 - ``data.cache``     on-disk cache of built datasets, one builder per node (file lock); the key
                      covers the data code (``data_code_version``)
 - ``data.hashing``   ``file_sha256(path)``: the one file-hash helper
-- ``data.split``     eval split and DeepSpeed-Chat-like ``data_split`` shares
+- ``data.split``     eval split and DeepSpeed-Chat-like ``data_split`` shares (``split_shares``,
+                     ``share_of`` a list, ``load_share`` of record files)
 - ``data.sampler``   ``ResumableSampler``: seeded per-epoch shuffle for data parallel, exact resume
 - ``data.inspect``   ``python -m data.inspect PATH...``: validate and show what is trained on
 

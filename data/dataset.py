@@ -9,25 +9,35 @@ kind="lm" (SFT / pretraining): ``LMDataset`` item = ``(inputs, labels)``, the De
     shifts). attention_mask is 1 on real tokens. segment_ids is 1..k for the k records of a packed row,
     0 on padding; attention_mask == (segment_ids > 0). Positions restart at 0 in every segment and
     attention must not cross segments (the model builds position ids and a block-diagonal causal mask
-    from segment_ids). Uses pretrain, instruct, conversation, ref_qa and pairwise (prompt + chosen)
-    records; prompt records are counted as unused.
+    from segment_ids). Uses pretrain, instruct, conversation, ref_qa, pairwise (prompt + chosen) and
+    ranked (prompt + the best response) records; prompt records are counted as unused.
 kind="pairwise" (reward model): ``PairwiseDataset`` item = ``((input_ids [2, T], attention_mask [2, T]),
     labels [2, T], margin float32 [])``, row 0 = prompt + chosen, row 1 = prompt + rejected, labels marking
     each answer + EOS, margin the record's ``margin`` (0 when absent). ``collate_pairs`` turns B items into
     ``[2B, T]`` tensors (+ margins [B]), the B chosen rows first, then the B rejected rows in the same
     order, so one micro-batch always holds both sides of its pairs. The
-    reward is read at the last real token (the EOS): ``attention_mask.sum(-1) - 1``.
+    reward is read at the last real token (the EOS): ``attention_mask.sum(-1) - 1``. Ranked records
+    are not used (DPO's kind).
+kind="ranked" (reward model, K-wise): ``RankedDataset`` item = ``((input_ids [K, T], attention_mask [K, T]),
+    labels [K, T], margin float32 [], n_responses int64 [])`` for pairwise and ranked records alike, row k =
+    prompt + response k (best first; a pairwise record is chosen, rejected). K is the most responses of any
+    kept record of the train and eval parts (the same K for both: the pipeline needs one row count per
+    micro-batch); a record with n < K responses fills rows n..K-1 with copies of its row 0 whose labels
+    are all -100 (filler: no pair uses them). ``collate_ranked`` turns B items into ``[K*B, T]`` tensors
+    (row k*B + b = response k of record b), margins [B] and n_responses [B]; with K = 2 (only pairs) the
+    first three equal ``collate_pairs``' output.
 kind="prompt" (PPO rollouts): ``PromptDataset`` item = ``(input_ids [T], attention_mask [T])`` LEFT-padded
     (generation appends on the right), the prompt ending with the generation prompt "Assistant:\\n".
-    Uses prompt records and the prompts of pairwise records.
+    Uses prompt records and the prompts of pairwise and ranked records.
 
 Pad id: ``data.tokenize.choose_pad`` (``pad_token`` when given, else the tokenizer's pad, unk, a spare
 special token or BOS; never EOS). Pads are -100 in labels and 0 in attention_mask.
 
-Over-long samples (``overflow``): "truncate" (default) cuts SFT samples on the right; pairwise and prompt
-samples instead lose context from the left, keeping the template's structure, so the scored answer
-still ends with its EOS and a prompt still ends with the generation prompt (``data.truncate``; a pair
-whose answer does not fit even so is dropped, reason "answer_too_long"). "drop" drops over-long
+Over-long samples (``overflow``): "truncate" (default) cuts SFT samples on the right; pairwise, ranked and
+prompt samples instead lose context from the left, keeping the template's structure, so the scored answer
+still ends with its EOS and a prompt still ends with the generation prompt (``data.truncate``; all
+responses of a record share one cut; a pair or ranking with an answer that does not fit even so is
+dropped, reason "answer_too_long"). "drop" drops over-long
 samples. "chunk" splits over-long pretrain documents into max_seq_len rows that overlap by one token
 (every token trained once) and truncates the other samples as "truncate" does. A sample left with no
 trained token is dropped. Every drop is counted in the stats by reason, as are truncations
@@ -52,13 +62,13 @@ from data.chat_template import TEMPLATES, make_template
 from data.packing import OVERFLOW_POLICIES, SampleWriter, Samples, fit_length, pack as pack_rows, rows_to_arrays
 from data.records import RECORD_TYPES, PathsArg, Record, RecordStream, expand_sources
 from data.split import eval_split, split_shares
-from data.templates import TEMPLATE_VERSION
+from data.templates import TEMPLATE_VERSION, response_side
 from data.tokenize import choose_pad, special_token_check, tokenize_for_cut, tokenize_records
 from data.truncate import chunk, fit_context
 
-KINDS = ("lm", "pairwise", "prompt")
-_USES = {"lm": ("pretrain", "instruct", "conversation", "ref_qa", "pairwise"),
-         "pairwise": ("pairwise",), "prompt": ("prompt", "pairwise")}
+KINDS = ("lm", "pairwise", "ranked", "prompt")
+_USES = {"lm": ("pretrain", "instruct", "conversation", "ref_qa", "pairwise", "ranked"),
+         "pairwise": ("pairwise",), "ranked": ("pairwise", "ranked"), "prompt": ("prompt", "pairwise", "ranked")}
 IGNORE_INDEX = -100
 PAYLOAD_VERSION = 4  # in the cache key: 2 added pairwise margins, 3 the pad choice, 4 formats/template stats
 
@@ -115,13 +125,50 @@ class PairwiseDataset(Dataset):
 
 def collate_pairs(batch):
     """B pairwise items -> ((input_ids [2B, T], attention_mask [2B, T]), labels [2B, T], margins [B]);
-    chosen rows first."""
+    chosen rows first. (Items of K rows give [K*B, T], response-major: ``collate_ranked``.)"""
     ids = torch.stack([b[0][0] for b in batch])  # [B, 2, T]
     mask = torch.stack([b[0][1] for b in batch])
     labels = torch.stack([b[1] for b in batch])
     margins = torch.stack([b[2] for b in batch])
     flat = lambda x: x.transpose(0, 1).reshape(-1, x.shape[-1])  # [2, B, T] -> [2B, T]
     return (flat(ids), flat(mask)), flat(labels), margins
+
+
+class RankedDataset(Dataset):
+    """Record i's responses are samples record_start[i] .. record_start[i + 1] - 1, best first."""
+
+    def __init__(self, samples: Samples, max_len: int, pad_id: int, margins: np.ndarray, n_responses: np.ndarray,
+                 max_responses: int):
+        self.samples, self.max_len, self.pad_id = samples, max_len, pad_id
+        self.margins = margins  # float32 [n records]: a pairwise record's margin, 0 for ranked records
+        self.n_responses = n_responses  # int64 [n records], each in 2..max_responses
+        self.max_responses = max_responses  # K: rows per item
+        self.record_start = np.concatenate([[0], np.cumsum(n_responses)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.n_responses)
+
+    def __getitem__(self, i: int):
+        K, T = self.max_responses, self.max_len
+        ids = np.full((K, T), self.pad_id, dtype=np.int64)
+        labels = np.full((K, T), IGNORE_INDEX, dtype=np.int64)
+        mask = np.zeros((K, T), dtype=np.int64)
+        n = int(self.n_responses[i])
+        for k in range(n):
+            tok, tgt = self.samples.get(int(self.record_start[i]) + k)
+            ids[k, :len(tok)] = tok
+            labels[k, :len(tok)] = np.where(tgt, tok, IGNORE_INDEX)
+            mask[k, :len(tok)] = 1
+        ids[n:], mask[n:] = ids[0], mask[0]  # filler rows: real tokens (no all-padding row), labels all -100
+        margin = torch.tensor(float(self.margins[i]), dtype=torch.float32)
+        return (torch.from_numpy(ids), torch.from_numpy(mask)), torch.from_numpy(labels), margin, torch.tensor(n)
+
+
+def collate_ranked(batch):
+    """B ranked items -> ((input_ids [K*B, T], attention_mask [K*B, T]), labels [K*B, T], margins [B],
+    n_responses [B]); row k*B + b is response k of item b (all best responses first)."""
+    (ids, mask), labels, margins = collate_pairs([b[:3] for b in batch])  # the same response-major layout
+    return (ids, mask), labels, margins, torch.stack([b[3] for b in batch])
 
 
 class PromptDataset(Dataset):
@@ -157,7 +204,7 @@ def build_dataset(data_paths: PathsArg, tokenizer, max_seq_len: int, *, kind: st
         (.json, .jsonl, .parquet, save_to_disk folders; ``data.sources``), records in any format of
         ``data.formats`` (detected per file unless stated). Streamed: memory holds the tokenized samples
         and a few bytes per record, not the records (except .json arrays, which are parsed whole).
-    kind: "lm" | "pairwise" | "prompt" (see the module docstring for item shapes).
+    kind: "lm" | "pairwise" | "ranked" | "prompt" (see the module docstring for item shapes).
     pack: pack several samples per row (kind="lm" only).
     overflow: "truncate" (default), "drop" or "chunk" samples longer than max_seq_len (module docstring).
     strict: raise ``DataError`` listing every bad record; else drop them and count by reason.
@@ -169,7 +216,7 @@ def build_dataset(data_paths: PathsArg, tokenizer, max_seq_len: int, *, kind: st
     template: "pipetune" (``data.templates``) or "model" (the tokenizer's own chat template,
         ``data.chat_template``; ``TokenizerError`` when it has none or it fails the probe).
     stats: {"files", "formats", "records", "types", "invalid", "unused", "pad", "template", "data_split"?,
-        "train": {...}, "eval": ..., "cache"?}.
+        "max_responses"? (kind="ranked"), "train": {...}, "eval": ..., "cache"?}.
     """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: use one of {', '.join(KINDS)}")
@@ -229,6 +276,9 @@ def _make(payload: Dict[str, Any], split: str) -> Optional[Dataset]:
         return LMDataset(samples, part["row_offsets"].numpy(), part["row_samples"].numpy(), T, pad, payload["pack"])
     if kind == "pairwise":
         return PairwiseDataset(samples, T, pad, part["margins"].numpy())
+    if kind == "ranked":
+        return RankedDataset(samples, T, pad, part["margins"].numpy(), part["n_responses"].numpy(),
+                             payload["max_responses"])
     return PromptDataset(samples, T, pad)
 
 
@@ -269,14 +319,29 @@ def _build(data_paths, eval_paths, tokenizer, *, kind, pack, overflow, strict, e
         parts[name] = _part(out, i, kind, pack, max_seq_len)
         stats[name] = parts[name].pop("stats")
     main.samples = None  # the parts hold what they use
+    max_responses = None
+    if kind == "ranked":  # one row count K for every item of both parts; fillers count as computed
+        max_responses = max([2] + [int(p["n_responses"].max()) for p in parts.values() if len(p["n_responses"])])
+        stats["max_responses"] = max_responses
+        for name in parts:
+            _ranked_row_stats(stats[name], parts[name]["n_responses"], max_responses, max_seq_len)
     stats["unused"] = {t: stats["train"]["unused"].get(t, 0) + stats["eval"]["unused"].get(t, 0)
                        for t in set(stats["train"]["unused"]) | set(stats["eval"]["unused"])}
     has_eval = eval_paths is not None or eval_fraction > 0
     pad = choose_pad(tokenizer, pad_token)
     stats["pad"] = pad._asdict()  # {"id", "token", "source"}
     stats["template"] = tpl.describe() if tpl is not None else {"name": "pipetune"}
-    return {"kind": kind, "pack": pack, "max_seq_len": max_seq_len, "pad_id": pad.id,
+    return {"kind": kind, "pack": pack, "max_seq_len": max_seq_len, "pad_id": pad.id, "max_responses": max_responses,
             "train": parts["train"], "eval": parts["eval"] if has_eval else None, "stats": stats}
+
+
+def _ranked_row_stats(stats: dict[str, Any], n_responses: torch.Tensor, max_responses: int, T: int) -> None:
+    """A ranked part's rows: K per record, of which K - n are filler (computed, never scored)."""
+    n_records = len(n_responses)
+    stats["filler_rows"] = int(n_records * max_responses - int(n_responses.sum()))
+    stats["pairs"] = int((n_responses * (n_responses - 1) // 2).sum())  # ordered (better, worse) pairs
+    stats["computed_tokens"] = n_records * max_responses * T
+    stats["efficiency"] = stats["real_tokens"] / stats["computed_tokens"] if stats["computed_tokens"] else 0.0
 
 
 # Per-record outcome of tokenizing and fitting (``_Outcomes.status``).
@@ -295,7 +360,7 @@ class _Outcomes:
         self.truncated = array.array("b")  # 1: cut on the right or context cut from the left
         self.context_cut = array.array("b")
         self.chunks = array.array("i")     # rows of a chunked pretrain document (0: not chunked)
-        self.n_samples = array.array("i")  # samples kept (1; 2 for a pair; k chunks)
+        self.n_samples = array.array("i")  # samples kept (1; 2 for a pair; K for a ranking; k chunks)
         self.margin = array.array("f")     # pairwise margin (0 otherwise)
         self.raw_len = array.array("q")    # token length of every tokenized side, before fitting
         self.raw_rec = array.array("q")    # ... and its record
@@ -361,12 +426,12 @@ def _run_stream(stream: RecordStream, strict: bool, failed: bool = False, **job)
 def _process(out: _Outcomes, records: List[Record], *, skip: bool, tokenizer, tpl, kind, overflow, T, batch_size):
     """One batch of records -> their outcomes and kept samples (in record order)."""
     used = [r for r in records if r.type in _USES[kind]]
-    if kind == "pairwise":
-        entries = [(r, side) for r in used for side in ("chosen", "rejected")]
-    elif kind == "prompt":  # a pairwise record contributes its prompt only
+    if kind in ("pairwise", "ranked"):  # every answer of a record, best first
+        entries = [(r, side) for r in used for side in _answer_sides(r)]
+    elif kind == "prompt":  # a pairwise or ranked record contributes its prompt only
         entries = [(Record("prompt", {k: v for k, v in r.fields.items() if k in ("prompt", "rounds")},
                            r.file, r.index, r.line, r.format, r.field_map), "") for r in used]
-    else:
+    else:  # lm: a pairwise record's chosen answer, a ranked record's best (side "chosen" = responses[0])
         entries = [(r, "chosen") for r in used]
     if skip:  # the build fails: report the special-token problems too, but tokenize nothing
         out.problems.extend(special_token_check(entries, tokenizer))
@@ -376,13 +441,16 @@ def _process(out: _Outcomes, records: List[Record], *, skip: bool, tokenizer, tp
     encoded, problems = tokenize_records(entries, tokenizer, batch_size, template=tpl)
     out.problems.extend(problems)
     bad_records = {(p.file, p.record) for p in problems}
-    group = 2 if kind == "pairwise" else 1
-    sides_of = {id(r): k * group for k, r in enumerate(used)}
+    entry_span, start = {}, 0  # id(record) -> (its first entry, its number of entries: 1, 2 or K)
+    for r in used:
+        n = len(_answer_sides(r)) if kind in ("pairwise", "ranked") else 1
+        entry_span[id(r)] = (start, n)
+        start += n
     for rec in records:
         if rec.type not in _USES[kind]:
             out.add(rec.type, UNUSED)
             continue
-        g = sides_of[id(rec)]
+        g, group = entry_span[id(rec)]
         sides = encoded[g:g + group]
         for s in sides:
             if s is not None:
@@ -409,10 +477,17 @@ def _process(out: _Outcomes, records: List[Record], *, skip: bool, tokenizer, tp
             fitted = tpl.fit_context(ents, T) if tpl is not None else \
                 fit_context([_cut_source(e, s, tokenizer) for e, s in zip(ents, sides)], T)
             if fitted is None:
-                out.add(rec.type, DROPPED, "answer_too_long" if kind == "pairwise" else "too_long")
+                out.add(rec.type, DROPPED, "answer_too_long" if kind in ("pairwise", "ranked") else "too_long")
             else:
                 out.add(rec.type, KEPT, truncated=True, context_cut=True, fitted=fitted,
                         margin=float(rec.fields.get("margin", 0.0)))
+
+
+def _answer_sides(rec: Record) -> tuple[str, ...]:
+    """The sides ``data.templates.record_turns`` renders a pairwise or ranked record's answers with, best first."""
+    if rec.type == "ranked":
+        return tuple(response_side(k) for k in range(len(rec.fields["responses"])))
+    return ("chosen", "rejected")
 
 
 def _part(out: _Outcomes, index: np.ndarray, kind: str, pack: bool, T: int) -> Dict[str, Any]:
@@ -430,7 +505,7 @@ def _part(out: _Outcomes, index: np.ndarray, kind: str, pack: bool, T: int) -> D
     kept = status == KEPT
     count = lambda codes, names: {names[c]: int(k) for c, k in zip(*np.unique(codes, return_counts=True))}
     raw = out.raw_len[in_part[out.raw_rec]] if len(out.raw_rec) else np.zeros(0, dtype=np.int64)
-    group = 2 if kind == "pairwise" else 1
+    group = 2 if kind == "pairwise" else 1  # samples per row ("ranked": rows are counted per record below)
     lengths = samples.lengths()
     if kind == "lm" and pack:
         rows = pack_rows(lengths.tolist(), T)
@@ -439,6 +514,9 @@ def _part(out: _Outcomes, index: np.ndarray, kind: str, pack: bool, T: int) -> D
     elif kind == "lm":  # one sample per row
         row_offsets, row_samples = np.arange(len(samples) + 1, dtype=np.int64), np.arange(len(samples), dtype=np.int64)
         n_rows = len(samples)
+    elif kind == "ranked":  # one row (of K responses) per kept record
+        row_offsets = row_samples = None
+        n_rows = int(kept.sum())
     else:
         row_offsets = row_samples = None
         n_rows = len(samples) // group
@@ -453,8 +531,10 @@ def _part(out: _Outcomes, index: np.ndarray, kind: str, pack: bool, T: int) -> D
              "efficiency": real / computed if computed else 0.0,
              "length_before_fit": _describe(raw), "length": _describe(lengths)}
     part = {"samples": samples.state(), "stats": stats}
-    if kind == "pairwise":
+    if kind in ("pairwise", "ranked"):
         part["margins"] = torch.from_numpy(out.margin[index][kept].astype(np.float32))
+    if kind == "ranked":
+        part["n_responses"] = torch.from_numpy(counts[kept].astype(np.int64))
     if row_offsets is not None:
         part["row_offsets"], part["row_samples"] = torch.from_numpy(row_offsets), torch.from_numpy(row_samples)
     return part

@@ -1,5 +1,5 @@
 """``python -m data.inspect PATH... [--format FORMAT] [--tokenizer-path DIR] [--template pipetune|model]
-[--max-seq-len N] [--show K] [--skip-bad] [--kind lm|pairwise|prompt] [--overflow truncate|drop|chunk] [--pack]
+[--max-seq-len N] [--show K] [--skip-bad] [--kind lm|pairwise|ranked|prompt] [--overflow truncate|drop|chunk] [--pack]
 [--pad-token TOKEN]``
 
 Validates record files (.json, .jsonl, .parquet, save_to_disk folders; any record format of
@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--show", type=int, default=0, metavar="K", help="render K samples with the trained part marked")
     p.add_argument("--skip-bad", action="store_true", help="drop bad records and count them instead of failing")
-    p.add_argument("--kind", choices=("lm", "pairwise", "prompt"), default="lm")
+    p.add_argument("--kind", choices=("lm", "pairwise", "ranked", "prompt"), default="lm",
+                   help="what a stage builds: lm (SFT), pairwise (DPO), ranked (RM: pairwise and ranked records), "
+                   "prompt (PPO)")
     p.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="truncate")
     p.add_argument("--pack", action="store_true")
     p.add_argument("--pad-token", help="token to pad rows with (default: the tokenizer's pad, unk, a spare "
@@ -107,6 +109,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"pad: {pad['token']!r} (id {pad['id']}, {pad['source'].replace('_', ' ')})")
     print(f"rows: {tr['rows']}  real tokens: {tr['real_tokens']}  trained tokens: {tr['target_tokens']}  "
           f"padding efficiency: {tr['efficiency']:.3f}")
+    if args.kind == "ranked":
+        print(f"responses per record (K): {st['max_responses']}  ordered pairs: {tr['pairs']}  filler rows: "
+              f"{tr['filler_rows']} (records with fewer than K responses)")
     color = sys.stdout.isatty()
     ds = built.train
     for i in range(min(args.show, len(ds))):
@@ -116,11 +121,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             ids, mask = item
             print(tokenizer.decode(ids[mask.bool()].tolist()))
             continue
-        (ids, mask, *_), labels = item[:2]  # lm: (inputs, labels); pairwise: (inputs, labels, margin)
-        for side in range(ids.shape[0] if ids.dim() == 2 else 1):
+        # lm: (inputs, labels); pairwise: (inputs, labels, margin); ranked: (inputs, labels, margin, n_responses)
+        (ids, mask, *_), labels = item[:2]
+        n_rows = int(item[3]) if args.kind == "ranked" else ids.shape[0] if ids.dim() == 2 else 1  # no filler rows
+        for side in range(n_rows):
             row_ids, row_mask, row_lab = (ids[side], mask[side], labels[side]) if ids.dim() == 2 else (ids, mask, labels)
             keep = row_mask.bool()
-            if ids.dim() == 2:
+            if args.kind == "ranked":
+                tag = " (best)" if side == 0 else " (worst)" if side == n_rows - 1 else ""
+                print(f"[responses[{side}]: rank {side + 1} of {n_rows}{tag}]")
+            elif ids.dim() == 2:
                 print(["[chosen]", "[rejected]"][side])
             print(mark_trained(tokenizer, row_ids[keep].tolist(), (row_lab[keep] != -100).tolist(), color))
     return 0

@@ -8,6 +8,7 @@ Record types (see docs/data_format.md):
     ref_qa        {"reference", "rounds"}
     pairwise      {"prompt" | "rounds", "chosen", "rejected", "margin"?}  (margin: a number, default 0)
     prompt        {"prompt" | "rounds"}
+    ranked        {"prompt" | "rounds", "responses": [best, ..., worst]}  (K >= 2 distinct answers)
 
 Every record may also carry "id" and "meta" (ignored). Any other key is an error, so typos such as
 "inputs" are caught instead of silently dropping the input.
@@ -46,10 +47,11 @@ _STRING_FIELDS = {
     "ref_qa": (("reference",), ()),
     "pairwise": (("chosen", "rejected"), ()),
     "prompt": ((), ()),
+    "ranked": ((), ()),  # "responses" is a list, checked by _check_responses
 }
-RECORD_TYPES = tuple(_STRING_FIELDS)
+RECORD_TYPES = tuple(_STRING_FIELDS)  # "ranked" last: the codes of the older types do not move
 _HAS_ROUNDS = {"conversation": "required", "ref_qa": "required", "pairwise": "prompt_or_rounds",
-               "prompt": "prompt_or_rounds"}
+               "prompt": "prompt_or_rounds", "ranked": "prompt_or_rounds"}
 
 
 @dataclasses.dataclass
@@ -165,6 +167,13 @@ def validate_record(obj: Any, file: str, index: int, line: Optional[int] = None
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
             problems.append(bad("margin", f"must be a finite number (how much the chosen answer should outscore the "
                                 f"rejected one), got {json.dumps(margin)}", "bad_value"))
+    if rtype == "ranked":
+        allowed.add("responses")
+        if "responses" not in obj:
+            problems.append(bad("responses", "missing (required for type 'ranked': a list of at least 2 answers, "
+                                "best first)", "missing_field"))
+        else:
+            problems.extend(_check_responses(obj["responses"], bad))
     for key in obj:
         if key not in allowed:
             problems.append(bad(key, f"unknown field for type {rtype!r}; allowed: "
@@ -205,6 +214,31 @@ def _check_text(value: Any, field: str, bad, absent_hint: bool = False) -> List[
         hint = "; omit the key instead" if absent_hint else ""
         return [bad(field, f"is empty{hint}", "empty_text")]
     return []
+
+
+def _check_responses(responses: Any, bad) -> list[Problem]:
+    """A ranked record's answers: a list of >= 2 non-empty, distinct strings (best first)."""
+    if not isinstance(responses, list):
+        return [bad("responses", f"must be a list of answer strings (best first), got a JSON {_json_type(responses)}",
+                    "bad_value")]
+    if len(responses) < 2:
+        return [bad("responses", f"has {len(responses)} answer(s); a ranking needs at least 2 (best first; "
+                    "a pair can also be a 'pairwise' record)", "too_few_responses")]
+    problems: list[Problem] = []
+    first_seen: dict[str, int] = {}  # stripped text -> index of its first occurrence
+    for i, text in enumerate(responses):
+        where = f"responses[{i}]"
+        text_problems = _check_text(text, where, bad)
+        problems.extend(text_problems)
+        if text_problems:
+            continue
+        key = text.strip()
+        if key in first_seen:
+            problems.append(bad(where, f"repeats responses[{first_seen[key]}]; the answers of a ranking must differ "
+                                "(equal answers cannot be ordered)", "duplicate_response"))
+        else:
+            first_seen[key] = i
+    return problems
 
 
 def _check_rounds(rounds: Any, bad, need_answer: bool) -> List[Problem]:

@@ -13,11 +13,14 @@ with the tokenizer's EOS token (the end-of-turn token):
 - ref_qa:       the reference as a leading "Reference:" block, then the rounds.
 - pairwise:     the prompt (a string = one Human turn, or rounds), then ``chosen`` or ``rejected``.
 - prompt:       the prompt followed by the generation prompt "\\n\\nAssistant:\\n" (for PPO rollouts).
+- ranked:       the prompt, then one of its ``responses`` (side ``"responses[k]"``, ``response_side(k)``;
+                side "chosen" means the best, responses[0]).
 - pretrain:     the raw text + EOS, no template.
 
 Trained spans (labels kept, everything else -100): each answer's text plus its EOS, i.e. the instruct
 ``output``, every ``ans`` turn of conversation/ref_qa, and the pairwise ``chosen`` (``rejected`` is
-rendered the same way for reward scoring). The "Assistant:\\n" header is never trained. In a pairwise
+rendered the same way for reward scoring; so is every answer of a ranked record, whose best answer is its
+"chosen" for SFT). The "Assistant:\\n" header is never trained. In a pairwise
 or prompt record, ``ans`` turns of the prompt are context (not trained). Pretrain trains on all tokens.
 
 The answer always starts right after a newline, so the first answer token never merges with the
@@ -118,6 +121,20 @@ def _prompt_turns(fields: dict) -> List[Tuple[str, str, Optional[str], bool]]:
     return [(ROLE_OF[r], t, f"rounds[{i}][1]", False) for i, (r, t) in enumerate(fields["rounds"])]
 
 
+def response_side(k: int) -> str:
+    """The ``side`` that renders answer ``k`` of a ranked record (0 = the best)."""
+    return f"responses[{k}]"
+
+
+def _response_index(side: str) -> int:
+    """A ranked record's side -> its answer index ("chosen" -> 0, the best)."""
+    if side == "chosen":
+        return 0
+    if side.startswith("responses[") and side.endswith("]"):
+        return int(side[len("responses["):-1])
+    raise ValueError(f"side {side!r} of a ranked record: use response_side(k)")
+
+
 def record_turns(rtype: str, fields: dict, side: str = "chosen") -> List[Tuple[str, str, Optional[str], bool]]:
     """A chat-type record -> (role, content, field, trained) turns. ``side``: pairwise answer to use."""
     if rtype == "instruct":
@@ -130,6 +147,9 @@ def record_turns(rtype: str, fields: dict, side: str = "chosen") -> List[Tuple[s
         return _prompt_turns(fields) + [("assistant", fields[side], side, True)]
     if rtype == "prompt":
         return _prompt_turns(fields)
+    if rtype == "ranked":
+        k = _response_index(side)
+        return _prompt_turns(fields) + [("assistant", fields["responses"][k], response_side(k), True)]
     raise ValueError(f"record type {rtype!r} has no chat form")
 
 

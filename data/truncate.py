@@ -1,11 +1,11 @@
 """Fitting over-long samples into ``max_seq_len`` tokens, beyond plain right truncation
 (``data.packing.fit_length``):
 
-- ``fit_context``: pairwise and prompt samples keep their end (the scored answer and its EOS, or the
-  generation prompt) and lose context from the left, keeping the template's structure: first whole
-  oldest exchanges (the context then starts at a later user turn), then the start of the last context
-  turn's text (its "Human:\\n" header is kept). The BOS, when the tokenizer adds one, stays first. The
-  two answers of a pair share one cut, so both rows see the same context.
+- ``fit_context``: pairwise, ranked and prompt samples keep their end (the scored answer and its EOS,
+  or the generation prompt) and lose context from the left, keeping the template's structure: first
+  whole oldest exchanges (the context then starts at a later user turn), then the start of the last
+  context turn's text (its "Human:\\n" header is kept). The BOS, when the tokenizer adds one, stays
+  first. All answers of a pair or ranking share one cut, so every row sees the same context.
 - ``chunk``: a pretrain document split into rows of ``max_seq_len`` tokens that overlap by one token,
   so every token after the first is a trained target exactly once (position 0 of a row is never
   predicted).
@@ -63,8 +63,8 @@ def apply_context_start(src: CutSource, pos: int) -> Sample:
 
 
 def fit_context(sides: Sequence[CutSource], max_len: int) -> Optional[List[Sample]]:
-    """Cut the context shared by ``sides`` (both answers of a pair, or one prompt) at one place so that
-    every side fits; None when an answer (with the template around it) alone does not fit."""
+    """Cut the context shared by ``sides`` (the answers of a pair or ranking, or one prompt) at one place
+    so that every side fits; None when an answer (with the template around it) alone does not fit."""
     cuts = [context_start(s, max_len) for s in sides]
     if any(c is None for c in cuts):
         return None
