@@ -132,3 +132,19 @@ def test_stage_memory_of_tiny_llama_by_hand():
     line0 = report.split("\n")[0]
     assert line0.startswith(f"  stage 0: layers 0-3 (embedding .. block.2), {p0 * 4 / 2**20:.1f} MiB params, "
                             f"~{sum(s0.values()) / 2**20:.1f} MiB training memory (weights ")
+
+
+def test_micro_batch_shape_follows_the_recipe():
+    """The RM and DPO hold both sides of each pair per micro-batch; PPO's rows carry the answer too."""
+    from trainer.memory_model import micro_batch_shape
+
+    raw = {"model_path": "m", "save_path": "s", "data_path": "d.json", "train_steps": 1, "train_micro_batch_size_per_gpu": 2,
+           "max_seq_len": 128, "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [4, 3]}}
+    assert micro_batch_shape(validate(raw, world_size=2)) == (2, 128)
+    assert micro_batch_shape(validate({**raw, "stage": "rm"}, world_size=2)) == (4, 128)
+    assert micro_batch_shape(validate({**raw, "stage": "dpo"}, world_size=2)) == (4, 128)
+    ppo = {**{k: v for k, v in raw.items() if k != "model_path"}, "stage": "ppo", "actor_path": "a", "critic_path": "c",
+           "ppo": {"max_new_tokens": 32}}
+    assert micro_batch_shape(validate(ppo, world_size=2)) == (2, 160)
+    config = prepare_config(AutoConfig.from_pretrained(REPO / "configs" / "tiny-llama"))
+    assert memory_settings(validate({**raw, "stage": "dpo"}, world_size=2), config).chunked_head

@@ -44,7 +44,7 @@ class MemorySettings:
     stages: int
     grad_ckpt: bool
     attn_implementation: str
-    chunked_head: bool = False  # the loss computes the LM head chunk by chunk (SFT's chunked_loss)
+    chunked_head: bool = False  # the loss computes the LM head chunk by chunk (chunked_loss: SFT, DPO, PPO)
 
 
 def optimizer_state_bytes(optimizer: dict, precision: str) -> float:
@@ -73,9 +73,25 @@ def memory_settings(cfg, model_config) -> MemorySettings:
     elif zero.get("stage", 0) >= 1:
         optimizer /= cfg.model_topo.data
     grads = 4.0 if precision == "fp32" else 2.0 + 4.0
-    return MemorySettings(bytes_per_param(precision), grads, optimizer, cfg.micro_batch, cfg.max_seq_len,
+    rows, seq_len = micro_batch_shape(cfg)
+    return MemorySettings(bytes_per_param(precision), grads, optimizer, rows, seq_len,
                           cfg.model_topo.pipe, cfg.use_grad_ckpt, attn_implementation(model_config) or "sdpa",
-                          chunked_head=cfg.stage == "sft" and cfg.chunked_loss)
+                          chunked_head=cfg.stage in ("sft", "dpo", "ppo") and cfg.chunked_loss)
+
+
+def micro_batch_shape(cfg) -> tuple[int, int]:
+    """(rows, tokens per row) of one training micro-batch as the recipe builds it: the RM and DPO
+    hold both sides of each pair (2 x micro batch rows; ranked RM records hold K rows each, K known
+    only from the data, so this is a lower bound for them); PPO's rows are the rollout's, at
+    max_seq_len prompt + ppo.max_new_tokens answer tokens. (PPO's four models share each device:
+    every model's estimate, and "auto" parts, count that model alone.)"""
+    if cfg.stage in ("rm", "dpo"):
+        return 2 * cfg.micro_batch, cfg.max_seq_len
+    if cfg.stage == "ppo":
+        from .ppo_config import PPOOptions
+
+        return cfg.micro_batch, cfg.max_seq_len + PPOOptions.from_config(cfg.ppo).max_new_tokens
+    return cfg.micro_batch, cfg.max_seq_len
 
 
 def stage_memory(model_config, layer_names: list, layer_params: list, tied_head: bool, start: int, stop: int,
