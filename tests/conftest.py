@@ -64,3 +64,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def launch_ranks(script: str, *args, env_extra=None, check=True, timeout=1800):
+    """`deepspeed --num_gpus 2 SCRIPT ARGS` from the repo root on a free port, one torch thread per
+    rank (two ranks share the 2 cores): the multi-rank tests' one way to launch. Returns the
+    CompletedProcess; with check, a failed launch fails the test with the end of its output."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), script, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    return proc

@@ -15,9 +15,6 @@ import json
 import math
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO
+from conftest import launch_ranks as launch
 from trainer.config import ConfigError, load_config, validate
 from trainer.dpo_math import DPOLoss, DPOOptions, metrics_from_stats, pair_stats, pair_terms, sequence_logps
 from trainer.reference_logps import WithReference, checkpoint_fingerprint, collate_dpo
@@ -235,26 +233,8 @@ def test_shipped_dpo_configs_validate():
 
 # ------------------------------------------------------------------------------------ 2-stage runs
 
-def free_port(preferred: int) -> int:
-    """`preferred`, or the next free one of this file's ports 29870-29879 (other test runs share the machine)."""
-    for port in [preferred] + [p for p in range(29870, 29880) if p != preferred]:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    return preferred
 
 
-def launch(script: str, *args, port: int, env_extra=None, check=True, timeout=1800):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port(port)), script, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 def make_config(tmp: Path, name: str, pp_dir: Path, **over) -> Path:
@@ -391,7 +371,7 @@ def runs(model_dirs, tmp_path_factory):
                                        cache_dir=str(tmp / "other-cache"))
     out = tmp / "results.jsonl"
     proc = launch(str(REPO / "tests" / "multirank" / "dpo_runs.py"), *[a for p in names.values() for a in ("--config", str(p))],
-                  "--out", str(out), port=29871)
+                  "--out", str(out))
     results = [json.loads(line) for line in out.read_text().splitlines()]
     return {name: (r, tmp / name) for name, r in zip(names, results)}, proc.stdout + proc.stderr, tmp
 
@@ -521,14 +501,14 @@ def test_killed_during_save_resumes_exactly_reusing_the_reference_cache(runs, mo
     _, pp, _, _ = model_dirs
     reference, reference_save = runs["resume_reference"]
     config = make_config(tmp, "killed", pp, train_steps=6, save_interval=2, scheduler=WARMUP, resume="auto")
-    proc = launch("train_ds.py", "--config", str(config), port=29872, check=False,
+    proc = launch("train_ds.py", "--config", str(config), check=False,
                   env_extra={"PIPETUNE_TEST_KILL_DURING_SAVE_AT_STEP": "4"})
     assert proc.returncode != 0
     save = tmp / "killed"
     assert (save / "latest").read_text() == "global_step2"
     (cache,) = (save / ".data_cache").glob("ref_logps-*.pt")
     stamp = cache.stat().st_mtime_ns
-    proc = launch("train_ds.py", "--config", str(config), port=29873)
+    proc = launch("train_ds.py", "--config", str(config))
     out = proc.stdout + proc.stderr
     assert "resumed from" in out and f"reference log-probs: reused {cache}" in out and "computed on" not in out
     assert cache.stat().st_mtime_ns == stamp

@@ -14,16 +14,13 @@ sampler's resume, config validation. Real runs (CPU, gloo), three launches in al
 """
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO
+from conftest import launch_ranks as launch
 from trainer.config import ConfigError, load_config, validate
 from trainer.ppo_config import PPOOptions
 from trainer.ppo_losses import ACTOR_STATS, ActorLoss, CriticLoss
@@ -199,25 +196,8 @@ def test_shipped_ppo_configs_validate():
 
 # ------------------------------------------------------------------------------------ real runs
 
-def free_port(preferred: int) -> int:
-    for port in [preferred] + [p for p in range(29890, 29900) if p != preferred]:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    return preferred
 
 
-def launch(script: str, *args, port: int, env_extra=None, check=True, timeout=1800):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port(port)), script, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 ADAMW = {"type": "AdamW", "params": {"lr": 3e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0, "torch_adam": True}}
@@ -288,7 +268,7 @@ def runs(models, tmp_path_factory):
     }
     out = tmp / "results.jsonl"
     proc = launch(str(REPO / "tests" / "multirank" / "train_runs.py"), *[a for p in names.values() for a in ("--config", str(p))],
-                  "--out", str(out), port=29891)
+                  "--out", str(out))
     results = [json.loads(line) for line in out.read_text().splitlines()]
     return {name: (r, tmp / name) for name, r in zip(names, results)}, proc.stdout + proc.stderr, tmp
 
@@ -418,12 +398,12 @@ def test_killed_during_save_resumes_exactly(runs, models):
     runs, _, tmp = runs
     reference, reference_save = runs["full"]
     config = make_config(tmp, "killed", models, **{**FULL, "resume": "auto"})
-    proc = launch("train_ds.py", "--config", str(config), port=29892, check=False,
+    proc = launch("train_ds.py", "--config", str(config), check=False,
                   env_extra={"PIPETUNE_TEST_KILL_DURING_SAVE_AT_STEP": "4"})
     assert proc.returncode != 0
     save = tmp / "killed"
     assert (save / "latest").read_text() == "global_step2"
-    proc = launch("train_ds.py", "--config", str(config), port=29893)
+    proc = launch("train_ds.py", "--config", str(config))
     assert "resumed from" in proc.stdout + proc.stderr
     state = json.loads((save / "global_step6" / "trainer_state.json").read_text())
     assert [s for s, _ in state["train_metrics"]] == [1, 2, 3, 4, 5, 6]

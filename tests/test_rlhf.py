@@ -20,7 +20,8 @@ import pytest
 import torch
 
 import rlhf
-from conftest import REPO, free_port
+from conftest import REPO
+from conftest import launch_ranks as launch
 from trainer.config import ConfigError
 
 QUICKSTART = REPO / "configs" / "rlhf_quickstart.json"
@@ -226,14 +227,6 @@ def dpo_chain_config(tmp: Path, name: str, base_pp: Path) -> Path:
     return path
 
 
-def launch(script: str, *args, check=True, timeout=900):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), script, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 def mtimes(folder: Path) -> dict:

@@ -7,10 +7,6 @@ Launches are grouped (each costs ~10-15 s of start-up): one launch trains most c
 """
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO
+from conftest import launch_ranks as launch
 from convert.hg_to_pp import hg_to_pp
 from convert.pp_to_hg import pp_to_hg
 
@@ -43,21 +40,8 @@ def make_config(tmp: Path, name: str, pp_dir: Path, **over) -> Path:
     return path
 
 
-def free_port() -> int:
-    """A port nobody listens on (other test files may launch ranks at the same time)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-def launch(script: str, *args, env_extra=None, check=True, timeout=1200):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), script, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 def exported_weights(save_path: Path, out: Path) -> dict:
