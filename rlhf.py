@@ -56,7 +56,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.config import ConfigError, TrainConfig, validate
+from trainer.config import ConfigError, TrainConfig, read_config_json, validate
 
 logger = logging.getLogger("pipetune")
 
@@ -140,15 +140,7 @@ def main(argv=None) -> int:
 
 def load_steps(path: str, world_size=None, device_supports_fp16: bool = True) -> list[Step]:
     """Read the RLHF config and validate every step's config; ConfigError listing every problem."""
-    try:
-        raw = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(path, ["file not found"]) from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(path, [f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"]) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(path, ["the top level must be a JSON object"])
-    return load_steps_from(raw, path, world_size, device_supports_fp16)
+    return load_steps_from(read_config_json(path), path, world_size, device_supports_fp16)
 
 
 def load_steps_from(raw: dict, path: str = "<config>", world_size=None, device_supports_fp16: bool = True) -> list[Step]:

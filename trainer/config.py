@@ -182,6 +182,11 @@ PPO_KEYS = ("actor_path", "critic_path", "reward_path", "ppo")
 
 def load_config(path: str, world_size: Optional[int] = None, device_supports_fp16: bool = True) -> TrainConfig:
     """Read and validate; raise ConfigError listing every problem found."""
+    return validate(read_config_json(path), path, world_size, device_supports_fp16)
+
+
+def read_config_json(path: str) -> dict:
+    """The config file's top-level JSON object; ConfigError (file missing, bad JSON, not an object)."""
     try:
         raw = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -190,7 +195,7 @@ def load_config(path: str, world_size: Optional[int] = None, device_supports_fp1
         raise ConfigError(path, [f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"]) from None
     if not isinstance(raw, dict):
         raise ConfigError(path, ["the top level must be a JSON object"])
-    return validate(raw, path, world_size, device_supports_fp16)
+    return raw
 
 
 def validate(raw: dict, path: str = "<config>", world_size: Optional[int] = None, device_supports_fp16: bool = True) -> TrainConfig:
