@@ -34,8 +34,10 @@ def build_data(cfg, tokenizer, kind: str):
     )
 
 
-def load_data(cfg, tokenizer, kind: str, topo: Topology, collate: Callable) -> RecipeData:
-    """Collective. kind: build_dataset's "lm" | "pairwise" | "prompt"."""
+def build_data_rank0_first(cfg, tokenizer, kind: str, topo: Topology, build_here: bool):
+    """Collective: rank 0 builds (and caches) the data first; a data error stops every rank (rank 0
+    raises it, the others a DataError saying so); then the other ranks with `build_here` read the
+    cache. Returns data.dataset.Built on rank 0 and those ranks, None elsewhere."""
     data, problem = None, None
     if topo.rank == 0:
         try:
@@ -44,8 +46,14 @@ def load_data(cfg, tokenizer, kind: str, topo: Topology, collate: Callable) -> R
             problem = e
     if broadcast_object(problem is not None):
         raise problem if problem is not None else DataError([], header="invalid data (reported by rank 0)")
-    if topo.rank != 0 and topo.is_data_stage:
+    if topo.rank != 0 and build_here:
         data = build_data(cfg, tokenizer, kind)
+    return data
+
+
+def load_data(cfg, tokenizer, kind: str, topo: Topology, collate: Callable) -> RecipeData:
+    """Collective. kind: build_dataset's "lm" | "pairwise" | "prompt"."""
+    data = build_data_rank0_first(cfg, tokenizer, kind, topo, build_here=topo.is_data_stage)
     batches = None
     if topo.is_data_stage:
         batches = GlobalBatches(data.train, cfg.micro_batch, cfg.grad_accum, topo.dp_rank, topo.data, cfg.seed,

@@ -61,7 +61,7 @@ from models.pipe_dir import CheckpointError, read_metadata, resolve_checkpoint_d
 
 from .. import checkpoint
 from ..config import ModelTopo
-from ..data_loading import build_data
+from ..data_loading import build_data_rank0_first
 from ..distributed import all_reduce_sum, broadcast_object
 from ..ema import ActorEMA
 from ..engine import build_engine, disable_dropout
@@ -100,15 +100,8 @@ def run(cfg, topo, device_name: str) -> dict:
     check_models(cfg, opts, tokenizer, {"actor_path": actor_plan, "critic_path": critic_plan,
                                         "ref_path": ref_plan, "reward_path": reward_plan})
 
-    # Prompts: rank 0 only (broadcast per step); a data error stops every rank.
-    data, problem = None, None
-    if topo.rank == 0:
-        try:
-            data = build_data(cfg, tokenizer, "prompt")
-        except Exception as e:  # noqa: BLE001 - re-raised on rank 0, a stop everywhere
-            problem = e
-    if broadcast_object(problem is not None):
-        raise problem if problem is not None else CheckpointError("stopped: rank 0 could not read the prompts")
+    # Prompts: rank 0 only (it broadcasts each step's); a data error stops every rank.
+    data = build_data_rank0_first(cfg, tokenizer, "prompt", topo, build_here=False)
     n_prompts, pad_id = broadcast_object((len(data.train), data.stats["pad"]["id"]) if data is not None else None)
     prompts_per_step = opts.rollout_batch_size or cfg.global_batch
     rows = opts.rollout_rows(cfg.global_batch)
@@ -170,9 +163,9 @@ def run(cfg, topo, device_name: str) -> dict:
 
             # 2. Score: pipelined forward-only passes; results on the last stage.
             n_micro = ro.n_rows // cfg.micro_batch
-            all_rows = torch.arange(ro.n_rows)
-            feed = [(ro.ids[r], ro.mask[r]) for r in ro.micro_batches(all_rows, cfg.micro_batch)]
-            token_feed = [(inputs, (ro.tokens[r],)) for inputs, r in zip(feed, ro.micro_batches(all_rows, cfg.micro_batch))]
+            micro_rows = ro.micro_batches(torch.arange(ro.n_rows), cfg.micro_batch)
+            feed = [(ro.ids[r], ro.mask[r]) for r in micro_rows]
+            token_feed = [(inputs, (ro.tokens[r],)) for inputs, r in zip(feed, micro_rows)]
             old_logps = forward_only(actor, token_feed, n_micro, reduce_token_logps)
             ref_logps = forward_only(ref, token_feed, n_micro, reduce_token_logps)
             old_values = forward_only(critic, token_feed, n_micro, reduce_values)
@@ -189,7 +182,7 @@ def run(cfg, topo, device_name: str) -> dict:
                 advantages, returns = gae(rewards, old_values * ro.answer, ro.answer, opts.gamma, opts.lam)
                 scored = {"old_logps": old_logps, "ref_logps": ref_logps, "old_values": old_values, "advantages": advantages,
                           "returns": returns, "kl": kl, "rewards": rewards, "scores": scores}
-            rollout_stats = rollout_sums(ro, scored, topo)
+            rollout_stats = rollout_sums(ro, scored)
             if opts.whiten_advantages:
                 n, mean, var = whitening_moments(rollout_stats)
                 if scored is not None:
@@ -389,7 +382,7 @@ def critic_batch(ro, scored, rows, token_scale) -> tuple:
 ROLLOUT_SUMS = ("rows", "reward", "reward_sq", "score", "kl", "answer_tokens", "real_tokens", "adv", "adv_sq")
 
 
-def rollout_sums(ro, scored, topo) -> dict:
+def rollout_sums(ro, scored) -> dict:
     """Collective: sums over the whole rollout (every replica) as float64."""
     sums = torch.zeros(len(ROLLOUT_SUMS), dtype=torch.float64)
     if scored is not None:
