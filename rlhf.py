@@ -118,11 +118,12 @@ def main(argv=None) -> int:
                 logger.warning("[%s] %s", step.name, warning)
 
     import torch
-    import deepspeed
 
     if accel.device_name() == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    from trainer.distributed import init_process_group
+
+    init_process_group(accel.communication_backend_name())
     device_name = torch.cuda.get_device_name() if accel.device_name() == "cuda" else accel.device_name()
     missing = broadcast_object(missing_inputs(steps) if rank == 0 else None)  # before step 1, not when its step starts
     if missing:

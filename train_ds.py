@@ -42,13 +42,14 @@ def main(argv=None) -> int:
     if fixed and rank == 0:
         logging.getLogger("pipetune").info("TORCH_CUDA_ARCH_LIST -> %r for DeepSpeed's op builder", fixed)
     import torch
-    import deepspeed
 
     from data.errors import DataError, TokenizerError
 
     if accel.device_name() == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    from trainer.distributed import init_process_group
+
+    init_process_group(accel.communication_backend_name())
     device_name = torch.cuda.get_device_name() if accel.device_name() == "cuda" else accel.device_name()
     from models.pipe_dir import CheckpointError
     from trainer.guards import NonFiniteError

@@ -45,7 +45,6 @@ def worker(work: Path) -> int:
 
     settings = json.loads((work / "settings.json").read_text())
     torch.set_num_threads(1)
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     from models.heads import set_defer_logits
@@ -59,7 +58,9 @@ def worker(work: Path) -> int:
 
     rank, world_size, _ = world()
     accel = get_accelerator()
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    from trainer.distributed import init_process_group
+
+    init_process_group(accel.communication_backend_name())
     cfg = validate(settings["config"], str(work / "settings.json"), world_size=world_size,
                    device_supports_fp16=accel.is_fp16_supported())
     plan = plan_model(cfg, head="lm")

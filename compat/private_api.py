@@ -185,6 +185,35 @@ def avoid_shm_allreduce_segfault(environ=None) -> bool:
     return True
 
 
+def release_shm_allreduce_names(environ=None) -> str | None:
+    """Remove this rank's shared-memory all-reduce segment name from /dev/shm once every rank has mapped it.
+
+    On the CPU accelerator DeepSpeed 0.19.8's comm backend builds its shm all-reduce op at
+    init_distributed and, when LOCAL_SIZE == WORLD_SIZE, each rank creates a 69 MB POSIX segment
+    `deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>` that peers open by name
+    (deepspeed/ops/csrc/cpu/comm/shm.cpp) and that nothing ever unlinks: every launch leaves
+    WORLD_SIZE of them in RAM-backed /dev/shm until reboot (a test suite of ~100 launches filled 20 GB).
+    The name is needed only while peers open it, inside init_distributed; the mappings outlive the
+    unlink (shm_unlink semantics), so after a barrier each rank removes its own name. The naming
+    scheme is DeepSpeed's internal, hence here. Returns the removed path, or None."""
+    import torch.distributed as dist
+
+    environ = os.environ if environ is None else environ
+    if environ.get("LOCAL_SIZE") != environ.get("WORLD_SIZE", "1") or not dist.is_initialized():
+        return None  # the op made no segment (not all ranks local), or there is no group to wait on
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{environ.get('MASTER_ADDR', '')}_"
+            f"{environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    path = os.path.join("/dev/shm", name)
+    if not os.path.exists(path):
+        return None  # no shm op on this build (CUDA has none) or a non-Linux /dev/shm: no barrier needed
+    dist.barrier()  # every peer has opened and mapped every segment (shm_initialize ran in init_distributed)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return None
+    return path
+
+
 def load_checkpoint_with_own_model_states(engine, load_dir: str, tag: str, **kwargs):
     """`engine.load_checkpoint` that also works when this node sees only its own stages' files
     (a node-local save_path).

@@ -45,7 +45,6 @@ def init_ranks(use_cuda: bool) -> Ranks:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Ranks()
-    import deepspeed
     import deepspeed.comm as dist
 
     from compat.private_api import avoid_shm_allreduce_segfault
@@ -56,7 +55,9 @@ def init_ranks(use_cuda: bool) -> Ranks:
         import torch
 
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    from trainer.distributed import init_process_group
+
+    init_process_group("nccl" if use_cuda else "gloo")
     avoid_shm_allreduce_segfault()
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank)
 

@@ -25,7 +25,6 @@ from inference.inputs import Item
 
 def init_pipeline_ranks(n_stages: int, use_cuda: bool):
     """DeepSpeed's process group (a one-rank group when run without a launcher); checks P divides it."""
-    import deepspeed
     import torch.distributed as dist
 
     from inference.parallel import Ranks
@@ -42,7 +41,9 @@ def init_pipeline_ranks(n_stages: int, use_cuda: bool):
 
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+        from trainer.distributed import init_process_group
+
+        init_process_group("nccl" if use_cuda else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
 
 

@@ -27,7 +27,7 @@ from convert.pp_to_hg import load_layer, pp_to_hg
 from models.pipeline import SequentialPipe, build_layers, prepare_config
 from models.random_init import save_random_model
 
-from conftest import CONFIGS, REPO, free_port
+from conftest import CONFIGS, REPO, launch_ranks
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_NEW = 12
@@ -340,13 +340,10 @@ def test_two_rank_autotp_gives_single_process_tokens(tiny_hf, tmp_path):
     prompts = write_jsonl(tmp_path / "in.jsonl", BATCH_INPUTS[:3])
     chat_in = tmp_path / "chat.txt"
     chat_in.write_text("Hello there\nAnd then?\n/reset\nHello there\n/exit\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(REPO / "tests" / "multirank" / "demo_tp.py"),
-           "--batch", f"{llama_pp}:{prompts}:{tmp_path / 'llama.jsonl'}", "--batch", f"{bloom_hf}:{prompts}:{tmp_path / 'bloom.jsonl'}",
-           "--chat", f"{llama_pp}:{chat_in}:{tmp_path / 'chat_out.txt'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
-    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    proc = launch_ranks(REPO / "tests" / "multirank" / "demo_tp.py",
+                        "--batch", f"{llama_pp}:{prompts}:{tmp_path / 'llama.jsonl'}",
+                        "--batch", f"{bloom_hf}:{prompts}:{tmp_path / 'bloom.jsonl'}",
+                        "--chat", f"{llama_pp}:{chat_in}:{tmp_path / 'chat_out.txt'}", timeout=900)
     assert "AutoTP" in proc.stdout + proc.stderr  # DeepSpeed really sharded the model
 
     for model_path, name in [(llama_pp, "llama"), (bloom_hf, "bloom")]:

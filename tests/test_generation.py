@@ -9,9 +9,6 @@ The multi-rank cases run in three launches: 2 ranks for every generator case and
 (tests/multirank/generate_runs.py), 4 ranks for P = 4 and P = 2 x D = 2 (same script), 2 for the demo.
 """
 import json
-import os
-import subprocess
-import sys
 import types
 
 import pytest
@@ -20,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from conftest import REPO, free_port
+from conftest import REPO, launch_ranks
 from test_models import load_pipe
 from trainer.generation import GenerationError, _place, generate
 from trainer.sampling import SamplingConfig, apply_repetition_penalty, choose_next, draw, row_seeds, warp
@@ -233,12 +230,7 @@ def test_topology_not_matching_the_world_is_an_error():
 # 2 ranks: pipeline stages, data-parallel replicas, engine, SFT eval_samples, demo.
 
 def launch(script, *args, ranks=2, timeout=1200):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(script), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
-    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
-    return proc
+    return launch_ranks(script, *args, ranks=ranks, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

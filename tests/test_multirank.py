@@ -1,24 +1,17 @@
 """Real 2-rank launches (`deepspeed --num_gpus 2` on CPU/gloo). Grouped into one launch: starting
 ranks costs ~10 s each time (and ~90 s once, to build DeepSpeed's shm op)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from convert.hg_to_pp import hg_to_pp
-from conftest import REPO, free_port
+from conftest import REPO, launch_ranks
 
 pytestmark = pytest.mark.multirank
 
 
 def deepspeed_launch(script, *args, timeout=900):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()), str(script), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
-    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
+    return launch_ranks(script, *args, timeout=timeout)
 
 
 def test_two_stage_pipeline_loads_shards_strictly_and_matches_hf_loss(tiny_hf, tmp_path):

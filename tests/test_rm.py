@@ -1,17 +1,14 @@
 """Reward-model stage: the score-index rule, the pairwise loss, a tiny 2-stage RM that learns a
 synthetic preference, and its export to / import from HF *ForSequenceClassification."""
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, free_port
+from conftest import REPO, launch_ranks
 from convert.hg_to_pp import hg_to_pp
 from convert.pp_to_hg import pp_to_hg
 from models.heads import last_token_index, sequence_scores
@@ -119,11 +116,7 @@ def trained_rm(tiny_hf, tmp_path_factory):
         "csv_monitor": {"enabled": True, "output_path": str(tmp / "logs"), "job_name": "rm"},
     }
     (tmp / "rm.json").write_text(json.dumps(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
-                           "--master_port", str(free_port()), "train_ds.py", "--config", str(tmp / "rm.json")],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    launch_ranks("train_ds.py", "--config", tmp / "rm.json", timeout=900)
     return tmp, pp
 
 

@@ -4,16 +4,13 @@ split; pairs alone take the original pairwise path bit for bit; eval accuracy co
 and a tiny 2-stage RM trained on a mixed pairwise + ranked toy ranking orders held-out responses."""
 import itertools
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, free_port
+from conftest import launch_ranks
 
 from convert.hg_to_pp import hg_to_pp
 from trainer.recipes.rm import (
@@ -180,13 +177,8 @@ def test_rm_trained_on_rankings_orders_held_out_responses(tiny_hf, tmp_path):
         "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "weight_decay": 0.0, "torch_adam": True}},
     }
     (tmp_path / "rm.json").write_text(json.dumps(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(free_port()), "train_ds.py", "--config",
-                           str(tmp_path / "rm.json")], capture_output=True, text=True, cwd=REPO, env=env, timeout=900,
-                          check=False)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    launch_ranks("train_ds.py", "--config", tmp_path / "rm.json", timeout=900)
     print(f"ranked RM launch: {time.perf_counter() - start:.1f} s")
     save = tmp_path / "rm"
     state = json.loads((save / (save / "latest").read_text() / "trainer_state.json").read_text())

@@ -69,3 +69,14 @@ def deepspeed_safe_cuda_arch_list(environ=os.environ):
         return None
     environ["TORCH_CUDA_ARCH_LIST"] = fixed
     return fixed
+
+
+def init_process_group(backend: str) -> None:
+    """deepspeed.init_distributed, leaving nothing behind in /dev/shm (see
+    compat.private_api.release_shm_allreduce_names)."""
+    import deepspeed
+
+    from compat.private_api import release_shm_allreduce_names
+
+    deepspeed.init_distributed(dist_backend=backend)
+    release_shm_allreduce_names()

@@ -79,14 +79,14 @@ def run_cases(spec: dict) -> dict:
         # bf16: runs, and its greedy tokens mostly follow fp32's.
         module.to(torch.bfloat16)
         run("bf16_greedy_m2", n_micro=2)
-        del module
+        module = None  # free it before the next model loads
         # 1 stage x 2 data-parallel replicas: each generates its own share.
         module, plan, _ = load_pipeline_module(pp, 1)
         gen = generate(module, config, replica_share(prompts, module), max_new_tokens=max_new, stop_ids=[config.eos_token_id])
         shares = [None] * dist.get_world_size()
         dist.all_gather_object(shares, [gen.answer(i) for i in range(len(gen.n_new))])
         results[f"{name}/dp2"] = {"shares": shares}
-        del module
+        module = None  # free it before the next model loads
         results[f"{name}/forward_only"] = forward_only_case(pp, prompts)
     return results
 
@@ -151,7 +151,7 @@ def run_layouts(spec: dict) -> dict:
                 answers = [replicas[i % len(replicas)][i // len(replicas)] for i in range(len(prompts))]
                 results[f"{name}/p{stages}/{key}"] = {"answers": answers, "parts": plan.parts,
                                                       "stages_agree": all(a == replicas[d] for d, a in parts)}
-            del module
+            module = None  # free it before the next model loads
     return results
 
 
@@ -174,11 +174,12 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    import deepspeed
 
     from trainer.distributed import finish
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    from trainer.distributed import init_process_group
+
+    init_process_group("gloo")
     spec = json.loads(open(args.spec).read())
     try:
         results = run_layouts(spec) if spec.get("layouts") else run_cases(spec)

@@ -127,7 +127,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     import trainer.engine
@@ -137,7 +136,9 @@ def main() -> None:
     from trainer.topology import Topology
 
     rank, world_size, _ = world()
-    deepspeed.init_distributed(dist_backend="gloo")
+    from trainer.distributed import init_process_group
+
+    init_process_group("gloo")
     results = []
     try:
         for spec in args.run:

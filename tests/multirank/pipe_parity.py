@@ -29,7 +29,9 @@ def main() -> None:
     from trainer.partition import boundaries_from_parts
     from compat.private_api import partitioned_pipeline_module_class
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    from trainer.distributed import init_process_group
+
+    init_process_group("gloo")
     rank = dist.get_rank()
     results = []
     try:

@@ -17,7 +17,6 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import torch
-    import deepspeed
 
     import rlhf
     from trainer.checkpoint import KILL_DURING_SAVE_ENV
@@ -25,7 +24,9 @@ def main() -> int:
 
     torch.set_num_threads(1)
     rank, world_size, _ = world()
-    deepspeed.init_distributed(dist_backend="gloo")
+    from trainer.distributed import init_process_group
+
+    init_process_group("gloo")
     for i, path in enumerate(args.config):
         if args.kill_last_at_step is not None and i == len(args.config) - 1:
             os.environ[KILL_DURING_SAVE_ENV] = str(args.kill_last_at_step)

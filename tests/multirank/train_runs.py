@@ -17,7 +17,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     from trainer.config import load_config
@@ -26,7 +25,9 @@ def main() -> None:
     from trainer.topology import Topology
 
     rank, world_size, _ = world()
-    deepspeed.init_distributed(dist_backend="gloo")
+    from trainer.distributed import init_process_group
+
+    init_process_group("gloo")
     results = []
     for path in args.config:
         cfg = load_config(path, world_size=world_size, device_supports_fp16=get_accelerator().is_fp16_supported())
