@@ -69,9 +69,10 @@ def test_optimizer_bytes_by_type_precision_zero_and_offload():
 
 def _brute_force(costs, stages, stage_bytes, budget):
     n, best = len(costs), None
+    limits = budget if isinstance(budget, list) else [budget] * stages
     for cuts in itertools.combinations(range(1, n), stages - 1):
         bounds = (0, *cuts, n)
-        if any(stage_bytes(bounds[k], bounds[k + 1], k) > budget for k in range(stages)):
+        if any(stage_bytes(bounds[k], bounds[k + 1], k) > limits[k] for k in range(stages)):
             continue
         worst = max(sum(costs[bounds[k]:bounds[k + 1]]) for k in range(stages))
         best = worst if best is None else min(best, worst)
@@ -105,6 +106,26 @@ def test_memory_aware_split_moves_layers_off_the_stages_that_do_not_fit():
         auto_parts(params, 1, 1, 4, stage_bytes, budget=25)
 
 
+def test_a_budget_per_stage_is_met_stage_by_stage():
+    """Other models on the same ranks (PPO) leave each stage a different room."""
+    params = [1] + [100] * 8 + [1, 1]
+    costs = layer_costs(params, 1, 1, 8)
+
+    def stage_bytes(start, stop, stage):
+        return 10 * sum(1 for i in range(start, stop) if 1 <= i <= 8)
+
+    assert auto_parts(params, 1, 1, 4, stage_bytes, budget=[100, 100, 100, 100]) == [3, 2, 2, 4]  # fits: balanced
+    room = [10, 100, 100, 30]  # stage 0 has room for one block, stage 3 for three
+    fitted = auto_parts(params, 1, 1, 4, stage_bytes, budget=room)
+    bounds = [0, *itertools.accumulate(fitted)]
+    assert all(stage_bytes(bounds[s], bounds[s + 1], s) <= room[s] for s in range(4))
+    assert fitted[0] <= 2 and fitted != [3, 2, 2, 4]
+    worst = max(sum(costs[bounds[s]:bounds[s + 1]]) for s in range(4))
+    assert worst == pytest.approx(_brute_force(costs, 4, stage_bytes, room))
+    with pytest.raises(AutoPartsError, match=r"fits in the room per stage \("):
+        auto_parts(params, 1, 1, 4, stage_bytes, budget=[0, 10, 10, 10])
+
+
 def test_stage_memory_of_tiny_llama_by_hand():
     """fp32 AdamW, micro-batch 2, seq 128, 2 stages [4, 3] of tiny LLaMA (H 64, I 176, 4 heads of 16, 2 kv)."""
     config = prepare_config(AutoConfig.from_pretrained(REPO / "configs" / "tiny-llama"))
@@ -132,6 +153,30 @@ def test_stage_memory_of_tiny_llama_by_hand():
     line0 = report.split("\n")[0]
     assert line0.startswith(f"  stage 0: layers 0-3 (embedding .. block.2), {p0 * 4 / 2**20:.1f} MiB params, "
                             f"~{sum(s0.values()) / 2**20:.1f} MiB training memory (weights ")
+
+
+def test_frozen_model_holds_weights_and_one_micro_batch():
+    """PPO's reference / reward model: forward-only, so no gradients, no optimizer, no micro-batches
+    kept for a backward; the LM head holds the logits and their fp32 log-softmax."""
+    config = prepare_config(AutoConfig.from_pretrained(REPO / "configs" / "tiny-llama"))
+    raw = {"model_path": "m", "save_path": "s", "data_path": "d.json", "train_steps": 1, "train_micro_batch_size_per_gpu": 2,
+           "max_seq_len": 128, "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [4, 3]},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "bf16": {"enabled": True}}
+    settings = memory_settings(validate(raw, world_size=2), config, frozen=True)
+    assert settings.frozen and not settings.chunked_head and settings.grad_bytes == 0 and settings.optimizer_bytes == 0
+    names = ["embedding", "block.0", "block.1", "block.2", "block.3", "final_norm", "lm_head"]
+    counts = [65536, 46208, 46208, 46208, 46208, 64, 65536]
+    per_token = 7 * 64 + 2 * 32 + 4 * 176 + 4 * 16 + 4
+    tokens = 2 * 128
+    s0 = stage_memory(config, names, counts, False, 0, 4, 0, settings)
+    p0 = 65536 + 3 * 46208
+    assert s0 == {"weights": 2 * p0, "gradients": 0.0, "optimizer": 0.0,
+                  "activations": per_token * tokens * 2 + 2 * 64 * tokens * 2, "head": 0.0}  # one block at a time
+    s1 = stage_memory(config, names, counts, False, 4, 7, 1, settings)
+    assert s1["activations"] == per_token * tokens * 2 + 2 * 64 * tokens * 2 + 2 * 64 * tokens * 2  # + the final norm
+    assert s1["head"] == tokens * 1024 * (2 + 4)  # bf16 logits + fp32 log-softmax
+    trained = memory_settings(validate(raw, world_size=2), config)
+    assert stage_memory(config, names, counts, False, 0, 4, 0, trained)["activations"] > s0["activations"]
 
 
 def test_micro_batch_shape_follows_the_recipe():

@@ -194,6 +194,52 @@ def test_shipped_ppo_configs_validate():
     assert tiny.stage == "ppo" and tiny.precision == "fp32"
 
 
+@pytest.fixture(scope="module")
+def random_pp(tmp_path_factory):
+    from convert.hg_to_pp import hg_to_pp
+    from models.random_init import save_random_model
+
+    tmp = tmp_path_factory.mktemp("ppo-plans")
+    hf = save_random_model(REPO / "configs" / "tiny-llama", tmp / "hf", seed=0, tie_word_embeddings=False)
+    return hg_to_pp(hf, tmp / "pp", progress=False)
+
+
+def test_auto_parts_fit_the_four_models_together_on_each_stage(random_pp):
+    """Actor, critic, reference and reward share every rank: "auto" parts must fit their sum, not
+    each model alone."""
+    from trainer.auto_parts import AutoPartsError
+    from trainer.recipes.ppo import model_configs, plan_models
+
+    def plans_for(budget, **over):
+        raw = {"stage": "ppo", "actor_path": str(random_pp), "critic_path": str(random_pp), "save_path": "s",
+               "data_path": PREFS, "max_seq_len": 64, "train_steps": 1, "train_batch_size": 8,
+               "train_micro_batch_size_per_gpu": 4,
+               "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": "auto"},
+               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "ppo": {"max_new_tokens": 16}, **over}
+        cfg = validate(raw, world_size=2)
+        opts = PPOOptions.from_config(cfg.ppo)
+        plans = plan_models(cfg, opts, budget)
+        configs = model_configs(cfg, opts)
+        per_model = {key: plan.stage_totals(configs[key][0]) for key, plan in plans.items()}
+        return {key: plan.parts for key, plan in plans.items()}, [sum(t[s] for t in per_model.values()) for s in range(2)]
+
+    alone, alone_totals = plans_for(None)  # each compute-balanced
+    assert alone_totals[0] > 1.2 * alone_totals[1]  # the balanced splits crowd stage 0
+    assert plans_for(10 * max(alone_totals))[0] == alone  # room for all: unchanged
+    budget = 0.92 * max(alone_totals)  # the balanced splits do not fit together; moving layers does
+    shared, totals = plans_for(budget)
+    assert shared != alone and max(totals) <= budget
+    assert max(alone_totals) > budget
+    fixed_actor, totals = plans_for(budget, model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]},
+                                                        "parts": [4, 3]},
+                                    ppo={"max_new_tokens": 16, "critic": {"parts": "auto"}, "ref_parts": "auto",
+                                         "reward_parts": "auto"})
+    assert fixed_actor["actor_path"] == [4, 3]  # given parts are kept; the others make room around them
+    with pytest.raises(AutoPartsError, match=r"ppo: the actor, critic, reference and reward model share each rank's .* "
+                                             r"no \"auto\" split of them fits together .*frozen_bf16"):
+        plans_for(0.5 * max(alone_totals))
+
+
 # ------------------------------------------------------------------------------------ real runs
 
 

@@ -27,10 +27,11 @@ class AutoPartsError(ValueError):
 
 
 def auto_parts(layer_params: list[int], hidden: int, seq_len: int, num_stages: int, stage_bytes: Optional[Callable] = None,
-               budget: Optional[float] = None) -> list[int]:
+               budget=None) -> list[int]:
     """Layers per stage minimising the most expensive stage. With `stage_bytes(start, stop, stage)`
-    (bytes of a stage holding layers [start, stop)) and `budget` (bytes per rank), every stage must fit:
-    the compute-balanced split when it does, else the best-balanced split among those that fit."""
+    (bytes of a stage holding layers [start, stop)) and `budget` (bytes per rank, or a list: bytes for
+    each stage, when other models share the ranks), every stage must fit: the compute-balanced split
+    when it does, else the best-balanced split among those that fit."""
     n_blocks = len(layer_params) - 3
     if num_stages > len(layer_params):
         raise AutoPartsError(f"{num_stages} pipeline stages but only {len(layer_params)} pipe layers: reduce dims[0]")
@@ -43,9 +44,11 @@ def auto_parts(layer_params: list[int], hidden: int, seq_len: int, num_stages: i
     if fitted is None:
         peaks = _stage_peaks(parts, stage_bytes)
         worst = max(range(num_stages), key=lambda s: peaks[s])
+        room = (f"{format_bytes(budget)} per rank" if not isinstance(budget, (list, tuple))
+                else "the room per stage (" + ", ".join(format_bytes(max(b, 0.0)) for b in budget) + ")")
         raise AutoPartsError(
-            f"no split of the {len(layer_params)} pipe layers into {num_stages} stages fits in {_gib(budget)} per rank "
-            f"(the compute-balanced split needs {_gib(peaks[worst])} on stage {worst}): use more pipeline stages, "
+            f"no split of the {len(layer_params)} pipe layers into {num_stages} stages fits in {room} "
+            f"(the compute-balanced split needs {format_bytes(peaks[worst])} on stage {worst}): use more pipeline stages, "
             "ZeRO stage 1 or offload_optimizer, use_grad_ckpt, or a smaller micro-batch / max_seq_len")
     return fitted
 
@@ -58,11 +61,16 @@ def _stage_peaks(parts: list[int], stage_bytes: Callable) -> list[float]:
     return peaks
 
 
-def _fits(parts: list[int], stage_bytes: Callable, budget: float) -> bool:
-    return max(_stage_peaks(parts, stage_bytes)) <= budget
+def _limit(budget, stage: int) -> float:
+    """Stage `stage`'s bytes: one figure for every stage, or one per stage."""
+    return budget[stage] if isinstance(budget, (list, tuple)) else budget
 
 
-def _constrained_split(costs: list[float], num_stages: int, stage_bytes: Callable, budget: float) -> Optional[list[int]]:
+def _fits(parts: list[int], stage_bytes: Callable, budget) -> bool:
+    return all(peak <= _limit(budget, s) for s, peak in enumerate(_stage_peaks(parts, stage_bytes)))
+
+
+def _constrained_split(costs: list[float], num_stages: int, stage_bytes: Callable, budget) -> Optional[list[int]]:
     """Exact DP: the first j layers in k non-empty stages, minimising the most expensive stage's cost,
     every stage within budget. O(P L^2) stage_bytes calls (a 70B model in 16 stages: ~0.1 M)."""
     n = len(costs)
@@ -79,7 +87,7 @@ def _constrained_split(costs: list[float], num_stages: int, stage_bytes: Callabl
                 if best[k - 1][i] == inf:
                     continue
                 value = max(best[k - 1][i], prefix[j] - prefix[i])
-                if value < best[k][j] and stage_bytes(i, j, k - 1) <= budget:
+                if value < best[k][j] and stage_bytes(i, j, k - 1) <= _limit(budget, k - 1):
                     best[k][j], cut[k][j] = value, i
     if best[num_stages][n] == inf:
         return None
@@ -99,12 +107,12 @@ def stage_report(parts: list[int], names: list[str], layer_params: list[int], pa
     for stage, n in enumerate(parts):
         params = sum(layer_params[start:start + n])
         parts_bytes = stage_memory(start, start + n, stage)
-        detail = ", ".join(f"{k} {_gib(v)}" for k, v in parts_bytes.items() if v)
+        detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts_bytes.items() if v)
         lines.append(f"  stage {stage}: layers {start}-{start + n - 1} ({names[start]} .. {names[start + n - 1]}), "
-                     f"{_gib(params * param_bytes)} params, ~{_gib(sum(parts_bytes.values()))} training memory ({detail})")
+                     f"{format_bytes(params * param_bytes)} params, ~{format_bytes(sum(parts_bytes.values()))} training memory ({detail})")
         start += n
     return "\n".join(lines)
 
 
-def _gib(n: float) -> str:
+def format_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"

@@ -14,6 +14,11 @@ Per stage s of P (bytes; N = the stage's parameters, B micro-batch, T sequence l
                16 bytes per logit at the peak of the micro-batch being processed; with SFT's chunked
                loss two fp32 chunks of trainer.losses.CHUNK_BYTES instead; a value head's output is
                negligible
+A frozen model (PPO's reference and reward model: forward-only passes, no optimizer) holds its
+weights and the working set of the micro-batch being processed: one block's activations, the
+stage's input and output, and on an LM head the logits with their fp32 log-softmax (activation
+bytes + 4 per logit). PPO's four models share each device; trainer.recipes.ppo divides the device
+between them for "auto" parts (`budget_shares`).
 The activation dtype is the training precision's (fp32 on fp32 runs). Not counted: the optimizer
 step's temporaries (torch's foreach AdamW: one parameter-sized buffer), which exist only after the
 backward has freed the activations, and the communication buffers (a few micro-batch activations).
@@ -45,6 +50,7 @@ class MemorySettings:
     grad_ckpt: bool
     attn_implementation: str
     chunked_head: bool = False  # the loss computes the LM head chunk by chunk (chunked_loss: SFT, DPO, PPO)
+    frozen: bool = False        # forward-only, no gradients or optimizer (PPO's reference and reward model)
 
 
 def optimizer_state_bytes(optimizer: dict, precision: str) -> float:
@@ -63,7 +69,8 @@ def optimizer_state_bytes(optimizer: dict, precision: str) -> float:
     return states + (4.0 if precision in ("bf16", "fp16") else 0.0)
 
 
-def memory_settings(cfg, model_config) -> MemorySettings:
+def memory_settings(cfg, model_config, frozen: bool = False) -> MemorySettings:
+    """The memory-relevant settings of a model trained (or, frozen, only run forward) with cfg."""
     precision = cfg.precision
     ds = cfg.ds_config
     zero = ds.get("zero_optimization", {}) or {}
@@ -74,17 +81,19 @@ def memory_settings(cfg, model_config) -> MemorySettings:
         optimizer /= cfg.model_topo.data
     grads = 4.0 if precision == "fp32" else 2.0 + 4.0
     rows, seq_len = micro_batch_shape(cfg)
+    if frozen:
+        grads, optimizer = 0.0, 0.0
     return MemorySettings(bytes_per_param(precision), grads, optimizer, rows, seq_len,
                           cfg.model_topo.pipe, cfg.use_grad_ckpt, attn_implementation(model_config) or "sdpa",
-                          chunked_head=cfg.stage in ("sft", "dpo", "ppo") and cfg.chunked_loss)
+                          chunked_head=cfg.stage in ("sft", "dpo", "ppo") and cfg.chunked_loss and not frozen,
+                          frozen=frozen)
 
 
 def micro_batch_shape(cfg) -> tuple[int, int]:
     """(rows, tokens per row) of one training micro-batch as the recipe builds it: the RM and DPO
     hold both sides of each pair (2 x micro batch rows; ranked RM records hold K rows each, K known
     only from the data, so this is a lower bound for them); PPO's rows are the rollout's, at
-    max_seq_len prompt + ppo.max_new_tokens answer tokens. (PPO's four models share each device:
-    every model's estimate, and "auto" parts, count that model alone.)"""
+    max_seq_len prompt + ppo.max_new_tokens answer tokens."""
     if cfg.stage in ("rm", "dpo"):
         return 2 * cfg.micro_batch, cfg.max_seq_len
     if cfg.stage == "ppo":
@@ -112,15 +121,19 @@ def stage_memory(model_config, layer_names: list, layer_params: list, tied_head:
     per_block = 0.0
     if arch.block_activation_elements is not None:
         per_block = arch.block_activation_elements(model_config, settings.attn_implementation, settings.seq_len) * tokens * act_bytes
-    if settings.grad_ckpt:
+    if settings.frozen:  # no_grad: only the micro-batch being processed, one block at a time
+        activations = (per_block + 2 * hidden * tokens * act_bytes) if n_blocks else 0.0
+    elif settings.grad_ckpt:
         activations = n_blocks * hidden * tokens * act_bytes * in_flight + (per_block if n_blocks else 0.0)
     else:
         activations = n_blocks * per_block * in_flight
     if "final_norm" in names:
-        activations += 2 * hidden * tokens * act_bytes * in_flight
+        activations += 2 * hidden * tokens * act_bytes * (1 if settings.frozen else in_flight)
     head = 0.0
     if "lm_head" in names:
-        if settings.chunked_head:  # one fp32 chunk of logits in the loss's forward and backward, and a temporary
+        if settings.frozen:  # the logits and their fp32 log-softmax (the scoring reducer's input)
+            head = tokens * model_config.vocab_size * (act_bytes + 4)
+        elif settings.chunked_head:  # one fp32 chunk of logits in the loss's forward and backward, and a temporary
             head = 2.0 * min(tokens, max(1, CHUNK_BYTES // (4 * model_config.vocab_size))) * model_config.vocab_size * 4
         else:
             head = tokens * model_config.vocab_size * (act_bytes + 4 + 4 + 4 + (2 if act_bytes != 4 else 0))

@@ -29,6 +29,7 @@ class ModelPlan:
     layer_names: list       # index-aligned with the layer files: embedding, block.i, final_norm, <head>_head
     layer_params: list      # parameters per pipe layer (a tied head counts the embedding it shares)
     parts: list             # layers per pipeline stage
+    frozen: bool = False    # run forward-only with no optimizer (PPO's reference and reward model)
 
     @property
     def head_index(self) -> int:
@@ -51,7 +52,12 @@ class ModelPlan:
     def stage_memory(self, cfg, start: int, stop: int, stage: int) -> dict:
         """Training-memory estimate (bytes by kind) of a stage holding pipe layers [start, stop)."""
         return stage_memory(self.model_config, self.layer_names, self.layer_params, head_is_tied(self.model_config, self.head),
-                            start, stop, stage, memory_settings(cfg, self.model_config))
+                            start, stop, stage, memory_settings(cfg, self.model_config, self.frozen))
+
+    def stage_totals(self, cfg) -> list[float]:
+        """The memory estimate of each stage of this split, in bytes."""
+        bounds = self.boundaries
+        return [sum(self.stage_memory(cfg, bounds[s], bounds[s + 1], s).values()) for s in range(len(self.parts))]
 
     def describe(self, cfg) -> str:
         """One line per stage: layers, parameter bytes and the training-memory estimate."""
@@ -79,13 +85,15 @@ def layer_param_counts(model_config, head: str = "lm") -> list[int]:
     return counts
 
 
-def resolve_parts(cfg, model_config, head: str = "lm", counts=None, budget="device") -> list[int]:
+def resolve_parts(cfg, model_config, head: str = "lm", counts=None, budget="device", frozen: bool = False) -> list[int]:
     """`model_topo.parts` checked against the model's layers, or the "auto" split: balanced by
-    compute, every stage within `budget` bytes ("device": this rank's device memory, None: no limit)."""
+    compute, every stage within `budget` bytes ("device": this rank's device memory, None: no limit, a list:
+    bytes for each stage);
+    a frozen model's stages hold no gradients or optimizer state."""
     names = pipe_layer_names(model_config, head)
     counts = counts if counts is not None else layer_param_counts(model_config, head)
     if cfg.model_topo.parts == "auto":
-        settings = memory_settings(cfg, model_config)
+        settings = memory_settings(cfg, model_config, frozen)
         tied = head_is_tied(model_config, head)
 
         def stage_bytes(start, stop, stage):
@@ -99,8 +107,9 @@ def resolve_parts(cfg, model_config, head: str = "lm", counts=None, budget="devi
     return parts
 
 
-def plan_model(cfg, head: str = "lm", model_path=None) -> ModelPlan:
-    """The plan for `model_path` (default: cfg.model_path) with this head and cfg's topology."""
+def plan_model(cfg, head: str = "lm", model_path=None, budget="device", frozen: bool = False) -> ModelPlan:
+    """The plan for `model_path` (default: cfg.model_path) with this head and cfg's topology; "auto"
+    parts fit `budget` (see resolve_parts)."""
     from transformers import AutoConfig
 
     path = Path(model_path or cfg.model_path)
@@ -109,5 +118,6 @@ def plan_model(cfg, head: str = "lm", model_path=None) -> ModelPlan:
     get_architecture(hf_config.model_type)  # an unknown model_type fails here, listing the supported ones
     model_config = prepare_config(hf_config, "flash_attention_2" if cfg.use_flash_attn else None)
     counts = layer_param_counts(model_config, head)
-    parts = resolve_parts(cfg, model_config, head, counts)
-    return ModelPlan(path, side_dir, hf_config, model_config, head, pipe_layer_names(model_config, head), counts, parts)
+    parts = resolve_parts(cfg, model_config, head, counts, budget, frozen)
+    return ModelPlan(path, side_dir, hf_config, model_config, head, pipe_layer_names(model_config, head), counts, parts,
+                     frozen)

@@ -69,6 +69,8 @@ from ..forward_only import forward_only
 from ..generation import generate, replica_share
 from ..guards import check_finite_loss
 from ..metering import log_plan, write_events
+from ..auto_parts import AutoPartsError, format_bytes
+from ..memory_model import memory_budget
 from ..model_plan import plan_model
 from ..ppo_config import PPOOptions
 from ..ppo_losses import ACTOR_STATS, ActorLoss, CriticLoss, reduce_scores, reduce_token_logps, reduce_values
@@ -91,14 +93,10 @@ def run(cfg, topo, device_name: str) -> dict:
 
     hosts = preflight(cfg, topo.rank, topo.world_size)
     opts = PPOOptions.from_config(cfg.ppo)
-    critic_parts = opts.critic.get("parts")
-    actor_plan = plan_model(cfg, "lm", cfg.actor_path)
-    critic_plan = plan_model(with_parts(cfg, critic_parts), "value", cfg.critic_path)
-    ref_plan = plan_model(with_parts(cfg, opts.ref_parts), "lm", cfg.ref_path or cfg.actor_path)
-    reward_plan = plan_model(with_parts(cfg, opts.reward_parts or critic_parts), "value", cfg.reward_path or cfg.critic_path)
+    plans = plan_models(cfg, opts, memory_budget())
+    actor_plan, critic_plan, ref_plan, reward_plan = plans.values()
     tokenizer = AutoTokenizer.from_pretrained(actor_plan.side_dir)
-    check_models(cfg, opts, tokenizer, {"actor_path": actor_plan, "critic_path": critic_plan,
-                                        "ref_path": ref_plan, "reward_path": reward_plan})
+    check_models(cfg, opts, tokenizer, plans)
 
     # Prompts: rank 0 only (it broadcasts each step's); a data error stops every rank.
     data = build_data_rank0_first(cfg, tokenizer, "prompt", topo, build_here=False)
@@ -115,6 +113,7 @@ def run(cfg, topo, device_name: str) -> dict:
     resume_from = checkpoint.decide_resume(cfg.save_path, cfg.resume)
     if topo.rank == 0:
         log_plan("ppo actor", cfg, actor_plan, data.stats)
+        log_co_resident_plans(cfg, opts, plans)
         logger.info("ppo: %d prompts per step x %d samples = %d rows, %d minibatch(es) x %d epoch(s) = %d optimizer "
                     "steps per PPO step, %d PPO steps", prompts_per_step, opts.n_samples_per_prompt, rows, minibatches,
                     opts.ppo_epochs, opts.ppo_epochs * minibatches, total_steps)
@@ -243,6 +242,71 @@ def with_parts(cfg, parts):
     if parts is None:
         return cfg
     return dataclasses.replace(cfg, model_topo=ModelTopo(cfg.model_topo.pipe, cfg.model_topo.data, parts))
+
+
+def model_configs(cfg, opts) -> dict:
+    """key -> (the config each model is built with, head, path, frozen) for the four models."""
+    critic_parts = opts.critic.get("parts")
+    frozen = frozen_config(cfg, opts)
+    return {"actor_path": (cfg, "lm", cfg.actor_path, False),
+            "critic_path": (critic_config(cfg, opts), "value", cfg.critic_path, False),
+            "ref_path": (with_parts(frozen, opts.ref_parts), "lm", cfg.ref_path or cfg.actor_path, True),
+            "reward_path": (with_parts(frozen, opts.reward_parts or critic_parts), "value",
+                            cfg.reward_path or cfg.critic_path, True)}
+
+
+def plan_models(cfg, opts, device_budget) -> dict:
+    """The four models' plans (actor, critic, reference, reward, in that order). They share every
+    rank's device, so "auto" parts fit each model into what the other three leave on each stage:
+    starting from the compute-balanced splits, an "auto" model that does not fit (the largest first)
+    is re-split within the room the other three leave on each stage (trainer.auto_parts with a budget
+    per stage), and so on until the four fit together or none can move. Splits that already fit together stay compute-balanced.
+    device_budget None: no memory limit."""
+    configs = model_configs(cfg, opts)
+    auto = [key for key, (c, *_) in configs.items() if c.model_topo.parts == "auto"]
+    plans = {key: plan_model(c, head, path, budget=None, frozen=frozen) for key, (c, head, path, frozen) in configs.items()}
+    if not auto or device_budget is None:
+        return plans
+    totals = {key: plan.stage_totals(configs[key][0]) for key, plan in plans.items()}
+
+    def room_for(key) -> list[float]:  # bytes per stage the other three leave
+        return [device_budget - sum(totals[other][s] for other in plans if other != key) for s in range(cfg.model_topo.pipe)]
+
+    failure, stuck = None, set()  # stuck: cannot fit in what the others leave now
+    for _ in range(4 * len(auto)):
+        over = [key for key in auto if key not in stuck and any(t > r for t, r in zip(totals[key], room_for(key)))]
+        if not over:
+            break
+        key = max(over, key=lambda k: max(totals[k]))
+        c, head, path, frozen = configs[key]
+        try:
+            plans[key] = plan_model(c, head, path, budget=room_for(key), frozen=frozen)
+        except AutoPartsError as e:
+            failure = f"{key}: {e}"
+            stuck.add(key)
+            continue
+        totals[key] = plans[key].stage_totals(c)
+        stuck.clear()  # the others' room changed: they may fit now
+    together = [sum(t[s] for t in totals.values()) for s in range(cfg.model_topo.pipe)]
+    if all(t <= device_budget for t in together):
+        return plans
+    raise AutoPartsError(
+        f"ppo: the actor, critic, reference and reward model share each rank's {format_bytes(device_budget)} and no "
+        f"\"auto\" split of them fits together (now {', '.join(f'stage {s} ~{format_bytes(t)}' for s, t in enumerate(together))})"
+        + (f"; {failure}" if failure else "") + ". ppo.frozen_bf16 halves the reference and reward model; more pipeline "
+        "stages, ZeRO stage 1 / offload_optimizer, use_grad_ckpt or a smaller micro-batch also help")
+
+
+def log_co_resident_plans(cfg, opts, plans: dict) -> None:
+    """Each model's split and memory estimate, and each stage's total over the four models."""
+    configs = model_configs(cfg, opts)
+    totals = [0.0] * cfg.model_topo.pipe
+    for key, plan in plans.items():
+        stage_cfg = configs[key][0]
+        if key != "actor_path":
+            logger.info("ppo %s: %s\n%s", key, plan.model_path, plan.describe(stage_cfg))
+        totals = [t + s for t, s in zip(totals, plan.stage_totals(stage_cfg))]
+    logger.info("ppo: the four models together: %s", ", ".join(f"stage {s} ~{format_bytes(t)}" for s, t in enumerate(totals)))
 
 
 def critic_config(cfg, opts):
