@@ -1,16 +1,20 @@
 """Training memory per pipeline stage: trainer.memory_model's estimate vs the measured peak.
 
     python bench/memory.py [--hidden 512] [--layers 8] [--vocab 16000] [--seq-len 256] [--micro-batch 2]
-                           [--micro-batches 4] [--steps 3] [--grad-ckpt] [--work-dir DIR]
+                           [--micro-batches 4] [--steps 3] [--grad-ckpt] [--frozen] [--work-dir DIR]
 
 Launches `--stages` (default 2) ranks with DeepSpeed's launcher; each rank builds a seeded LLaMA of the
 given shape from scratch through the trainer (trainer.config.validate, model_plan.plan_model,
 engine.build_engine; parts "auto" with no memory limit), records its resident memory just before
 the engine is built, trains `--steps` steps on random tokens (fp32, AdamW) and records its peak.
 Measured = peak RSS (getrusage ru_maxrss) - RSS before the build: the model, its gradients,
-optimizer state and activations, plus whatever the allocator and DeepSpeed add. Printed per stage
+optimizer state and activations, plus whatever the allocator and DeepSpeed add; "after the build"
+is the peak of the steps alone (VmHWM reset after the build), without the build's own transients
+(a seeded init holds a second copy of some weights for a moment). Printed per stage
 next to the estimate and its parts, with the ratio estimate / measured (the acceptance band of the
 memory-aware split is 0.75-1.25 for a model whose memory dominates the process's own).
+--frozen measures a frozen model instead (PPO's reference: no optimizer, forward-only passes of
+`--micro-batches` micro-batches scored to per-token log-probs as PPO does) against the frozen estimate.
 On a GPU it reads torch.cuda.max_memory_allocated instead (the allocator's own count).
 """
 from __future__ import annotations
@@ -35,6 +39,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak: Linux resets VmHWM when 5 is written to clear_refs. False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -50,10 +72,13 @@ def worker(work: Path) -> int:
     from models.heads import set_defer_logits
     from trainer.config import validate
     from trainer.distributed import finish, world
-    from trainer.engine import build_engine
+    from trainer.engine import build_engine, build_pipeline_module, init_from_scratch
+    from trainer.forward_only import forward_only
+    from trainer.ppo_losses import reduce_token_logps
+    from trainer.reference_logps import frozen_ds_config
     from trainer.losses import global_token_mean_loss
     from trainer.batches import with_normaliser
-    from trainer.model_plan import plan_model, resolve_parts
+    from trainer.model_plan import plan_model
     from trainer.topology import Topology
 
     rank, world_size, _ = world()
@@ -63,29 +88,45 @@ def worker(work: Path) -> int:
     init_process_group(accel.communication_backend_name())
     cfg = validate(settings["config"], str(work / "settings.json"), world_size=world_size,
                    device_supports_fp16=accel.is_fp16_supported())
-    plan = plan_model(cfg, head="lm")
-    plan = plan.__class__(**{**plan.__dict__, "parts": resolve_parts(cfg, plan.model_config, budget=None)})
+    frozen = settings.get("frozen", False)
+    plan = plan_model(cfg, head="lm", budget=None, frozen=frozen)
     topo = Topology.from_config(cfg, rank, world_size)
     on_gpu = accel.device_name() == "cuda"
     before = torch.cuda.memory_allocated() if on_gpu else current_rss()
-    engine = build_engine(cfg, plan, topo, settings["steps"], weights="init", loss_fn=global_token_mean_loss)
-    set_defer_logits(engine.module, cfg.chunked_loss)  # as the SFT recipe does
+    if frozen:  # as trainer.reference_logps.frozen_reference_engine builds PPO's reference (seeded weights here)
+        import deepspeed
+
+        module = build_pipeline_module(plan, topo)
+        init_from_scratch(module, plan.model_config, cfg.seed)
+        module.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=module, config=frozen_ds_config(cfg))
+    else:
+        engine = build_engine(cfg, plan, topo, settings["steps"], weights="init", loss_fn=global_token_mean_loss)
+        set_defer_logits(engine.module, cfg.chunked_loss)  # as the SFT recipe does
     trace = [("built", current_rss() - before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)]
+    build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    running_peak_known = not on_gpu and reset_peak_rss()  # the steps' own peak, without the build's transients
     gen = torch.Generator().manual_seed(0)
     mb, seq, n_micro = cfg.micro_batch, cfg.max_seq_len, cfg.grad_accum
     for _ in range(settings["steps"]):
         micro = []
         for _ in range(n_micro):
             ids = torch.randint(3, plan.model_config.vocab_size, (mb, seq), generator=gen)
-            micro.append(((ids, torch.ones_like(ids)), ids.clone()))
-        feed = with_normaliser(micro, n_micro * mb * (seq - 1), float(n_micro)) if topo.is_data_stage else None
-        engine.train_batch(data_iter=feed)
+            micro.append(((ids, torch.ones_like(ids)), (ids[:, 1:].clone(),) if frozen else ids.clone()))
+        if frozen:
+            forward_only(engine, micro if topo.is_data_stage else None, n_micro, reduce_token_logps,
+                         deferred_logits=cfg.chunked_loss)
+        else:
+            feed = with_normaliser(micro, n_micro * mb * (seq - 1), float(n_micro)) if topo.is_data_stage else None
+            engine.train_batch(data_iter=feed)
         trace.append(("step", current_rss() - before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
     peak = torch.cuda.max_memory_allocated() if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    running_peak = peak_rss_since_reset() if running_peak_known else peak
+    peak = max(peak, build_peak) if not on_gpu else peak  # the reset also lowered ru_maxrss
     bounds = plan.boundaries
     estimate = plan.stage_memory(cfg, bounds[topo.stage], bounds[topo.stage + 1], topo.stage)
-    result = {"rank": rank, "stage": topo.stage, "parts": plan.parts, "measured": peak - before, "estimate": estimate,
-              "trace": trace}
+    result = {"rank": rank, "stage": topo.stage, "parts": plan.parts, "measured": peak - before,
+              "running": running_peak - before, "estimate": estimate, "trace": trace}
     gathered = [None] * world_size
     torch.distributed.all_gather_object(gathered, result)
     if rank == 0:
@@ -111,6 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--full-logits", action="store_true", help="chunked_loss false: the head's full logits")
+    p.add_argument("--frozen", action="store_true", help="a frozen model's forward-only scoring (PPO's reference)")
     p.add_argument("--work-dir")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -137,7 +179,7 @@ def main(argv=None) -> int:
         "train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": args.micro_batches,
         "steps_per_print": 10**9, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
     }
-    (work / "settings.json").write_text(json.dumps({"config": config, "steps": args.steps}))
+    (work / "settings.json").write_text(json.dumps({"config": config, "steps": args.steps, "frozen": args.frozen}))
     # A fixed mmap threshold: tensors above 128 KiB get their own mapping, returned to the OS when freed,
     # so peak RSS follows live memory instead of what glibc keeps in its heap after activations are freed.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -150,17 +192,18 @@ def main(argv=None) -> int:
     results = sorted(json.loads((work / "result.json").read_text()), key=lambda r: r["rank"])
     mib = 2**20
     print(f"LLaMA hidden {args.hidden}, {args.layers} blocks, vocab {args.vocab}; seq {args.seq_len}, micro-batch "
-          f"{args.micro_batch} x {args.micro_batches}; fp32 AdamW; grad ckpt {'on' if args.grad_ckpt else 'off'}; "
+          f"{args.micro_batch} x {args.micro_batches}; {'frozen, forward-only' if args.frozen else 'fp32 AdamW'}; grad ckpt {'on' if args.grad_ckpt else 'off'}; "
           f"{'full logits' if args.full_logits else 'chunked head loss'}; "
           f"parts {results[0]['parts']}")
-    print("\n| stage | estimate MiB | weights | grads | optimizer | activations | head | measured MiB | estimate / measured |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| stage | estimate MiB | weights | grads | optimizer | activations | head | measured MiB | "
+          "after the build | estimate / after the build |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         e = r["estimate"]
         total = sum(e.values())
         print(f"| {r['stage']} | {total / mib:.0f} | {e['weights'] / mib:.0f} | {e['gradients'] / mib:.0f} | "
               f"{e['optimizer'] / mib:.0f} | {e['activations'] / mib:.0f} | {e['head'] / mib:.0f} | "
-              f"{r['measured'] / mib:.0f} | {total / r['measured']:.2f} |")
+              f"{r['measured'] / mib:.0f} | {r['running'] / mib:.0f} | {total / r['running']:.2f} |")
     if os.environ.get("PIPETUNE_BENCH_TRACE"):
         for r in results:
             print(r["stage"], [(name, round(now / mib), round(top / mib)) for name, now, top in r["trace"]])

@@ -1,6 +1,7 @@
 """Heads for the last pipe layer. Swappable: the LM head for SFT/pretraining, a scalar value head
 for reward models and the PPO critic. Keys match transformers' (`lm_head.weight`, `score.weight`).
 """
+import contextlib
 from typing import NamedTuple, Union
 
 import torch
@@ -12,8 +13,9 @@ class DeferredLogits(NamedTuple):
     """An LM head's output when its logits are left to the loss: the final norm's output
     float[B,T,H] and the head weight float[V,H] (the tied embedding's when tied). A loss computes
     the matmul chunk by chunk (trainer.losses.chunked_lm_head_loss_sum), so [B,T,V] never exists.
-    Only returned while gradients are enabled and the head's `defer_logits` is set (training);
-    under no_grad (eval, generation, scoring) heads return logits."""
+    Only returned while the head's `defer_logits` is set and gradients are enabled (training) or,
+    inside `deferring_without_grad`, in forward-only scoring; otherwise (eval, generation) heads
+    return logits."""
     hidden: torch.Tensor
     weight: torch.Tensor
 
@@ -42,6 +44,26 @@ def set_defer_logits(module: nn.Module, on: bool = True) -> int:
     return n
 
 
+@contextlib.contextmanager
+def deferring_without_grad(module: nn.Module):
+    """Within: every LM head in `module` defers its logits under no_grad too, for forward-only passes
+    whose reducer takes DeferredLogits (log-probs chunk by chunk: no [B,T,V] logits, which the
+    pipeline would otherwise keep for two micro-batches). Restores the heads' flags on exit."""
+    heads = [sub for sub in module.modules() if isinstance(sub, LMHead) or hasattr(sub, "embedding_weight")]
+    saved = [(getattr(h, "defer_logits", False), getattr(h, "defer_without_grad", False)) for h in heads]
+    for head in heads:
+        head.defer_logits, head.defer_without_grad = True, True
+    try:
+        yield
+    finally:
+        for head, (defer, without_grad) in zip(heads, saved):
+            head.defer_logits, head.defer_without_grad = defer, without_grad
+
+
+def _defers(head) -> bool:
+    return getattr(head, "defer_logits", False) and (torch.is_grad_enabled() or getattr(head, "defer_without_grad", False))
+
+
 class LMHead(nn.Module):
     """hidden float[B,T,H] -> logits float[B,T,V]."""
 
@@ -50,9 +72,10 @@ class LMHead(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     defer_logits = False
+    defer_without_grad = False
 
     def forward(self, inputs: tuple):
-        if self.defer_logits and torch.is_grad_enabled():
+        if _defers(self):
             return DeferredLogits(inputs[0], _non_leaf(self.lm_head.weight))
         return self.lm_head(inputs[0])
 
@@ -72,7 +95,7 @@ class ValueHead(nn.Module):
 def tied_lm_head(embedding_module: nn.Module, inputs: tuple):
     """Forward of a tied LM head: DeepSpeed calls it with the stage's copy of the tied embedding
     module (TiedLayerSpec forward_fn). logits = hidden @ embedding_weight.T (or DeferredLogits)."""
-    if getattr(embedding_module, "defer_logits", False) and torch.is_grad_enabled():
+    if _defers(embedding_module):
         return DeferredLogits(inputs[0], _non_leaf(embedding_module.embedding_weight))
     return F.linear(inputs[0], embedding_module.embedding_weight)
 

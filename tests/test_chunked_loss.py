@@ -77,6 +77,21 @@ def test_deferred_head_in_the_pipe_layers_equals_full_logits(model_type, tied):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         assert torch.equal(pipe((ids, mask)), full_out.detach())
+    # forward-only scoring (forward_only(..., deferred_logits=True)): deferred under no_grad too, the
+    # same log-probs as the logits give, and plain logits again afterwards (generation needs them)
+    from models.heads import deferring_without_grad
+    from trainer.losses import shifted_token_logps
+
+    tokens = ids[:, 1:]
+    set_defer_logits(pipe, False)
+    with torch.no_grad(), deferring_without_grad(pipe):
+        scored = pipe((ids, mask))
+        assert isinstance(scored, DeferredLogits)
+        deferred_logps = shifted_token_logps(scored, tokens, chunk_tokens=5)
+    with torch.no_grad():
+        plain = pipe((ids, mask))
+        assert not isinstance(plain, DeferredLogits)
+        torch.testing.assert_close(deferred_logps, shifted_token_logps(plain, tokens), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk, use", [(1, "both"), (7, "both"), (1000, "both"), (7, "logp"), (7, "entropy")])
@@ -115,3 +130,34 @@ def test_chunked_token_logps_and_entropy_equal_full_logits(chunk, use):
     plain_logp, plain_entropy = shifted_token_logps(hidden @ weight.t(), tokens, with_entropy=True)
     torch.testing.assert_close(plain_logp.double(), logp, rtol=0, atol=1e-5)
     torch.testing.assert_close(plain_entropy.double(), entropy, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logps_without_grad_normalise_a_chunk_at_a_time_with_the_same_values(monkeypatch, dtype):
+    """Forward-only scoring (a frozen reference, PPO's old log-probs) gets plain logits under no_grad:
+    the fp32 log-softmax exists one chunk of positions at a time, values equal to the one-piece ones."""
+    from trainer.losses import shifted_token_logps
+
+    torch.manual_seed(3)
+    logits = (4 * torch.randn(3, 13, 50)).to(dtype)
+    tokens = torch.randint(0, 50, (3, 12))
+    log_probs = torch.log_softmax(logits[:, :-1].float(), -1)  # written out: one piece
+    expected_logp = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    expected_entropy = -(log_probs.exp() * log_probs).sum(-1)
+    seen_rows = []
+    real_log_softmax = torch.log_softmax
+
+    def spy(x, *args, **kwargs):
+        seen_rows.append(x.numel() // x.shape[-1])
+        return real_log_softmax(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "log_softmax", spy)
+    with torch.no_grad():
+        logp, entropy = shifted_token_logps(logits, tokens, with_entropy=True, chunk_tokens=5)
+    assert logp.dtype == torch.float32 and max(seen_rows) <= 5 and len(seen_rows) == 3 * 3  # 12 positions: 5 + 5 + 2
+    torch.testing.assert_close(logp, expected_logp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(entropy, expected_entropy, rtol=0, atol=1e-5)
+    seen_rows.clear()
+    with torch.no_grad():
+        assert torch.equal(shifted_token_logps(logits, tokens), shifted_token_logps(logits, tokens, chunk_tokens=1))
+    assert max(seen_rows) > 1  # the default chunk (CHUNK_BYTES of fp32) holds all 12 positions of a row here

@@ -157,13 +157,14 @@ def test_stage_memory_of_tiny_llama_by_hand():
 
 def test_frozen_model_holds_weights_and_one_micro_batch():
     """PPO's reference / reward model: forward-only, so no gradients, no optimizer, no micro-batches
-    kept for a backward; the LM head holds the logits and their fp32 log-softmax."""
+    kept for a backward; the LM head two fp32 chunks of logits (or, with chunked_loss off, the logits of
+    the two micro-batches the pipeline keeps as well)."""
     config = prepare_config(AutoConfig.from_pretrained(REPO / "configs" / "tiny-llama"))
     raw = {"model_path": "m", "save_path": "s", "data_path": "d.json", "train_steps": 1, "train_micro_batch_size_per_gpu": 2,
            "max_seq_len": 128, "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [4, 3]},
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "bf16": {"enabled": True}}
     settings = memory_settings(validate(raw, world_size=2), config, frozen=True)
-    assert settings.frozen and not settings.chunked_head and settings.grad_bytes == 0 and settings.optimizer_bytes == 0
+    assert settings.frozen and settings.chunked_head and settings.grad_bytes == 0 and settings.optimizer_bytes == 0
     names = ["embedding", "block.0", "block.1", "block.2", "block.3", "final_norm", "lm_head"]
     counts = [65536, 46208, 46208, 46208, 46208, 64, 65536]
     per_token = 7 * 64 + 2 * 32 + 4 * 176 + 4 * 16 + 4
@@ -174,7 +175,10 @@ def test_frozen_model_holds_weights_and_one_micro_batch():
                   "activations": per_token * tokens * 2 + 2 * 64 * tokens * 2, "head": 0.0}  # one block at a time
     s1 = stage_memory(config, names, counts, False, 4, 7, 1, settings)
     assert s1["activations"] == per_token * tokens * 2 + 2 * 64 * tokens * 2 + 2 * 64 * tokens * 2  # + the final norm
-    assert s1["head"] == tokens * 1024 * (2 + 4)  # bf16 logits + fp32 log-softmax
+    assert s1["head"] == 2 * tokens * 1024 * 4  # deferred logits: 2 fp32 chunks (here all 256 tokens)
+    full = memory_settings(validate({**raw, "chunked_loss": False}, world_size=2), config, frozen=True)
+    s1_full = stage_memory(config, names, counts, False, 4, 7, 1, full)
+    assert s1_full["head"] == 2 * tokens * 1024 * 2 + 2 * tokens * 1024 * 4  # 2 micro-batches' bf16 logits + 2 chunks
     trained = memory_settings(validate(raw, world_size=2), config)
     assert stage_memory(config, names, counts, False, 0, 4, 0, trained)["activations"] > s0["activations"]
 

@@ -230,6 +230,10 @@ def test_auto_parts_fit_the_four_models_together_on_each_stage(random_pp):
     shared, totals = plans_for(budget)
     assert shared != alone and max(totals) <= budget
     assert max(alone_totals) > budget
+    assert shared["ref_path"] == alone["ref_path"] and shared["reward_path"] == alone["reward_path"]  # few moves
+    tight = 0.85 * max(alone_totals)  # one model at a time cannot make room: every model within its share first
+    _, totals = plans_for(tight)
+    assert max(totals) <= tight
     fixed_actor, totals = plans_for(budget, model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]},
                                                         "parts": [4, 3]},
                                     ppo={"max_new_tokens": 16, "critic": {"parts": "auto"}, "ref_parts": "auto",

@@ -29,7 +29,8 @@ Project keys (all optional unless marked):
                   true, or an object of torch.compile options ({"backend": ..., "mode": ...}); default false
   chunked_loss    SFT, DPO and the PPO actor: the LM head's matmul and the loss's log-softmax run over chunks
                   of tokens, the backward recomputing each chunk, so the [B,T,V] logits never exist while
-                  training (true; false: full logits)
+                  training, nor in the forward-only log-prob passes (SFT/DPO eval, DPO's reference, PPO's
+                  scoring of actor and reference) (true; false: full logits)
   use_flash_attn  flash_attention_2 (LLaMA on CUDA with flash-attn installed) (false); with pack, packed rows
                   go to the kernel padding-free as cu_seqlens (models.stage_io.varlen_kwargs), no mask built
   seed            (1234) data order, init, dropout

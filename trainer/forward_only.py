@@ -11,6 +11,8 @@ from typing import Callable, Optional
 
 import torch
 
+from models.heads import DeferredLogits, deferring_without_grad
+
 
 @contextlib.contextmanager
 def _monitor_paused(engine):
@@ -25,21 +27,24 @@ def _monitor_paused(engine):
             monitor.enabled = enabled
 
 
-def forward_only(engine, micro_batches: Optional[list], n_micro: int, reduce: Callable) -> Optional[list]:
+def forward_only(engine, micro_batches: Optional[list], n_micro: int, reduce: Callable,
+                 deferred_logits: bool = False) -> Optional[list]:
     """Collective over every rank of the engine. `micro_batches`: [(inputs, labels)] * n_micro on the
     data stages (first and last), None elsewhere. Returns [reduce(output, labels) per micro-batch] on
-    the last stage, None on the other stages. No gradients; dropout off (eval mode)."""
+    the last stage, None on the other stages. No gradients; dropout off (eval mode). deferred_logits:
+    an LM head hands `reduce` DeferredLogits (models.heads) instead of [B,T,V] logits."""
     collected = []
 
     def collect(outputs, labels):
         collected.append(reduce(outputs, labels))
-        return torch.zeros((), dtype=torch.float32, device=outputs.device)
+        device = outputs.hidden.device if isinstance(outputs, DeferredLogits) else outputs.device
+        return torch.zeros((), dtype=torch.float32, device=device)
 
     module = engine.module
     training_loss_fn = module.loss_fn
     module.loss_fn = collect
     try:
-        with _monitor_paused(engine):
+        with _monitor_paused(engine), (deferring_without_grad(module) if deferred_logits else contextlib.nullcontext()):
             engine.eval_batch(data_iter=iter(micro_batches) if micro_batches is not None else None,
                               num_micro_batches=n_micro, bcast_loss=False)
     finally:

@@ -65,6 +65,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             valid = target != -100
             picked = logits.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)
             total += ((torch.logsumexp(logits, dim=1) - picked) * valid).sum()
+            del logits  # before the next chunk's matmul, or two chunks' logits are alive at once
         ctx.save_for_backward(hidden, weight, labels)
         ctx.chunk = chunk
         return total
@@ -89,6 +90,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[rows] = (grad @ weight.float()).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight.addmm_(grad.t(), hidden[rows].float())
+            del grad  # before the next chunk's matmul
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
 
 
@@ -127,7 +129,8 @@ class _ChunkedTokenLogpsEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk)
             log_probs = torch.log_softmax((hidden[rows] @ weight.t()).float(), dim=1)  # [c, V]
             logp[rows] = log_probs.gather(1, targets[rows].unsqueeze(1)).squeeze(1)
-            entropy[rows] = -(log_probs.exp() * log_probs).sum(1)
+            entropy[rows] = -log_probs.exp().mul_(log_probs).sum(1)  # in place: two [c, V] buffers at most
+            del log_probs  # before the next chunk's matmul
         ctx.save_for_backward(hidden, weight, targets, entropy)
         ctx.chunk = chunk
         return logp, entropy
@@ -153,6 +156,7 @@ class _ChunkedTokenLogpsEntropy(torch.autograd.Function):
                 grad_hidden[rows] = (grad @ weight.float()).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight.addmm_(grad.t(), hidden[rows].float())
+            del log_probs, probs, grad  # before the next chunk's matmul
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
 
 
@@ -161,7 +165,10 @@ def shifted_token_logps(logits, tokens: torch.Tensor, with_entropy: bool = False
     i.e. ids[:, t+1]); with_entropy: also the entropy of each of those distributions, float32[B,T-1].
     logits float[B,T,V], or the head's DeferredLogits: then the head's matmul runs chunk by chunk of
     positions (default CHUNK_BYTES of fp32 logits at a time) with the backward recomputing each chunk,
-    so [B,T,V] never exists; the same values and gradients (fp32 rounding apart)."""
+    so [B,T,V] never exists; the same values and gradients (fp32 rounding apart). Plain logits with no
+    gradient to keep (forward-only scoring: a frozen reference, PPO's old log-probs) are converted to
+    fp32 and normalised a chunk of positions at a time, so no fp32 [B,T,V] copy exists either; the
+    values are the same as in one piece."""
     tokens = tokens.to(logits.hidden.device if isinstance(logits, DeferredLogits) else logits.device)
     if isinstance(logits, DeferredLogits):
         hidden, weight = logits.hidden[:, :-1, :], logits.weight
@@ -171,8 +178,31 @@ def shifted_token_logps(logits, tokens: torch.Tensor, with_entropy: bool = False
                                                         chunk_tokens)
         logp, entropy = logp.view(tokens.shape), entropy.view(tokens.shape)
         return (logp, entropy) if with_entropy else logp
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return _token_logps_without_grad(logits, tokens, with_entropy, chunk_tokens)
     log_probs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
     logp = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return logp
     return logp, -(log_probs.exp() * log_probs).sum(-1)
+
+
+@torch.no_grad()
+def _token_logps_without_grad(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool, chunk_tokens: Optional[int]):
+    """shifted_token_logps of plain logits float[B,T,V] when nothing needs their gradient: each row's
+    positions in chunks of chunk_tokens (default CHUNK_BYTES of fp32), so the fp32 log-softmax of at
+    most one chunk exists at a time."""
+    batch, length = tokens.shape
+    vocab = logits.shape[-1]
+    chunk = chunk_tokens or max(1, CHUNK_BYTES // (4 * vocab))
+    logp = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty_like(logp) if with_entropy else None
+    for row in range(batch):
+        for start in range(0, length, chunk):
+            stop = min(start + chunk, length)
+            log_probs = torch.log_softmax(logits[row, start:stop].float(), dim=-1)  # [chunk, V]
+            logp[row, start:stop] = log_probs.gather(-1, tokens[row, start:stop].unsqueeze(-1)).squeeze(-1)
+            if with_entropy:
+                entropy[row, start:stop] = -log_probs.exp().mul_(log_probs).sum(-1)
+            del log_probs  # before the next chunk's log-softmax
+    return (logp, entropy) if with_entropy else logp

@@ -16,8 +16,9 @@ Per stage s of P (bytes; N = the stage's parameters, B micro-batch, T sequence l
                negligible
 A frozen model (PPO's reference and reward model: forward-only passes, no optimizer) holds its
 weights and the working set of the micro-batch being processed: one block's activations, the
-stage's input and output, and on an LM head the logits with their fp32 log-softmax (activation
-bytes + 4 per logit). PPO's four models share each device; trainer.recipes.ppo divides the device
+stage's input and output, and on an LM head two fp32 chunks of logits (forward_only's
+deferred_logits: log-probs chunk by chunk); with chunked_loss off, the logits of the two
+micro-batches the pipeline keeps, normalised one fp32 chunk at a time. PPO's four models share each device; trainer.recipes.ppo divides the device
 between them for "auto" parts (`budget_shares`).
 The activation dtype is the training precision's (fp32 on fp32 runs). Not counted: the optimizer
 step's temporaries (torch's foreach AdamW: one parameter-sized buffer), which exist only after the
@@ -85,7 +86,7 @@ def memory_settings(cfg, model_config, frozen: bool = False) -> MemorySettings:
         grads, optimizer = 0.0, 0.0
     return MemorySettings(bytes_per_param(precision), grads, optimizer, rows, seq_len,
                           cfg.model_topo.pipe, cfg.use_grad_ckpt, attn_implementation(model_config) or "sdpa",
-                          chunked_head=cfg.stage in ("sft", "dpo", "ppo") and cfg.chunked_loss and not frozen,
+                          chunked_head=cfg.stage in ("sft", "dpo", "ppo") and cfg.chunked_loss,
                           frozen=frozen)
 
 
@@ -131,10 +132,11 @@ def stage_memory(model_config, layer_names: list, layer_params: list, tied_head:
         activations += 2 * hidden * tokens * act_bytes * (1 if settings.frozen else in_flight)
     head = 0.0
     if "lm_head" in names:
-        if settings.frozen:  # the logits and their fp32 log-softmax (the scoring reducer's input)
-            head = tokens * model_config.vocab_size * (act_bytes + 4)
+        chunk = min(tokens, max(1, CHUNK_BYTES // (4 * model_config.vocab_size)))
+        if settings.frozen and not settings.chunked_head:  # the pipeline keeps two micro-batches' logits
+            head = 2 * tokens * model_config.vocab_size * act_bytes + 2.0 * chunk * model_config.vocab_size * 4
         elif settings.chunked_head:  # one fp32 chunk of logits in the loss's forward and backward, and a temporary
-            head = 2.0 * min(tokens, max(1, CHUNK_BYTES // (4 * model_config.vocab_size))) * model_config.vocab_size * 4
+            head = 2.0 * chunk * model_config.vocab_size * 4
         else:
             head = tokens * model_config.vocab_size * (act_bytes + 4 + 4 + 4 + (2 if act_bytes != 4 else 0))
     return {"weights": params * settings.param_bytes, "gradients": params * settings.grad_bytes,

@@ -151,7 +151,7 @@ def score_pairs(engine, pairs, n_rows: int, cfg, topo) -> torch.Tensor:
             for indices in micro_indices:
                 inputs, labels, _ = collate_pairs([pairs[max(i, 0)] for i in indices])
                 micro.append((inputs, (labels, torch.tensor(indices))))
-        results = forward_only(engine, micro, cfg.grad_accum, _row_logps)
+        results = forward_only(engine, micro, cfg.grad_accum, _row_logps, deferred_logits=cfg.chunked_loss)
         for logps, indices in results or []:
             real = indices >= 0
             sums[indices[real]] = logps.view(2, -1).t()[real]

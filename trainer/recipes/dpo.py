@@ -139,7 +139,7 @@ def evaluate(engine, cfg, data, ref, opts, topo) -> dict:
             for indices in micro_indices:
                 inputs, labels, ref_logps = collate_dpo([pairs[max(i, 0)] for i in indices])
                 micro.append((inputs, (labels, ref_logps, torch.tensor([float(i >= 0) for i in indices]))))
-        results = forward_only(engine, micro, cfg.grad_accum, eval_pair_stats(opts))
+        results = forward_only(engine, micro, cfg.grad_accum, eval_pair_stats(opts), deferred_logits=cfg.chunked_loss)
         if results is not None:
             sums += torch.stack(results).sum(0)
     return metrics_from_stats(all_reduce_sum(sums), opts.sft_coef)

@@ -51,6 +51,7 @@ import dataclasses
 import json
 import logging
 import time
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -165,8 +166,8 @@ def run(cfg, topo, device_name: str) -> dict:
             micro_rows = ro.micro_batches(torch.arange(ro.n_rows), cfg.micro_batch)
             feed = [(ro.ids[r], ro.mask[r]) for r in micro_rows]
             token_feed = [(inputs, (ro.tokens[r],)) for inputs, r in zip(feed, micro_rows)]
-            old_logps = forward_only(actor, token_feed, n_micro, reduce_token_logps)
-            ref_logps = forward_only(ref, token_feed, n_micro, reduce_token_logps)
+            old_logps = forward_only(actor, token_feed, n_micro, reduce_token_logps, deferred_logits=cfg.chunked_loss)
+            ref_logps = forward_only(ref, token_feed, n_micro, reduce_token_logps, deferred_logits=cfg.chunked_loss)
             old_values = forward_only(critic, token_feed, n_micro, reduce_values)
             scores = forward_only(reward, [(inputs, (last_token_index(inputs[1]),)) for inputs in feed], n_micro, reduce_scores)
             t2 = time.perf_counter()
@@ -257,44 +258,69 @@ def model_configs(cfg, opts) -> dict:
 
 def plan_models(cfg, opts, device_budget) -> dict:
     """The four models' plans (actor, critic, reference, reward, in that order). They share every
-    rank's device, so "auto" parts fit each model into what the other three leave on each stage:
-    starting from the compute-balanced splits, an "auto" model that does not fit (the largest first)
-    is re-split within the room the other three leave on each stage (trainer.auto_parts with a budget
-    per stage), and so on until the four fit together or none can move. Splits that already fit together stay compute-balanced.
+    rank's device, so "auto" parts must fit the four together on each stage. From the
+    compute-balanced splits (kept when they fit together):
+    1. while some "auto" model does not fit, the one that needs most is re-split within what the
+       other three leave on each stage (trainer.auto_parts with a budget per stage), until the four
+       fit or none can move (few models move, the rest stay compute-balanced);
+    2. if that is not enough: each "auto" model re-split within its share of every stage (its usage
+       scaled so that the stage's total meets the budget; when all fit their shares, the four fit
+       together), then 1. again from there.
     device_budget None: no memory limit."""
     configs = model_configs(cfg, opts)
+    stages = range(cfg.model_topo.pipe)
     auto = [key for key, (c, *_) in configs.items() if c.model_topo.parts == "auto"]
     plans = {key: plan_model(c, head, path, budget=None, frozen=frozen) for key, (c, head, path, frozen) in configs.items()}
     if not auto or device_budget is None:
         return plans
     totals = {key: plan.stage_totals(configs[key][0]) for key, plan in plans.items()}
 
-    def room_for(key) -> list[float]:  # bytes per stage the other three leave
-        return [device_budget - sum(totals[other][s] for other in plans if other != key) for s in range(cfg.model_topo.pipe)]
+    def together() -> list[float]:
+        return [sum(t[s] for t in totals.values()) for s in stages]
 
-    failure, stuck = None, set()  # stuck: cannot fit in what the others leave now
-    for _ in range(4 * len(auto)):
-        over = [key for key in auto if key not in stuck and any(t > r for t, r in zip(totals[key], room_for(key)))]
-        if not over:
-            break
-        key = max(over, key=lambda k: max(totals[k]))
+    def resplit(key, room) -> Optional[str]:  # None when it fits `room`, else why not
         c, head, path, frozen = configs[key]
         try:
-            plans[key] = plan_model(c, head, path, budget=room_for(key), frozen=frozen)
+            plans[key] = plan_model(c, head, path, budget=room, frozen=frozen)
         except AutoPartsError as e:
-            failure = f"{key}: {e}"
-            stuck.add(key)
-            continue
+            return f"{key}: {e}"
         totals[key] = plans[key].stage_totals(c)
-        stuck.clear()  # the others' room changed: they may fit now
-    together = [sum(t[s] for t in totals.values()) for s in range(cfg.model_topo.pipe)]
-    if all(t <= device_budget for t in together):
+        return None
+
+    def fits() -> bool:
+        return all(t <= device_budget for t in together())
+
+    def make_room() -> Optional[str]:  # re-split, needing most first, within what the others leave
+        failure, stuck = None, set()  # stuck: cannot fit in what the others leave now
+        for _ in range(4 * len(auto)):
+            room = {key: [device_budget - sum(totals[o][s] for o in totals if o != key) for s in stages] for key in auto}
+            over = [key for key in auto if key not in stuck and any(t > r for t, r in zip(totals[key], room[key]))]
+            if fits() or not over:
+                break
+            key = max(over, key=lambda k: max(totals[k]))
+            failure = resplit(key, room[key])
+            if failure:
+                stuck.add(key)
+            else:
+                stuck.clear()  # after a move the others' room changed: they may fit now
+        return failure
+
+    failure = make_room()
+    if not fits():  # every auto model within its share of each stage, then make room again
+        fixed = [sum(totals[key][s] for key in totals if key not in auto) for s in stages]
+        auto_use = [sum(totals[key][s] for key in auto) for s in stages]
+        shares = {key: [totals[key][s] * (device_budget - fixed[s]) / auto_use[s] if auto_use[s] else 0.0 for s in stages]
+                  for key in auto}
+        for key in auto:
+            resplit(key, shares[key])
+        failure = make_room() or failure
+    if fits():
         return plans
     raise AutoPartsError(
         f"ppo: the actor, critic, reference and reward model share each rank's {format_bytes(device_budget)} and no "
-        f"\"auto\" split of them fits together (now {', '.join(f'stage {s} ~{format_bytes(t)}' for s, t in enumerate(together))})"
-        + (f"; {failure}" if failure else "") + ". ppo.frozen_bf16 halves the reference and reward model; more pipeline "
-        "stages, ZeRO stage 1 / offload_optimizer, use_grad_ckpt or a smaller micro-batch also help")
+        f"\"auto\" split of them fits together (now {', '.join(f'stage {s} ~{format_bytes(t)}' for s, t in enumerate(together()))})"
+        + (f"; {failure}" if failure else ": use more pipeline stages, ZeRO stage 1 or offload_optimizer, use_grad_ckpt, "
+           "or a smaller micro-batch / max_seq_len") + ". ppo.frozen_bf16 halves the reference and reward model")
 
 
 def log_co_resident_plans(cfg, opts, plans: dict) -> None:

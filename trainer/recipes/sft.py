@@ -89,7 +89,7 @@ def evaluate(engine, cfg, data, topo) -> dict:
     n_calls = -(-data.n_eval_rows // (cfg.micro_batch * cfg.grad_accum * topo.data))
     for _ in range(n_calls):
         micro = next(feed)[0] if feed is not None else None
-        results = forward_only(engine, micro, cfg.grad_accum, token_loss_sums)
+        results = forward_only(engine, micro, cfg.grad_accum, token_loss_sums, deferred_logits=cfg.chunked_loss)
         if results is not None:
             sums += torch.stack(results).sum(0).cpu()
     sums = all_reduce_sum(sums)
