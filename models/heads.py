@@ -36,12 +36,15 @@ def set_defer_logits(module: nn.Module, on: bool = True) -> int:
     """Make every LM head inside `module` (a PipelineModule's stage, or plain layers) defer its logits
     to the loss while training; a tied head reads the flag from its embedding module. Returns how
     many modules were set."""
-    n = 0
-    for sub in module.modules():
-        if isinstance(sub, LMHead) or hasattr(sub, "embedding_weight"):
-            sub.defer_logits = on
-            n += 1
-    return n
+    heads = _lm_heads(module)
+    for head in heads:
+        head.defer_logits = on
+    return len(heads)
+
+
+def _lm_heads(module: nn.Module) -> list:
+    """The LM heads inside `module`, and the embedding modules a tied head reads its flags from."""
+    return [sub for sub in module.modules() if isinstance(sub, LMHead) or hasattr(sub, "embedding_weight")]
 
 
 @contextlib.contextmanager
@@ -49,7 +52,7 @@ def deferring_without_grad(module: nn.Module):
     """Within: every LM head in `module` defers its logits under no_grad too, for forward-only passes
     whose reducer takes DeferredLogits (log-probs chunk by chunk: no [B,T,V] logits, which the
     pipeline would otherwise keep for two micro-batches). Restores the heads' flags on exit."""
-    heads = [sub for sub in module.modules() if isinstance(sub, LMHead) or hasattr(sub, "embedding_weight")]
+    heads = _lm_heads(module)
     saved = [(getattr(h, "defer_logits", False), getattr(h, "defer_without_grad", False)) for h in heads]
     for head in heads:
         head.defer_logits, head.defer_without_grad = True, True

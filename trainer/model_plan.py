@@ -87,9 +87,8 @@ def layer_param_counts(model_config, head: str = "lm") -> list[int]:
 
 def resolve_parts(cfg, model_config, head: str = "lm", counts=None, budget="device", frozen: bool = False) -> list[int]:
     """`model_topo.parts` checked against the model's layers, or the "auto" split: balanced by
-    compute, every stage within `budget` bytes ("device": this rank's device memory, None: no limit, a list:
-    bytes for each stage);
-    a frozen model's stages hold no gradients or optimizer state."""
+    compute, every stage within `budget` bytes ("device": this rank's device memory, None: no limit,
+    a list: bytes for each stage); a frozen model's stages hold no gradients or optimizer state."""
     names = pipe_layer_names(model_config, head)
     counts = counts if counts is not None else layer_param_counts(model_config, head)
     if cfg.model_topo.parts == "auto":

@@ -51,8 +51,8 @@ import dataclasses
 import json
 import logging
 import time
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -61,6 +61,7 @@ from models.heads import last_token_index, set_defer_logits
 from models.pipe_dir import CheckpointError, read_metadata, resolve_checkpoint_dir
 
 from .. import checkpoint
+from ..auto_parts import AutoPartsError, format_bytes
 from ..config import ModelTopo
 from ..data_loading import build_data_rank0_first
 from ..distributed import all_reduce_sum, broadcast_object
@@ -70,7 +71,6 @@ from ..forward_only import forward_only
 from ..generation import generate, replica_share
 from ..guards import check_finite_loss
 from ..metering import log_plan, write_events
-from ..auto_parts import AutoPartsError, format_bytes
 from ..memory_model import memory_budget
 from ..model_plan import plan_model
 from ..ppo_config import PPOOptions
