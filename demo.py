@@ -175,7 +175,7 @@ if __name__ == "__main__":
     try:
         status = main()
     finally:
-        from trainer.distributed import finish
+        from trainer.engine.distributed import finish
 
         finish()  # barrier + destroy_process_group: without it gloo ranks sometimes abort at exit
     sys.exit(status)

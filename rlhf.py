@@ -18,7 +18,7 @@ differs (data_path, optimizer, parts, train_steps / n_epochs, "ppo": {...} setti
      "ppo": {"data_path": "...", "train_steps": 30, "ppo": {"rollout_batch_size": 16}}}
 
 (a section holds what a train_ds.py config of that stage holds: the ppo section's "ppo" object is
-PPO's settings, trainer/ppo_config.py).
+PPO's settings, trainer/rl/ppo_options.py).
 
 A step's config = `merge(shared, section)` (the section wins; objects merge key by key, except an
 object whose "type" differs from the shared one's, e.g. another optimizer or scheduler, which
@@ -100,7 +100,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from trainer.distributed import broadcast_object, finish, world
+    from trainer.engine.distributed import broadcast_object, finish, world
 
     rank, world_size, _ = world()
     try:
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
 
     if accel.device_name() == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from trainer.distributed import init_process_group
+    from trainer.engine.distributed import init_process_group
 
     init_process_group(accel.communication_backend_name())
     device_name = torch.cuda.get_device_name() if accel.device_name() == "cuda" else accel.device_name()
@@ -295,7 +295,7 @@ def run_chain(steps: list[Step], rank: int, world_size: int, device_name: str) -
 
     import torch
 
-    from trainer.distributed import broadcast_object
+    from trainer.engine.distributed import broadcast_object
 
     root = steps[0].root
     write_step_configs(steps)
@@ -350,11 +350,11 @@ def run_step(step: Step, rank: int, world_size: int, device_name: str) -> tuple[
     on rank 0 the way train_ds.py prints it, naming the step."""
     from data.errors import DataError, TokenizerError
     from models.pipe_dir import CheckpointError
-    from trainer.distributed import report_crash
-    from trainer.guards import NonFiniteError
-    from trainer.preflight import PreflightError
+    from trainer.engine.distributed import report_crash
+    from trainer.engine.guards import NonFiniteError
+    from trainer.engine.preflight import PreflightError
+    from trainer.engine.topology import Topology
     from trainer.recipes import get_recipe
-    from trainer.topology import Topology
 
     try:
         return 0, get_recipe(step.name)(step.cfg, Topology.from_config(step.cfg, rank, world_size), device_name)
@@ -377,8 +377,8 @@ def export_step(step: Step, rank: int) -> int:
     """Collective: rank 0 writes every HF export of the step (pp_to_hg, written whole or not at all,
     then fsynced); the other ranks wait. 0, or 1 with the error printed on rank 0."""
     from convert.pp_to_hg import pp_to_hg
-    from trainer.checkpoint import fsync_tree
-    from trainer.distributed import broadcast_object
+    from trainer.engine.checkpoint import fsync_tree
+    from trainer.engine.distributed import broadcast_object
 
     problem = None
     if rank == 0:

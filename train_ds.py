@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from trainer.config import ConfigError, load_config
-    from trainer.distributed import deepspeed_safe_cuda_arch_list, finish, report_crash, world
+    from trainer.engine.distributed import deepspeed_safe_cuda_arch_list, finish, report_crash, world
 
     rank, world_size, _ = world()
     try:
@@ -47,15 +47,15 @@ def main(argv=None) -> int:
 
     if accel.device_name() == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from trainer.distributed import init_process_group
+    from trainer.engine.distributed import init_process_group
 
     init_process_group(accel.communication_backend_name())
     device_name = torch.cuda.get_device_name() if accel.device_name() == "cuda" else accel.device_name()
     from models.pipe_dir import CheckpointError
-    from trainer.guards import NonFiniteError
-    from trainer.preflight import PreflightError
+    from trainer.engine.guards import NonFiniteError
+    from trainer.engine.preflight import PreflightError
+    from trainer.engine.topology import Topology
     from trainer.recipes import get_recipe
-    from trainer.topology import Topology
 
     try:
         summary = get_recipe(cfg.stage)(cfg, Topology.from_config(cfg, rank, world_size), device_name)

@@ -1,4 +1,4 @@
-"""Training memory per pipeline stage: trainer.memory_model's estimate vs the measured peak.
+"""Training memory per pipeline stage: trainer.engine.memory's estimate vs the measured peak.
 
     python bench/memory.py [--hidden 512] [--layers 8] [--vocab 16000] [--seq-len 256] [--micro-batch 2]
                            [--micro-batches 4] [--steps 3] [--grad-ckpt] [--frozen] [--work-dir DIR]
@@ -70,20 +70,20 @@ def worker(work: Path) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from models.heads import set_defer_logits
-    from trainer.config import validate
-    from trainer.distributed import finish, world
-    from trainer.engine import build_engine, build_pipeline_module, init_from_scratch
-    from trainer.forward_only import forward_only
-    from trainer.ppo_losses import reduce_token_logps
-    from trainer.reference_logps import frozen_ds_config
-    from trainer.losses import global_token_mean_loss
     from trainer.batches import with_normaliser
-    from trainer.model_plan import plan_model
-    from trainer.topology import Topology
+    from trainer.config import validate
+    from trainer.engine.build import build_engine, build_pipeline_module, init_from_scratch
+    from trainer.engine.distributed import finish, world
+    from trainer.engine.forward_only import forward_only
+    from trainer.engine.plan import plan_model
+    from trainer.engine.topology import Topology
+    from trainer.losses import global_token_mean_loss
+    from trainer.rl.ppo_losses import reduce_token_logps
+    from trainer.rl.reference_logps import frozen_ds_config
 
     rank, world_size, _ = world()
     accel = get_accelerator()
-    from trainer.distributed import init_process_group
+    from trainer.engine.distributed import init_process_group
 
     init_process_group(accel.communication_backend_name())
     cfg = validate(settings["config"], str(work / "settings.json"), world_size=world_size,
@@ -93,7 +93,7 @@ def worker(work: Path) -> int:
     topo = Topology.from_config(cfg, rank, world_size)
     on_gpu = accel.device_name() == "cuda"
     before = torch.cuda.memory_allocated() if on_gpu else current_rss()
-    if frozen:  # as trainer.reference_logps.frozen_reference_engine builds PPO's reference (seeded weights here)
+    if frozen:  # as trainer.rl.reference_logps.frozen_reference_engine builds PPO's reference (seeded weights here)
         import deepspeed
 
         module = build_pipeline_module(plan, topo)

@@ -11,7 +11,7 @@ and the same synthetic batches (fixed-length random token ids, every position tr
   1. plain loop, block 1: AutoModelForCausalLM (sdpa) in this process; per step `--micro-batches`
      forward/backward passes accumulating gradients, clip_grad_norm_(1.0), torch AdamW step;
   2. pipeline: `python -m deepspeed.launcher.runner --num_gpus <stages> bench/train.py --worker DIR`,
-     each rank building the engine with trainer.config.validate + trainer.engine.build_engine
+     each rank building the engine with trainer.config.validate + trainer.engine.build.build_engine
      (weights="load", explicit "auto" stage split, global-token loss) and calling engine.train_batch;
   3. plain loop, block 2 (the same as 1 again, to show drift of the machine during the run).
 
@@ -121,9 +121,9 @@ def make_batches(settings: dict, n_steps: int) -> list:
 
 
 def matmul_params(config) -> int:
-    """All parameters but the input embedding lookup (as trainer.model_plan.ModelPlan.n_matmul_params counts for MFU)."""
+    """All parameters but the input embedding lookup (as trainer.engine.plan.ModelPlan.n_matmul_params counts for MFU)."""
     from models.pipeline import prepare_config
-    from trainer.model_plan import layer_param_counts
+    from trainer.engine.plan import layer_param_counts
 
     return sum(layer_param_counts(prepare_config(config, "sdpa"))[1:])
 
@@ -162,11 +162,11 @@ def summarise(step_seconds: list[float], tokens_per_step: int) -> dict:
 
 def plain_block(settings: dict, hf_dir: Path, batches: list) -> dict:
     import torch
+    from transformers import AutoModelForCausalLM
 
     from trainer.config import DEFAULT_NO_DECAY
+    from trainer.engine.optim import param_groups
     from trainer.losses import global_token_mean_loss
-    from trainer.optim import param_groups
-    from transformers import AutoModelForCausalLM
 
     info = accel_info()
     device = torch.device("cpu") if info["accelerator"] == "cpu" else torch.device(info["accelerator"], 0)
@@ -258,7 +258,7 @@ def worker(work: Path) -> int:
     import torch
 
     settings = json.loads((work / "settings.json").read_text())
-    from trainer.distributed import finish, report_crash, world
+    from trainer.engine.distributed import finish, report_crash, world
 
     rank, world_size, local_rank = world()
     import deepspeed
@@ -273,10 +273,10 @@ def worker(work: Path) -> int:
     try:
         from trainer.batches import with_normaliser
         from trainer.config import validate
-        from trainer.engine import build_engine
+        from trainer.engine.build import build_engine
+        from trainer.engine.plan import plan_model
+        from trainer.engine.topology import Topology
         from trainer.losses import global_token_mean_loss
-        from trainer.model_plan import plan_model
-        from trainer.topology import Topology
 
         cfg = validate(pipeline_config(settings, work), str(work / "settings.json"), world_size=world_size,
                        device_supports_fp16=accel.is_fp16_supported())
@@ -330,7 +330,7 @@ def launch_pipeline(settings: dict, work: Path, log: Path) -> list:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if settings["accelerator"] == "cpu":
         env["OMP_NUM_THREADS"] = str(settings["threads_per_rank"])
-    from trainer.distributed import deepspeed_safe_cuda_arch_list
+    from trainer.engine.distributed import deepspeed_safe_cuda_arch_list
 
     before = env.get("TORCH_CUDA_ARCH_LIST")
     fixed = deepspeed_safe_cuda_arch_list(env)  # rewrites env in place

@@ -1,6 +1,6 @@
 """demo.py --pipeline-stages P: generate from a pipeline checkpoint split over P ranks, each holding
 only its stage's layers (a model too big for one device, no AutoTP), with the KV-cached pipelined
-generator of `trainer.generation` (the one PPO uses on the training engine).
+generator of `trainer.generation.decoding` (the one PPO uses on the training engine).
 
     deepspeed --num_gpus 2 demo.py --model-path runs/quickstart/ckpt --pipeline-stages 2 --greedy
 
@@ -41,7 +41,7 @@ def init_pipeline_ranks(n_stages: int, use_cuda: bool):
 
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
-        from trainer.distributed import init_process_group
+        from trainer.engine.distributed import init_process_group
 
         init_process_group("nccl" if use_cuda else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
@@ -69,11 +69,11 @@ def load_pipeline_module(model_path, n_stages: int, dtype: str = "auto", device:
     from inference.loading import is_pipeline_checkpoint, load_tokenizer, torch_dtype, training_template_of
     from models.pipe_dir import CheckpointError, find_layer_files, find_side_file
     from models.pipeline import pipe_layer_names, prepare_config
-    from trainer.auto_parts import auto_parts
-    from trainer.engine import build_pipeline_module, load_weights
-    from trainer.model_plan import ModelPlan, layer_param_counts
-    from trainer.partition import boundaries_from_parts
-    from trainer.topology import Topology
+    from trainer.engine.auto_parts import auto_parts
+    from trainer.engine.build import build_pipeline_module, load_weights
+    from trainer.engine.partition import boundaries_from_parts
+    from trainer.engine.plan import ModelPlan, layer_param_counts
+    from trainer.engine.topology import Topology
 
     path = Path(model_path)
     if not path.is_dir() or not is_pipeline_checkpoint(path):
@@ -129,7 +129,7 @@ class PipelineChat:
     calls `generate` with the same prompt (the REPL shares each line from rank 0)."""
 
     def __init__(self, module, plan, tokenizer, args, max_context: int, ranks):
-        from trainer.sampling import SamplingConfig
+        from trainer.generation.token_sampling import SamplingConfig
 
         self.module, self.config, self.tokenizer, self.ranks = module, plan.model_config, tokenizer, ranks
         self.max_new_tokens, self.max_context = args.max_new_tokens, max_context
@@ -147,7 +147,7 @@ class PipelineChat:
         """This replica's share of `prompts` -> its `Generation` (rows of prompts[r::D])."""
         import dataclasses
 
-        from trainer.generation import generate, replica_share
+        from trainer.generation.decoding import generate, replica_share
 
         sampling = self.sampling if seed is None else dataclasses.replace(self.sampling, seed=seed)
         return generate(self.module, self.config, replica_share(prompts, self.module), max_new_tokens=self.max_new_tokens,

@@ -1,4 +1,4 @@
-"""DPO stage (trainer/recipes/dpo.py, trainer/dpo_math.py, trainer/reference_logps.py).
+"""DPO stage (trainer/recipes/dpo.py, trainer/rl/dpo.py, trainer/rl/reference_logps.py).
 
 Pure functions: each loss type on fixed log-probs equals its formula computed by hand; gradients reach
 the policy only; the loss_fn's normalisation over micro-batches; the reference cache key; config
@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO
 from conftest import launch_ranks as launch
+
 from trainer.config import ConfigError, load_config, validate
-from trainer.dpo_math import DPOLoss, DPOOptions, metrics_from_stats, pair_stats, pair_terms, sequence_logps
-from trainer.reference_logps import WithReference, checkpoint_fingerprint, collate_dpo
+from trainer.rl.dpo import DPOLoss, DPOOptions, metrics_from_stats, pair_stats, pair_terms, sequence_logps
+from trainer.rl.reference_logps import WithReference, checkpoint_fingerprint, collate_dpo
 
 PREFS = str(REPO / "data" / "samples" / "preferences.jsonl")
 SEQ = 64
@@ -269,7 +269,7 @@ def hf_model(path):
 
 
 def hf_logps(model, ids, mask, labels):
-    """Summed log-probs of each row's answer tokens, written independently of trainer.dpo_math."""
+    """Summed log-probs of each row's answer tokens, written independently of trainer.rl.dpo."""
     logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
     target = labels[:, 1:]
     taken = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (target != -100)

@@ -1,4 +1,4 @@
-"""Generation on the training pipeline (trainer/generation.py, trainer/sampling.py): the sampling
+"""Generation on the training pipeline (trainer/generation/decoding.py, trainer/generation/token_sampling.py): the sampling
 functions equal transformers' processors; the generator's greedy tokens equal HF `generate` and its
 log-probs HF's full forward, in one process and over 2 pipeline stages (LLaMA GQA, tied LLaMA, BLOOM;
 ragged prompts; M = 1, 2, 3); seeded sampling does not depend on M or on the row order; rows stop
@@ -13,14 +13,18 @@ import types
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
-
 from conftest import REPO, launch_ranks
 from test_models import load_pipe
-from trainer.generation import GenerationError, _place, generate
-from trainer.sampling import SamplingConfig, apply_repetition_penalty, choose_next, draw, row_seeds, warp
+from transformers import AutoModelForCausalLM
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from trainer.generation.decoding import GenerationError, _place, generate
+from trainer.generation.token_sampling import SamplingConfig, apply_repetition_penalty, choose_next, draw, row_seeds, warp
 
 MAX_NEW = 10
 SAMPLING = dict(greedy=False, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=5)
@@ -403,7 +407,7 @@ def test_four_ranks_middle_stages_and_replicas_equal_hf_and_the_two_rank_samples
 
 
 def test_eval_samples_config_values():
-    from trainer.eval_samples import EvalSamples, config_problems
+    from trainer.generation.eval_samples import EvalSamples, config_problems
 
     assert config_problems(4) == [] and config_problems({"n": 2, "max_new_tokens": 8, "greedy": False, "temperature": 0.7}) == []
     assert EvalSamples.from_config(3).sampling.greedy and EvalSamples.from_config(3).max_new_tokens == 64

@@ -1,18 +1,18 @@
-"""trainer/memory_model.py and the memory-aware `parts: "auto"`: the activation counts against what
+"""trainer/engine/memory.py and the memory-aware `parts: "auto"`: the activation counts against what
 autograd really saves, optimizer/ZeRO/offload accounting, the constrained split (against brute
 force) and its error when nothing fits."""
 import itertools
 
 import pytest
 import torch
+from conftest import REPO
 from transformers import AutoConfig
 
-from conftest import REPO
 from models.pipeline import build_layers, prepare_config
 from models.registry import get_architecture
-from trainer.auto_parts import AutoPartsError, auto_parts, layer_costs, stage_report
 from trainer.config import validate
-from trainer.memory_model import memory_settings, optimizer_state_bytes, stage_memory
+from trainer.engine.auto_parts import AutoPartsError, auto_parts, layer_costs, stage_report
+from trainer.engine.memory import memory_settings, optimizer_state_bytes, stage_memory
 
 
 def saved_activation_bytes(layer, inputs) -> int:
@@ -185,7 +185,7 @@ def test_frozen_model_holds_weights_and_one_micro_batch():
 
 def test_micro_batch_shape_follows_the_recipe():
     """The RM and DPO hold both sides of each pair per micro-batch; PPO's rows carry the answer too."""
-    from trainer.memory_model import micro_batch_shape
+    from trainer.engine.memory import micro_batch_shape
 
     raw = {"model_path": "m", "save_path": "s", "data_path": "d.json", "train_steps": 1, "train_micro_batch_size_per_gpu": 2,
            "max_seq_len": 128, "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [4, 3]}}

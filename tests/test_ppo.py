@@ -1,4 +1,4 @@
-"""PPO stage (trainer/recipes/ppo.py, trainer/ppo_losses.py, trainer/rollout.py, trainer/ppo_config.py).
+"""PPO stage (trainer/recipes/ppo.py, trainer/rl/ppo_losses.py, trainer/rl/rollout.py, trainer/rl/ppo_options.py).
 
 Pure functions (the math itself: tests/test_ppo_math.py): the loss_fns against sums written out here
 token by token, their normalisation over micro-batches, the fixed-width rollout layout, the prompt
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
 from conftest import launch_ranks as launch
+
 from trainer.config import ConfigError, load_config, validate
-from trainer.ppo_config import PPOOptions
-from trainer.ppo_losses import ACTOR_STATS, ActorLoss, CriticLoss
-from trainer.rollout import PromptSampler, fixed_width_rollout
+from trainer.rl.ppo_losses import ACTOR_STATS, ActorLoss, CriticLoss
+from trainer.rl.ppo_options import PPOOptions
+from trainer.rl.rollout import PromptSampler, fixed_width_rollout
 
 PREFS = str(REPO / "data" / "samples" / "preferences.jsonl")
 SEQ, NEW = 48, 16
@@ -126,7 +126,7 @@ def test_critic_loss_is_the_clipped_value_loss_mean_over_answer_tokens():
 # ------------------------------------------------------------------------------------ rollout layout
 
 def test_fixed_width_rollout_aligns_tokens_answers_and_generation_log_probs():
-    from trainer.generation import Generation
+    from trainer.generation.decoding import Generation
 
     pad = 0
     # prompt_len 2: row 0 prompt [5, 6], answer [7, 8] (hit the length limit); row 1 prompt [9], answer [2] (EOS)
@@ -207,7 +207,7 @@ def random_pp(tmp_path_factory):
 def test_auto_parts_fit_the_four_models_together_on_each_stage(random_pp):
     """Actor, critic, reference and reward share every rank: "auto" parts must fit their sum, not
     each model alone."""
-    from trainer.auto_parts import AutoPartsError
+    from trainer.engine.auto_parts import AutoPartsError
     from trainer.recipes.ppo import model_configs, plan_models
 
     def plans_for(budget, **over):
@@ -273,12 +273,12 @@ def make_config(tmp: Path, name: str, models: dict, **over) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """The toy task's models as pipeline folders: {"actor", "rm", "actor_hf", "rm_hf", "marker"}."""
+    from ppo_fixtures import choose_marker, marker_reward_hf, peaked_actor_hf
     from transformers import AutoTokenizer
 
     from convert.hg_to_pp import hg_to_pp
     from data.dataset import build_dataset
     from models.random_init import save_random_model
-    from ppo_fixtures import choose_marker, marker_reward_hf, peaked_actor_hf
 
     tmp = tmp_path_factory.mktemp("ppo-models")
     base = save_random_model(REPO / "configs" / "tiny-llama", tmp / "base-hf", seed=0, tie_word_embeddings=False)
@@ -468,11 +468,11 @@ def test_killed_during_save_resumes_exactly(runs, models):
 
 def test_disable_dropout_turns_off_every_dropout_of_the_pipe_layers():
     """A BLOOM config with dropout: after disable_dropout, two training-mode forwards agree."""
+    from conftest import CONFIGS
     from transformers import AutoConfig
 
-    from conftest import CONFIGS
     from models.pipeline import SequentialPipe, build_layers, prepare_config
-    from trainer.engine import disable_dropout
+    from trainer.engine.build import disable_dropout
 
     config = AutoConfig.from_pretrained(CONFIGS["bloom"])
     config.hidden_dropout, config.attention_dropout = 0.3, 0.3

@@ -1,10 +1,10 @@
-"""trainer/ppo_math.py against hand-computed values."""
+"""trainer/rl/ppo_math.py against hand-computed values."""
 import math
 
 import pytest
 import torch
 
-from trainer import ppo_math as pm
+from trainer.rl import ppo_math as pm
 
 
 def test_kl_estimators():

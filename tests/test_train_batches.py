@@ -265,7 +265,7 @@ def test_causal_lm_loss_accepts_label_tuple():
 
 
 def test_cuda_arch_list_suffixes_are_dropped_for_deepspeed():
-    from trainer.distributed import deepspeed_safe_cuda_arch_list
+    from trainer.engine.distributed import deepspeed_safe_cuda_arch_list
 
     env = {"TORCH_CUDA_ARCH_LIST": "8.0;9.0a+PTX 10.0f"}
     assert deepspeed_safe_cuda_arch_list(env) == "8.0 9.0+PTX 10.0"

@@ -44,9 +44,9 @@ Project keys (all optional unless marked):
                   value head, -logsigmoid(score_chosen - score_rejected)), "dpo" (pairwise records,
                   LM head, preference loss against a frozen reference; trainer/recipes/dpo.py) or "ppo"
                   (prompts; actor, critic, reference and reward model on the same ranks; trainer/recipes/ppo.py)
-  PPO keys (stage "ppo" only; trainer/ppo_config.py documents them): actor_path, critic_path, reward_path,
+  PPO keys (stage "ppo" only; trainer/rl/ppo_options.py documents them): actor_path, critic_path, reward_path,
     ref_path (shared with DPO), and "ppo": {...}; model_path defaults to actor_path
-  DPO keys (stage "dpo" only; formulas in trainer/dpo_math.py):
+  DPO keys (stage "dpo" only; formulas in trainer/rl/dpo.py):
     beta            (0.1) strength of the preference term (SimPO uses ~2)
     loss_type       "sigmoid" (DPO; default), "ipo" (length-averaged log-probs) or "simpo" (reference-free)
     label_smoothing (0) cDPO's assumed share of flipped labels, 0 <= x < 0.5 (sigmoid and simpo)
@@ -124,7 +124,7 @@ class TrainConfig:
     save_interval: int = 0
     keep_last: int = 2
     eval_interval: int = 0
-    eval_samples: Any = 0  # int or dict: see trainer.eval_samples
+    eval_samples: Any = 0  # int or dict: see trainer.generation.eval_samples
     resume: str = "auto"
     no_decay: tuple = DEFAULT_NO_DECAY
     stage: str = "sft"
@@ -138,7 +138,7 @@ class TrainConfig:
     actor_path: Optional[str] = None
     critic_path: Optional[str] = None
     reward_path: Optional[str] = None
-    ppo: dict = dataclasses.field(default_factory=dict)  # see trainer.ppo_config
+    ppo: dict = dataclasses.field(default_factory=dict)  # see trainer.rl.ppo_options
     config_path: str = ""
     warnings: tuple = ()  # one line each, logged by rank 0 (not a config key)
 
@@ -298,7 +298,7 @@ def _validate_values(project: dict, problems: list[str]) -> None:
         problems.append("split_index needs data_split (e.g. \"data_split\": \"2,4,4\")")
     _validate_data(project, problems)
     if "eval_samples" in project:
-        from .eval_samples import config_problems
+        from trainer.generation.eval_samples import config_problems
 
         problems.extend(config_problems(project["eval_samples"]))
     for key in ("max_seq_len", "keep_last"):
@@ -317,7 +317,7 @@ def _validate_ppo(project: dict, ds: dict, topo: Optional[ModelTopo], problems: 
         if given:
             problems.append(f"{', '.join(given)}: PPO keys, but stage is {project.get('stage', 'sft')!r} (set \"stage\": \"ppo\" or remove them)")
         return
-    from .ppo_config import problems as ppo_problems
+    from trainer.rl.ppo_options import problems as ppo_problems
 
     problems.extend(ppo_problems(project, ds, topo.pipe if topo else None))
 
@@ -333,7 +333,7 @@ def _validate_dpo(project: dict, problems: list[str]) -> None:
         if given:
             problems.append(f"{', '.join(given)}: DPO keys, but stage is {project.get('stage', 'sft')!r} (set \"stage\": \"dpo\" or remove them)")
         return
-    from .dpo_math import LOSS_TYPES
+    from trainer.rl.dpo import LOSS_TYPES
 
     for key in ("beta", "label_smoothing", "simpo_gamma", "sft_coef"):
         if key in project and not math.isfinite(project[key]):

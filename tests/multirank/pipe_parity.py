@@ -24,12 +24,11 @@ def main() -> None:
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from models.pipeline import build_layer_specs, pipe_layer_names, prepare_config
-    from trainer.losses import causal_lm_loss
-    from trainer.partition import boundaries_from_parts
     from compat.private_api import partitioned_pipeline_module_class
-
-    from trainer.distributed import init_process_group
+    from models.pipeline import build_layer_specs, pipe_layer_names, prepare_config
+    from trainer.engine.distributed import init_process_group
+    from trainer.engine.partition import boundaries_from_parts
+    from trainer.losses import causal_lm_loss
 
     init_process_group("gloo")
     rank = dist.get_rank()

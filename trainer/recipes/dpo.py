@@ -2,8 +2,8 @@
 
 Data: `pairwise` records; each micro-batch holds both sides of its pairs (B pairs -> 2B rows, the B
 chosen rows first, `data.dataset.collate_pairs`). The last stage sums each row's answer-token
-log-probs and computes the loss of `loss_type` (`trainer.dpo_math` has the formulas) against the
-reference's log-probs, which were computed once before training (`trainer.reference_logps`) and reach
+log-probs and computes the loss of `loss_type` (`trainer.rl.dpo` has the formulas) against the
+reference's log-probs, which were computed once before training (`trainer.rl.reference_logps`) and reach
 the last stage through the labels tuple: (answer labels int64[2B,T], reference log-probs float64[2B],
 sft scale float64[]).
 
@@ -35,20 +35,17 @@ import torch
 
 from data.dataset import collate_pairs
 from models.heads import set_defer_logits
-
-from .. import checkpoint
-from ..batches import GlobalBatches, eval_row_indices, n_target_tokens
-from ..data_loading import load_data
-from ..distributed import all_reduce_sum, broadcast_object
-from ..dpo_math import STAT_FIELDS, DPOLoss, DPOOptions, eval_pair_stats, metrics_from_stats
-from ..engine import build_engine
-from ..forward_only import forward_only
-from ..guards import check_finite_loss
-from ..metering import StepMeter, log_plan, write_events
-from ..metrics import write_loss_curve
-from ..model_plan import plan_model
-from ..preflight import preflight
-from ..reference_logps import ReferenceLogps, WithReference, collate_dpo, frozen_reference_engine
+from trainer.batches import GlobalBatches, eval_row_indices, load_data, n_target_tokens
+from trainer.engine import checkpoint
+from trainer.engine.build import build_engine
+from trainer.engine.distributed import all_reduce_sum, broadcast_object
+from trainer.engine.forward_only import forward_only
+from trainer.engine.guards import check_finite_loss
+from trainer.engine.plan import plan_model
+from trainer.engine.preflight import preflight
+from trainer.metrics import StepMeter, log_plan, write_events, write_loss_curve
+from trainer.rl.dpo import STAT_FIELDS, DPOLoss, DPOOptions, eval_pair_stats, metrics_from_stats
+from trainer.rl.reference_logps import ReferenceLogps, WithReference, collate_dpo, frozen_reference_engine
 
 
 def run(cfg, topo, device_name: str) -> dict:

@@ -3,7 +3,7 @@ PipelineModules on the same (P, D) ranks.
 
     deepspeed train_ds.py --config configs/ds_config_ppo.json      ("stage": "ppo")
 
-Models (trainer/ppo_config.py has every key): the actor (`actor_path`, LM head) and the critic
+Models (trainer/rl/ppo_options.py has every key): the actor (`actor_path`, LM head) and the critic
 (`critic_path`, value head) are trained, each with its own optimizer and scheduler (the critic's
 from "ppo": {"critic": {...}}, else the actor's); the reference (`ref_path`, default the actor's
 start) and the reward model (`reward_path`, default the critic's start) are frozen engines with no
@@ -11,24 +11,24 @@ optimizer. Each may have its own parts; all four share the topology, so stage s 
 on the same ranks and the last stage of each replica holds every model's outputs.
 
 One step (every replica works on its own rows; only sums cross replicas):
-  1. rollout: rank 0 picks `rollout_batch_size` prompts (trainer.rollout), each replica generates
-     its share with the actor's current weights (trainer.generation: KV-cached, micro-batches in
+  1. rollout: rank 0 picks `rollout_batch_size` prompts (trainer.rl.rollout), each replica generates
+     its share with the actor's current weights (trainer.generation.decoding: KV-cached, micro-batches in
      flight across the stages), laid out at one fixed width S = max_seq_len + max_new_tokens.
-  2. score, pipelined forward-only passes (trainer.forward_only) over micro-batches of the rows: the
+  2. score, pipelined forward-only passes (trainer.engine.forward_only) over micro-batches of the rows: the
      actor's log-probs recomputed with the training forward (the "old" log-probs of the ratio), the
      reference's log-probs, the critic's values, and the reward model's score at each row's last
      real token (models.heads.last_token_index: the RM recipe's rule).
-  3. rewards (trainer.ppo_math, on the last stage): -kl_coef * KL_t per answer token (or a KL loss
+  3. rewards (trainer.rl.ppo_math, on the last stage): -kl_coef * KL_t per answer token (or a KL loss
      term), the clipped score (minus missing_eos_penalty) at the last answer token; GAE; returns =
      advantages + values; advantages whitened over the whole rollout (sums all-reduced).
   4. update: ppo_epochs x minibatches of train_batch_size rows (a seeded shuffle, the same on every
      stage), each one train_batch of the actor (clipped surrogate) and one of the critic (clipped
-     value loss), the tensors riding in the labels tuple to the last stage (trainer.ppo_losses),
+     value loss), the tensors riding in the labels tuple to the last stage (trainer.rl.ppo_losses),
      normalised over the minibatch's answer tokens as SFT normalises. Minibatches are drawn within
      each replica's own rows (as each DeepSpeed-Chat rank trains on its own experience). Optional:
      PPO-ptx (`ptx_coef`: after each actor step, one more on LM records of `ptx_data_path`, at the
      rollout width so the pipeline's shapes stay fixed) and an EMA of the actor (`ema_decay`,
-     trainer.ema, updated after every actor step).
+     trainer.rl.ema, updated after every actor step).
 
 Metrics (rank 0; DeepSpeed's monitor: CSV / TensorBoard / W&B as configured, and the progress bar):
 PPO/reward_mean, PPO/reward_std (per row: sum of its token rewards), PPO/score_mean (the raw RM
@@ -59,27 +59,26 @@ from tqdm import tqdm
 
 from models.heads import last_token_index, set_defer_logits
 from models.pipe_dir import CheckpointError, read_metadata, resolve_checkpoint_dir
-
-from .. import checkpoint
-from ..auto_parts import AutoPartsError, format_bytes
-from ..config import ModelTopo
-from ..data_loading import build_data_rank0_first
-from ..distributed import all_reduce_sum, broadcast_object
-from ..ema import ActorEMA
-from ..engine import build_engine, disable_dropout
-from ..forward_only import forward_only
-from ..generation import generate, replica_share
-from ..guards import check_finite_loss
-from ..metering import log_plan, write_events
-from ..memory_model import memory_budget
-from ..model_plan import plan_model
-from ..ppo_config import PPOOptions
-from ..ppo_losses import ACTOR_STATS, ActorLoss, CriticLoss, reduce_scores, reduce_token_logps, reduce_values
-from ..ppo_math import gae, kl_estimate, token_rewards
-from ..preflight import preflight
-from ..reference_logps import frozen_reference_engine
-from ..rollout import PromptSampler, fixed_width_rollout, step_prompts
-from ..sampling import SamplingConfig
+from trainer.batches import build_data_rank0_first
+from trainer.config import ModelTopo
+from trainer.engine import checkpoint
+from trainer.engine.auto_parts import AutoPartsError, format_bytes
+from trainer.engine.build import build_engine, disable_dropout
+from trainer.engine.distributed import all_reduce_sum, broadcast_object
+from trainer.engine.forward_only import forward_only
+from trainer.engine.guards import check_finite_loss
+from trainer.engine.memory import memory_budget
+from trainer.engine.plan import plan_model
+from trainer.engine.preflight import preflight
+from trainer.generation.decoding import generate, replica_share
+from trainer.generation.token_sampling import SamplingConfig
+from trainer.metrics import log_plan, write_events
+from trainer.rl.ema import ActorEMA
+from trainer.rl.ppo_losses import ACTOR_STATS, ActorLoss, CriticLoss, reduce_scores, reduce_token_logps, reduce_values
+from trainer.rl.ppo_math import gae, kl_estimate, token_rewards
+from trainer.rl.ppo_options import PPOOptions
+from trainer.rl.reference_logps import frozen_reference_engine
+from trainer.rl.rollout import PromptSampler, fixed_width_rollout, step_prompts
 
 logger = logging.getLogger("pipetune")
 CRITIC_DIR = "critic"
@@ -261,7 +260,7 @@ def plan_models(cfg, opts, device_budget) -> dict:
     rank's device, so "auto" parts must fit the four together on each stage. From the
     compute-balanced splits (kept when they fit together):
     1. while some "auto" model does not fit, the one that needs most is re-split within what the
-       other three leave on each stage (trainer.auto_parts with a budget per stage), until the four
+       other three leave on each stage (trainer.engine.auto_parts with a budget per stage), until the four
        fit or none can move (few models move, the rest stay compute-balanced);
     2. if that is not enough: each "auto" model re-split within its share of every stage (its usage
        scaled so that the stage's total meets the budget; when all fit their shares, the four fit
@@ -420,8 +419,7 @@ def resume_ema(ema, resume_from, topo) -> None:
 def load_ptx_batches(cfg, opts, tokenizer, topo):
     """Collective: GlobalBatches of the ptx records on the data stages (None elsewhere); rows at the
     rollout width S, so the pipeline's activation shapes stay the same."""
-    from ..batches import collate
-    from ..data_loading import load_data
+    from trainer.batches import collate, load_data
 
     ptx_cfg = dataclasses.replace(cfg, data_path=opts.ptx_data_path, max_seq_len=cfg.max_seq_len + opts.max_new_tokens,
                                   eval_fraction=0.0, eval_data_path=None, data_split=None, split_index=0, pack=False)
@@ -431,8 +429,8 @@ def load_ptx_batches(cfg, opts, tokenizer, topo):
 def ptx_step(engine, batches, coef: float, scale: float) -> float:
     """Collective: one train_batch of the actor on the next ptx batch with loss coef x (token-mean LM
     loss over the global batch, normalised as SFT's); returns the LM loss (without coef)."""
-    from ..batches import with_normaliser
-    from ..losses import global_token_mean_loss
+    from trainer.batches import with_normaliser
+    from trainer.losses import global_token_mean_loss
 
     feed = None
     if batches is not None:

@@ -36,18 +36,15 @@ import torch.nn.functional as F
 
 from data.dataset import collate_ranked
 from models.heads import last_token_index, sequence_scores
-
-from .. import checkpoint
-from ..batches import eval_row_indices
-from ..data_loading import load_data
-from ..distributed import all_reduce_sum
-from ..engine import build_engine
-from ..forward_only import forward_only
-from ..guards import check_finite_loss
-from ..metering import StepMeter, log_plan
-from ..metrics import write_loss_curve
-from ..model_plan import plan_model
-from ..preflight import preflight
+from trainer.batches import eval_row_indices, load_data
+from trainer.engine import checkpoint
+from trainer.engine.build import build_engine
+from trainer.engine.distributed import all_reduce_sum
+from trainer.engine.forward_only import forward_only
+from trainer.engine.guards import check_finite_loss
+from trainer.engine.plan import plan_model
+from trainer.engine.preflight import preflight
+from trainer.metrics import StepMeter, log_plan, write_loss_curve
 
 
 def run(cfg, topo, device_name: str) -> dict:

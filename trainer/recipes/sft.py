@@ -10,20 +10,17 @@ from pathlib import Path
 import torch
 
 from models.heads import set_defer_logits
-
-from .. import checkpoint
-from ..batches import collate, eval_batches, with_normaliser
-from ..data_loading import load_data
-from ..distributed import all_reduce_sum
-from ..engine import build_engine
-from ..eval_samples import sample_generations
-from ..forward_only import forward_only
-from ..guards import check_finite_loss
-from ..losses import global_token_mean_loss, token_loss_sums
-from ..metering import StepMeter, log_plan
-from ..metrics import perplexity, write_loss_curve
-from ..model_plan import plan_model
-from ..preflight import preflight
+from trainer.batches import collate, eval_batches, load_data, with_normaliser
+from trainer.engine import checkpoint
+from trainer.engine.build import build_engine
+from trainer.engine.distributed import all_reduce_sum
+from trainer.engine.forward_only import forward_only
+from trainer.engine.guards import check_finite_loss
+from trainer.engine.plan import plan_model
+from trainer.engine.preflight import preflight
+from trainer.generation.eval_samples import sample_generations
+from trainer.losses import global_token_mean_loss, token_loss_sums
+from trainer.metrics import StepMeter, log_plan, perplexity, write_loss_curve
 
 
 def run(cfg, topo, device_name: str) -> dict:

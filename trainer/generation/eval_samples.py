@@ -1,5 +1,5 @@
 """SFT's `eval_samples`: at each eval, generate answers to the first N prompts of the eval split on
-the training pipeline itself (`trainer.generation`, the engine's current weights) and append them to
+the training pipeline itself (`trainer.generation.decoding`, the engine's current weights) and append them to
 SAVE_PATH/eval_samples.jsonl with the step; rank 0 prints the first two.
 
     "eval_samples": 4                                      greedy, up to 64 new tokens
@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from .distributed import broadcast_object
-from .sampling import SamplingConfig
+from trainer.engine.distributed import broadcast_object
+from trainer.generation.token_sampling import SamplingConfig
 
 FILE_NAME = "eval_samples.jsonl"
 KEYS = ("n", "max_new_tokens", "greedy", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
@@ -82,7 +82,7 @@ def eval_prompts(dataset, n: int, tokenizer) -> list[tuple[list[int], str]]:
 def sample_generations(engine, cfg, plan, tokenizer, data, topo, step: int) -> Optional[list[dict]]:
     """Collective. Generate for cfg.eval_samples prompts (shared among the data-parallel replicas),
     append the lines to SAVE_PATH/eval_samples.jsonl; returns them on rank 0 (None elsewhere)."""
-    from .generation import generate, replica_share
+    from trainer.generation.decoding import generate, replica_share
 
     spec = EvalSamples.from_config(cfg.eval_samples)
     if spec.n <= 0:

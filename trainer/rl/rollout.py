@@ -18,9 +18,8 @@ from typing import Optional
 import torch
 
 from data.sampler import ResumableSampler
-
-from .distributed import broadcast_object
-from .sampling import row_seeds
+from trainer.engine.distributed import broadcast_object
+from trainer.generation.token_sampling import row_seeds
 
 
 class PromptSampler:

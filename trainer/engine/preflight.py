@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from data.hashing import file_sha256
-
-from .config import TrainConfig
-from .distributed import broadcast_object
+from trainer.config import TrainConfig
+from trainer.engine.distributed import broadcast_object
 
 
 class PreflightError(RuntimeError):
@@ -39,8 +38,7 @@ def _model_config_file(cfg: TrainConfig) -> str:
     """model_path's config.json: in model_path itself, or for a training run's global_stepN, in the
     save_path above it."""
     from models.pipe_dir import CheckpointError
-
-    from .model_plan import model_side_dir
+    from trainer.engine.plan import model_side_dir
 
     try:
         return str(model_side_dir(Path(cfg.model_path), cfg.from_scratch) / "config.json")

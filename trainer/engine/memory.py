@@ -33,8 +33,7 @@ from typing import Optional
 from compat.private_api import attn_implementation
 from models.dtypes import bytes_per_param
 from models.registry import get_architecture
-
-from .losses import CHUNK_BYTES
+from trainer.losses import CHUNK_BYTES
 
 ADAM_LIKE = ("adam", "adamw", "fusedadam", "cpuadam", "deepspeedcpuadam", "onebitadam", "zerooneadam", "lamb")
 ONE_STATE = ("lion", "lionpytorch", "lion_pytorch", "lion-pytorch", "adagrad")
@@ -98,7 +97,7 @@ def micro_batch_shape(cfg) -> tuple[int, int]:
     if cfg.stage in ("rm", "dpo"):
         return 2 * cfg.micro_batch, cfg.max_seq_len
     if cfg.stage == "ppo":
-        from .ppo_config import PPOOptions
+        from trainer.rl.ppo_options import PPOOptions
 
         return cfg.micro_batch, cfg.max_seq_len + PPOOptions.from_config(cfg.ppo).max_new_tokens
     return cfg.micro_batch, cfg.max_seq_len

@@ -10,16 +10,19 @@ import logging
 import torch
 from torch import nn
 
-from compat.private_api import (clip_fp32_gradients_over_whole_pipeline, local_layers,
-                                partitioned_pipeline_module_class, synchronize_tied_weights)
+from compat.private_api import (
+    clip_fp32_gradients_over_whole_pipeline,
+    local_layers,
+    partitioned_pipeline_module_class,
+    synchronize_tied_weights,
+)
 from models.pipe_dir import layer_file_name, read_metadata, resolve_checkpoint_dir
 from models.pipeline import build_layer_specs
 from models.registry import get_architecture
-
-from .config import TrainConfig
-from .model_plan import ModelPlan
-from .optim import build_lion_pytorch, check_deepspeed_lion, is_lion_pytorch, param_groups
-from .topology import Topology
+from trainer.config import TrainConfig
+from trainer.engine.optim import build_lion_pytorch, check_deepspeed_lion, is_lion_pytorch, param_groups
+from trainer.engine.plan import ModelPlan
+from trainer.engine.topology import Topology
 
 logger = logging.getLogger(__name__)
 

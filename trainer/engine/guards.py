@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from .distributed import collective_device
+from trainer.engine.distributed import collective_device
 
 
 class NonFiniteError(RuntimeError):

@@ -1,6 +1,6 @@
 """`model_topo.parts: "auto"`: balance stages by compute, with the embedding and head weighted
 by what they cost rather than counted as one layer each, subject to every stage fitting in its
-device's memory (trainer.memory_model estimates it).
+device's memory (trainer.engine.memory estimates it).
 
 Cost per token (forward matmul FLOPs, the usual 2 x params rule plus attention scores, as in
 nanoGPT's estimate_mfu and PaLM appendix B):

@@ -30,7 +30,7 @@ earlier (step, micro-batch) or an earlier stage of the same one).
 Outputs (`Generation`): ids, attention mask, answer mask and per-row lengths on every rank of the
 replica; the fp32 log-probs of the sampled tokens on the last stage only (where PPO computes its
 losses): `logprobs` under the model's raw distribution (what a training forward gives: PPO's old
-log-probs) and `sampling_logprobs` under the distribution actually sampled from (see trainer.sampling).
+log-probs) and `sampling_logprobs` under the distribution actually sampled from (see trainer.generation.token_sampling).
 """
 import time
 from dataclasses import dataclass
@@ -41,8 +41,7 @@ from transformers import DynamicCache
 
 from compat.private_api import local_layers
 from models.pipeline import num_blocks
-
-from .sampling import SamplingConfig, choose_next, row_seeds
+from trainer.generation.token_sampling import SamplingConfig, choose_next, row_seeds
 
 
 class GenerationError(ValueError):

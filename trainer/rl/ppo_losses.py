@@ -17,9 +17,8 @@ sums (float64, detached) to `stats`; the recipe takes them after the step and al
 import torch
 
 from models.heads import sequence_scores
-
-from .losses import shifted_token_logps
-from .ppo_math import kl_estimate, masked_mean, policy_loss, value_loss
+from trainer.losses import shifted_token_logps
+from trainer.rl.ppo_math import kl_estimate, masked_mean, policy_loss, value_loss
 
 ACTOR_STATS = ("tokens", "policy_loss", "clip_frac", "approx_kl", "entropy")
 
@@ -76,7 +75,7 @@ class CriticLoss:
         return value_loss(values, old_values.to(device), returns.to(device), answer.to(device), self.opts.value_clip, n_tokens)
 
 
-# Reducers for trainer.forward_only: (outputs, labels) -> what the last stage keeps of a micro-batch.
+# Reducers for trainer.engine.forward_only: (outputs, labels) -> what the last stage keeps of a micro-batch.
 
 def reduce_token_logps(logits, labels) -> torch.Tensor:
     """labels (tokens int64[b,S-1],) -> float32[b,S-1] on the CPU."""

@@ -37,11 +37,10 @@ from torch.utils.data import Dataset
 
 from data.dataset import collate_pairs
 from models.pipe_dir import find_layer_files, resolve_checkpoint_dir
-
-from .batches import eval_row_indices
-from .distributed import all_reduce_sum, broadcast_object
-from .dpo_math import sequence_logps
-from .forward_only import forward_only
+from trainer.batches import eval_row_indices
+from trainer.engine.distributed import all_reduce_sum, broadcast_object
+from trainer.engine.forward_only import forward_only
+from trainer.rl.dpo import sequence_logps
 
 logger = logging.getLogger("pipetune")
 CACHE_VERSION = 1
@@ -179,7 +178,7 @@ def frozen_reference_engine(cfg, plan, topo):
     optimizer, no gradients), freed on exit."""
     import deepspeed
 
-    from .engine import build_pipeline_module, load_weights
+    from trainer.engine.build import build_pipeline_module, load_weights
 
     module = build_pipeline_module(plan, topo)
     load_weights(module, plan, cfg.seed)

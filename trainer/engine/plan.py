@@ -14,10 +14,10 @@ from models.dtypes import bytes_per_param
 from models.pipe_dir import find_side_file, resolve_checkpoint_dir
 from models.pipeline import build_layers, head_is_tied, num_blocks, pipe_layer_names, prepare_config
 from models.registry import get_architecture
+from trainer.engine.auto_parts import auto_parts, stage_report
+from trainer.engine.memory import memory_budget, memory_settings, stage_memory
+from trainer.engine.partition import boundaries_from_parts
 
-from .auto_parts import auto_parts, stage_report
-from .memory_model import memory_budget, memory_settings, stage_memory
-from .partition import boundaries_from_parts
 
 @dataclass(frozen=True)
 class ModelPlan:

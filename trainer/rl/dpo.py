@@ -2,7 +2,7 @@
 
 Notation, per pair (B pairs; chosen side c, rejected side r):
     pi_c, pi_r     summed log-probs of the answer tokens (answer + end of turn) under the policy
-    ref_c, ref_r   the same under the frozen reference (precomputed once, `trainer.reference_logps`)
+    ref_c, ref_r   the same under the frozen reference (precomputed once, `trainer.rl.reference_logps`)
     n_c, n_r       answer tokens of each side
 
 Losses (each float[B]; the recipe takes the mean over pairs):
@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .losses import shifted_token_logps
+from trainer.losses import shifted_token_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
 

@@ -38,7 +38,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from .ppo_math import KL_ESTIMATORS
+from trainer.rl.ppo_math import KL_ESTIMATORS
 
 PATH_KEYS = ("actor_path", "critic_path", "reward_path")  # ref_path is shared with DPO
 CRITIC_KEYS = ("optimizer", "scheduler", "gradient_clipping", "parts")

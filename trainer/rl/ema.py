@@ -5,7 +5,7 @@ Each rank keeps the average of its own stage's layers in fp32. It is saved as a 
 of its own, SAVE_PATH/ema/global_stepN/layer_XX-model_states.pt (DeepSpeed's layer-file names and
 keys, in the model's dtype; written by each stage's first data-parallel replica) with the actor's side
 files and SAVE_PATH/ema/latest, so that `pp_to_hg --input-path SAVE_PATH/ema` exports it like any
-training save_path; trainer.checkpoint saves it with the actor and critic under the one `latest`.
+training save_path; trainer.engine.checkpoint saves it with the actor and critic under the one `latest`.
 """
 from pathlib import Path
 
@@ -31,7 +31,7 @@ class ActorEMA:
                 self.shadow[index][name].mul_(self.decay).add_(value.float(), alpha=1.0 - self.decay)
 
     def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
-        """The engines' save interface (trainer.checkpoint's companions): layer files in save_dir/tag."""
+        """The engines' save interface (trainer.engine.checkpoint's companions): layer files in save_dir/tag."""
         folder = Path(save_dir) / tag
         folder.mkdir(parents=True, exist_ok=True)
         if self.dp_rank != 0:

@@ -41,9 +41,8 @@ import torch
 
 from compat.private_api import load_checkpoint_with_own_model_states
 from models.pipe_dir import CheckpointError, copy_side_files, write_metadata
-
-from .distributed import broadcast_object
-from .guards import check_finite_weights
+from trainer.engine.distributed import broadcast_object
+from trainer.engine.guards import check_finite_weights
 
 logger = logging.getLogger("pipetune")
 TOPOLOGY_FILE = "topology.json"
@@ -224,7 +223,7 @@ def load(engine, root: str, tag: str) -> dict:
     save_path) is named in the error."""
     import deepspeed.comm as dist
 
-    from .preflight import node_name
+    from trainer.engine.preflight import node_name
 
     tag_dir = Path(root) / tag
     seen = [None] * dist.get_world_size()
