@@ -56,7 +56,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.config import ConfigError, TrainConfig, read_config_json, validate
+from trainer.config import ConfigError, TrainConfig, read_config_json
+from trainer.recipes import validate_config
 
 logger = logging.getLogger("pipetune")
 
@@ -240,7 +241,7 @@ def validate_steps(steps: list[Step], path: str, world_size=None, device_support
     for step in steps:
         try:
             fresh = json.loads(json.dumps(step.raw))  # validate fills in DeepSpeed's batch keys; step.raw stays as written
-            step.cfg = validate(fresh, str(step.config_file), world_size, device_supports_fp16)
+            step.cfg = validate_config(fresh, str(step.config_file), world_size, device_supports_fp16)
         except ConfigError as e:
             found[step.name] = e.problems
     if not found:
@@ -263,12 +264,12 @@ def missing_inputs(steps: list[Step]) -> list[str]:
     for step in steps:
         cfg = step.cfg
         for key, value in (("data_path", cfg.data_path), ("eval_data_path", cfg.eval_data_path),
-                           ("ppo.ptx_data_path", cfg.ppo.get("ptx_data_path"))):
+                           ("ppo.ptx_data_path", getattr(cfg.options, "ptx_data_path", None))):
             if value is not None:
                 problems += [f"section {step.name!r}: {key}: {p}" for p in expand_paths(value)[1]]
         results = {s.cfg.save_path for s in steps}  # made by the chain: not there yet
         for key in ("model_path", "ref_path", "reward_path"):
-            path = getattr(cfg, key)
+            path = getattr(cfg, key, None) or getattr(cfg.options, key, None)
             if path and path not in results and not os.path.exists(path):
                 problems.append(f"section {step.name!r}: {key} {path} does not exist")
     return problems
@@ -280,7 +281,7 @@ def export_plan(step: Step) -> list[tuple[Path, Path]]:
     exports = [(save, save / "hf")]
     if step.name == "ppo":
         exports.append((save / "critic", save / "critic_hf"))
-        if step.cfg.ppo.get("ema_decay"):
+        if step.cfg.options.ema_decay:
             exports.append((save / "ema", save / "ema_hf"))
     return exports
 

@@ -21,7 +21,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from trainer.config import ConfigError, load_config
+    from trainer.config import ConfigError
+    from trainer.recipes import load_config
     from trainer.engine.distributed import deepspeed_safe_cuda_arch_list, finish, report_crash, world
 
     rank, world_size, _ = world()

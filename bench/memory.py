@@ -71,7 +71,7 @@ def worker(work: Path) -> int:
 
     from models.heads import set_defer_logits
     from trainer.batches import with_normaliser
-    from trainer.config import validate
+    from trainer.recipes import validate_config as validate
     from trainer.engine.build import build_engine, build_pipeline_module, init_from_scratch
     from trainer.engine.distributed import finish, world
     from trainer.engine.forward_only import forward_only

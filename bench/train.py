@@ -272,7 +272,7 @@ def worker(work: Path) -> int:
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     try:
         from trainer.batches import with_normaliser
-        from trainer.config import validate
+        from trainer.recipes import validate_config as validate
         from trainer.engine.build import build_engine
         from trainer.engine.plan import plan_model
         from trainer.engine.topology import Topology

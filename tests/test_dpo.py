@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from conftest import REPO
 from conftest import launch_ranks as launch
 
-from trainer.config import ConfigError, load_config, validate
+from trainer.config import ConfigError
+
+from trainer.recipes import load_config, validate_config as validate
 from trainer.rl.dpo import DPOLoss, DPOOptions, metrics_from_stats, pair_stats, pair_terms, sequence_logps
 from trainer.rl.reference_logps import WithReference, checkpoint_fingerprint, collate_dpo
 
@@ -204,11 +206,12 @@ def config_problems(raw) -> list[str]:
 
 def test_dpo_config_defaults_and_validation():
     c = validate(dpo_config(), world_size=2)
-    assert (c.stage, c.beta, c.loss_type, c.label_smoothing, c.simpo_gamma, c.sft_coef, c.ref_path) == \
+    o = c.options
+    assert (c.stage, o.beta, o.loss_type, o.label_smoothing, o.simpo_gamma, o.sft_coef, o.ref_path) == \
         ("dpo", 0.1, "sigmoid", 0.0, 0.5, 0.0, None)
-    assert DPOOptions.from_config(c) == DPOOptions()
+    assert c.options == DPOOptions()
     c = validate(dpo_config(loss_type="simpo", beta=2, simpo_gamma=1, label_smoothing=0.1, sft_coef=1, ref_path="r"), world_size=2)
-    assert (c.loss_type, c.beta, c.ref_path) == ("simpo", 2, "r") and not DPOOptions.from_config(c).uses_reference
+    assert (c.options.loss_type, c.options.beta, c.options.ref_path) == ("simpo", 2, "r") and not c.options.uses_reference
     assert config_problems(dpo_config(loss_type="hinge", beta=0, label_smoothing=0.5, sft_coef=-1, from_scratch=True)) == [
         "loss_type must be one of ['sigmoid', 'ipo', 'simpo'], got 'hinge'",
         "beta must be positive, got 0",

@@ -10,7 +10,7 @@ from transformers import AutoConfig
 
 from models.pipeline import build_layers, prepare_config
 from models.registry import get_architecture
-from trainer.config import validate
+from trainer.recipes import validate_config as validate
 from trainer.engine.auto_parts import AutoPartsError, auto_parts, layer_costs, stage_report
 from trainer.engine.memory import memory_settings, optimizer_state_bytes, stage_memory
 
@@ -185,15 +185,13 @@ def test_frozen_model_holds_weights_and_one_micro_batch():
 
 def test_micro_batch_shape_follows_the_recipe():
     """The RM and DPO hold both sides of each pair per micro-batch; PPO's rows carry the answer too."""
-    from trainer.engine.memory import micro_batch_shape
-
     raw = {"model_path": "m", "save_path": "s", "data_path": "d.json", "train_steps": 1, "train_micro_batch_size_per_gpu": 2,
            "max_seq_len": 128, "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [4, 3]}}
-    assert micro_batch_shape(validate(raw, world_size=2)) == (2, 128)
-    assert micro_batch_shape(validate({**raw, "stage": "rm"}, world_size=2)) == (4, 128)
-    assert micro_batch_shape(validate({**raw, "stage": "dpo"}, world_size=2)) == (4, 128)
+    assert validate(raw, world_size=2).micro_batch_shape() == (2, 128)
+    assert validate({**raw, "stage": "rm"}, world_size=2).micro_batch_shape() == (4, 128)
+    assert validate({**raw, "stage": "dpo"}, world_size=2).micro_batch_shape() == (4, 128)
     ppo = {**{k: v for k, v in raw.items() if k != "model_path"}, "stage": "ppo", "actor_path": "a", "critic_path": "c",
            "ppo": {"max_new_tokens": 32}}
-    assert micro_batch_shape(validate(ppo, world_size=2)) == (2, 160)
+    assert validate(ppo, world_size=2).micro_batch_shape() == (2, 160)
     config = prepare_config(AutoConfig.from_pretrained(REPO / "configs" / "tiny-llama"))
     assert memory_settings(validate({**raw, "stage": "dpo"}, world_size=2), config).chunked_head

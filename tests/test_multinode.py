@@ -24,7 +24,7 @@ from conftest import REPO
 from convert.errors import ConversionError
 from convert.hg_to_pp import hg_to_pp
 from convert.pp_to_hg import pp_to_hg
-from trainer.config import validate
+from trainer.recipes import validate_config as validate
 from trainer.engine.preflight import judge
 
 

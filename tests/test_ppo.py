@@ -21,7 +21,9 @@ import torch
 from conftest import REPO
 from conftest import launch_ranks as launch
 
-from trainer.config import ConfigError, load_config, validate
+from trainer.config import ConfigError
+
+from trainer.recipes import load_config, validate_config as validate
 from trainer.rl.ppo_losses import ACTOR_STATS, ActorLoss, CriticLoss
 from trainer.rl.ppo_options import PPOOptions
 from trainer.rl.rollout import PromptSampler, fixed_width_rollout
@@ -173,7 +175,7 @@ def problems_of(raw) -> list[str]:
 
 def test_ppo_config_defaults_and_validation():
     cfg = validate(ppo_raw(ppo={"lambda": 0.9}))
-    opts = PPOOptions.from_config(cfg.ppo)
+    opts = cfg.options
     assert cfg.model_path == "sft" and opts.lam == 0.9 and opts.kl_coef == 0.1 and opts.reward_clip == 5.0
     assert (opts.clip_range, opts.value_clip, opts.gamma, opts.kl_estimator, opts.kl_in_reward) == (0.2, 0.2, 1.0, "k1", True)
     assert opts.rollout_rows(4) == 4
@@ -188,7 +190,7 @@ def test_ppo_config_defaults_and_validation():
 
 def test_shipped_ppo_configs_validate():
     real = load_config(str(REPO / "configs" / "ds_config_ppo.json"), world_size=8)
-    opts = PPOOptions.from_config(real.ppo)
+    opts = real.options
     assert real.precision == "bf16" and opts.rollout_rows(real.global_batch) % real.global_batch == 0
     tiny = load_config(str(REPO / "configs" / "ppo_tiny.json"), world_size=2)
     assert tiny.stage == "ppo" and tiny.precision == "fp32"
@@ -217,7 +219,7 @@ def test_auto_parts_fit_the_four_models_together_on_each_stage(random_pp):
                "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": "auto"},
                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "ppo": {"max_new_tokens": 16}, **over}
         cfg = validate(raw, world_size=2)
-        opts = PPOOptions.from_config(cfg.ppo)
+        opts = cfg.options
         plans = plan_models(cfg, opts, budget)
         configs = model_configs(cfg, opts)
         per_model = {key: plan.stage_totals(configs[key][0]) for key, plan in plans.items()}

@@ -86,7 +86,7 @@ def test_validated_steps_and_their_exports():
     steps = rlhf.load_steps(str(QUICKSTART), world_size=2)
     assert [s.cfg.stage for s in steps] == ["sft", "rm", "ppo"]
     ppo = steps[2]
-    assert ppo.cfg.actor_path == "runs/rlhf-quickstart/sft" and ppo.cfg.ppo["rollout_batch_size"] == 32
+    assert ppo.cfg.options.actor_path == "runs/rlhf-quickstart/sft" and ppo.cfg.options.rollout_batch_size == 32
     assert ppo.cfg.config_path == "runs/rlhf-quickstart/configs/ppo.json"
     assert [(str(a), str(b)) for a, b in ppo.exports] == [("runs/rlhf-quickstart/ppo", "runs/rlhf-quickstart/ppo/hf"),
                                                           ("runs/rlhf-quickstart/ppo/critic", "runs/rlhf-quickstart/ppo/critic_hf")]

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.config import ConfigError, load_config, validate
+from trainer.config import ConfigError
+
+from trainer.recipes import load_config, validate_config as validate
 from trainer.engine.auto_parts import auto_parts, layer_costs
 from trainer.engine.partition import PartitionError, boundaries_from_parts
 

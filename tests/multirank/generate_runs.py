@@ -158,7 +158,7 @@ def run_layouts(spec: dict) -> dict:
 def run_sft(config_path: str) -> dict:
     from deepspeed.accelerator import get_accelerator
 
-    from trainer.config import load_config
+    from trainer.recipes import load_config
     from trainer.engine.topology import Topology
     from trainer.recipes import get_recipe
 

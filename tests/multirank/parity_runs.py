@@ -130,7 +130,7 @@ def main() -> None:
     from deepspeed.accelerator import get_accelerator
 
     import trainer.engine.build
-    from trainer.config import load_config
+    from trainer.recipes import load_config
     from trainer.engine.distributed import finish, report_crash, world
     from trainer.engine.topology import Topology
     from trainer.recipes import get_recipe, rm, sft

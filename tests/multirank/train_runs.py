@@ -19,7 +19,7 @@ def main() -> None:
 
     from deepspeed.accelerator import get_accelerator
 
-    from trainer.config import load_config
+    from trainer.recipes import load_config
     from trainer.engine.distributed import finish, world
     from trainer.engine.topology import Topology
     from trainer.recipes import get_recipe

@@ -80,27 +80,13 @@ def memory_settings(cfg, model_config, frozen: bool = False) -> MemorySettings:
     elif zero.get("stage", 0) >= 1:
         optimizer /= cfg.model_topo.data
     grads = 4.0 if precision == "fp32" else 2.0 + 4.0
-    rows, seq_len = micro_batch_shape(cfg)
+    rows, seq_len = cfg.micro_batch_shape()
     if frozen:
         grads, optimizer = 0.0, 0.0
     return MemorySettings(bytes_per_param(precision), grads, optimizer, rows, seq_len,
                           cfg.model_topo.pipe, cfg.use_grad_ckpt, attn_implementation(model_config) or "sdpa",
-                          chunked_head=cfg.stage in ("sft", "dpo", "ppo") and cfg.chunked_loss,
+                          chunked_head=cfg.options.lm_head_loss and cfg.chunked_loss,
                           frozen=frozen)
-
-
-def micro_batch_shape(cfg) -> tuple[int, int]:
-    """(rows, tokens per row) of one training micro-batch as the recipe builds it: the RM and DPO
-    hold both sides of each pair (2 x micro batch rows; ranked RM records hold K rows each, K known
-    only from the data, so this is a lower bound for them); PPO's rows are the rollout's, at
-    max_seq_len prompt + ppo.max_new_tokens answer tokens."""
-    if cfg.stage in ("rm", "dpo"):
-        return 2 * cfg.micro_batch, cfg.max_seq_len
-    if cfg.stage == "ppo":
-        from trainer.rl.ppo_options import PPOOptions
-
-        return cfg.micro_batch, cfg.max_seq_len + PPOOptions.from_config(cfg.ppo).max_new_tokens
-    return cfg.micro_batch, cfg.max_seq_len
 
 
 def stage_memory(model_config, layer_names: list, layer_params: list, tied_head: bool, start: int, stop: int,

@@ -98,7 +98,8 @@ def resolve_parts(cfg, model_config, head: str = "lm", counts=None, budget="devi
         def stage_bytes(start, stop, stage):
             return sum(stage_memory(model_config, names, counts, tied, start, stop, stage, settings).values())
 
-        parts = auto_parts(counts, model_config.hidden_size, cfg.max_seq_len, cfg.model_topo.pipe, stage_bytes,
+        row_width = settings.seq_len  # the recipe's micro-batch width (PPO: prompt + answer columns)
+        parts = auto_parts(counts, model_config.hidden_size, row_width, cfg.model_topo.pipe, stage_bytes,
                            memory_budget() if budget == "device" else budget)
     else:
         parts = list(cfg.model_topo.parts)

@@ -80,11 +80,11 @@ def eval_prompts(dataset, n: int, tokenizer) -> list[tuple[list[int], str]]:
 
 
 def sample_generations(engine, cfg, plan, tokenizer, data, topo, step: int) -> Optional[list[dict]]:
-    """Collective. Generate for cfg.eval_samples prompts (shared among the data-parallel replicas),
+    """Collective. Generate for the eval_samples prompts (shared among the data-parallel replicas),
     append the lines to SAVE_PATH/eval_samples.jsonl; returns them on rank 0 (None elsewhere)."""
     from trainer.generation.decoding import generate, replica_share
 
-    spec = EvalSamples.from_config(cfg.eval_samples)
+    spec = cfg.options.samples
     if spec.n <= 0:
         return None
     rows = broadcast_object(eval_prompts(data.eval, spec.n, tokenizer) if topo.rank == 0 else None)

@@ -44,7 +44,7 @@ from trainer.engine.guards import check_finite_loss
 from trainer.engine.plan import plan_model
 from trainer.engine.preflight import preflight
 from trainer.metrics import StepMeter, log_plan, write_events, write_loss_curve
-from trainer.rl.dpo import STAT_FIELDS, DPOLoss, DPOOptions, eval_pair_stats, metrics_from_stats
+from trainer.rl.dpo import STAT_FIELDS, DPOLoss, eval_pair_stats, metrics_from_stats
 from trainer.rl.reference_logps import ReferenceLogps, WithReference, collate_dpo, frozen_reference_engine
 
 
@@ -53,7 +53,7 @@ def run(cfg, topo, device_name: str) -> dict:
     from transformers import AutoTokenizer
 
     hosts = preflight(cfg, topo.rank, topo.world_size)
-    opts = DPOOptions.from_config(cfg)
+    opts = cfg.options
     plan = plan_model(cfg, head="lm")
     tokenizer = AutoTokenizer.from_pretrained(plan.side_dir)
     data = load_data(cfg, tokenizer, "pairwise", topo, collate_pairs)
@@ -66,7 +66,7 @@ def run(cfg, topo, device_name: str) -> dict:
     # Reference log-probs: cached, or from a frozen reference engine (freed before the policy is
     # built), or, when ref_path is the policy's start and the run is fresh, from the policy below.
     if opts.uses_reference:
-        ref_plan = plan if cfg.ref_path in (None, cfg.model_path) else plan_model(cfg, head="lm", model_path=cfg.ref_path)
+        ref_plan = plan if opts.ref_path in (None, cfg.model_path) else plan_model(cfg, head="lm", model_path=opts.ref_path)
         ref = ReferenceLogps.lookup(cfg, topo, data, plan, ref_plan, n_train)
         if ref.missing and (resume_from or not ref.policy_is_reference):
             with frozen_reference_engine(cfg, ref_plan, topo) as ref_engine:

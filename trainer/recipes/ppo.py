@@ -76,7 +76,6 @@ from trainer.metrics import log_plan, write_events
 from trainer.rl.ema import ActorEMA
 from trainer.rl.ppo_losses import ACTOR_STATS, ActorLoss, CriticLoss, reduce_scores, reduce_token_logps, reduce_values
 from trainer.rl.ppo_math import gae, kl_estimate, token_rewards
-from trainer.rl.ppo_options import PPOOptions
 from trainer.rl.reference_logps import frozen_reference_engine
 from trainer.rl.rollout import PromptSampler, fixed_width_rollout, step_prompts
 
@@ -92,7 +91,7 @@ def run(cfg, topo, device_name: str) -> dict:
     from transformers import AutoTokenizer
 
     hosts = preflight(cfg, topo.rank, topo.world_size)
-    opts = PPOOptions.from_config(cfg.ppo)
+    opts = cfg.options
     plans = plan_models(cfg, opts, memory_budget())
     actor_plan, critic_plan, ref_plan, reward_plan = plans.values()
     tokenizer = AutoTokenizer.from_pretrained(actor_plan.side_dir)
@@ -248,11 +247,11 @@ def model_configs(cfg, opts) -> dict:
     """key -> (the config each model is built with, head, path, frozen) for the four models."""
     critic_parts = opts.critic.get("parts")
     frozen = frozen_config(cfg, opts)
-    return {"actor_path": (cfg, "lm", cfg.actor_path, False),
-            "critic_path": (critic_config(cfg, opts), "value", cfg.critic_path, False),
-            "ref_path": (with_parts(frozen, opts.ref_parts), "lm", cfg.ref_path or cfg.actor_path, True),
+    return {"actor_path": (cfg, "lm", opts.actor_path, False),
+            "critic_path": (critic_config(cfg, opts), "value", opts.critic_path, False),
+            "ref_path": (with_parts(frozen, opts.ref_parts), "lm", opts.reference_path, True),
             "reward_path": (with_parts(frozen, opts.reward_parts or critic_parts), "value",
-                            cfg.reward_path or cfg.critic_path, True)}
+                            opts.reward_model_path, True)}
 
 
 def plan_models(cfg, opts, device_budget) -> dict:
@@ -421,7 +420,7 @@ def load_ptx_batches(cfg, opts, tokenizer, topo):
     rollout width S, so the pipeline's activation shapes stay the same."""
     from trainer.batches import collate, load_data
 
-    ptx_cfg = dataclasses.replace(cfg, data_path=opts.ptx_data_path, max_seq_len=cfg.max_seq_len + opts.max_new_tokens,
+    ptx_cfg = dataclasses.replace(cfg, data_path=opts.ptx_data_path, max_seq_len=opts.rollout_width(cfg.max_seq_len),
                                   eval_fraction=0.0, eval_data_path=None, data_split=None, split_index=0, pack=False)
     return load_data(ptx_cfg, tokenizer, "lm", topo, collate).batches
 

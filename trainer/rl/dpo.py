@@ -24,28 +24,72 @@ simpo). The reference values are detached: gradients reach the policy only.
 forward-only reduce of the evaluation. Both take the labels tuple the recipe feeds
 (answer labels int64[2B,T], reference log-probs float[2B], sft scale float64[] | real-pair weights float[B]).
 """
+import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
+from trainer.config import RecipeOptions, type_problems
 from trainer.losses import shifted_token_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
 
 
 @dataclass(frozen=True)
-class DPOOptions:
+class DPOOptions(RecipeOptions):
+    """Stage "dpo"'s keys (top level of the config):
+      beta            (0.1) strength of the preference term (SimPO uses ~2)
+      loss_type       "sigmoid" (DPO; default), "ipo" (length-averaged log-probs) or "simpo" (reference-free)
+      label_smoothing (0) cDPO's assumed share of flipped labels, 0 <= x < 0.5 (sigmoid and simpo)
+      simpo_gamma     (0.5) SimPO's target margin
+      sft_coef        (0) weight of the chosen answers' LM loss (RPO), mean over the chosen answer tokens
+      ref_path        the reference checkpoint (default: model_path); its log-probs are computed once
+                      before training and cached in cache_dir"""
+    LABEL = "DPO"
+    KEYS = ("beta", "loss_type", "label_smoothing", "simpo_gamma", "sft_coef", "ref_path")
+    TYPES = {"beta": (int, float), "loss_type": str, "label_smoothing": (int, float), "simpo_gamma": (int, float),
+             "sft_coef": (int, float), "ref_path": str}
+
     loss_type: str = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     sft_coef: float = 0.0
+    ref_path: Optional[str] = None
 
     @classmethod
-    def from_config(cls, cfg) -> "DPOOptions":
-        return cls(cfg.loss_type, float(cfg.beta), float(cfg.label_smoothing), float(cfg.simpo_gamma), float(cfg.sft_coef))
+    def from_keys(cls, keys: dict) -> "DPOOptions":
+        numbers = {k: float(keys[k]) for k in ("beta", "label_smoothing", "simpo_gamma", "sft_coef") if k in keys}
+        return cls(**{**keys, **numbers})
+
+    @classmethod
+    def problems(cls, keys: dict, project: dict, ds: dict, pipe) -> list[str]:
+        problems = type_problems(keys, cls.TYPES)
+        if problems:
+            return problems
+        for key in ("beta", "label_smoothing", "simpo_gamma", "sft_coef"):
+            if key in keys and not math.isfinite(keys[key]):
+                return [f"{key} must be a finite number, got {keys[key]}"]
+        loss_type = keys.get("loss_type", "sigmoid")
+        if loss_type not in LOSS_TYPES:
+            problems.append(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+        if keys.get("beta", 0.1) <= 0:
+            problems.append(f"beta must be positive, got {keys['beta']}")
+        if not 0 <= keys.get("label_smoothing", 0) < 0.5:
+            problems.append("label_smoothing must be in [0, 0.5) (the assumed share of flipped preference labels), "
+                            f"got {keys['label_smoothing']}")
+        elif keys.get("label_smoothing") and loss_type == "ipo":
+            problems.append("label_smoothing applies to loss_type \"sigmoid\" (cDPO) and \"simpo\", not \"ipo\"; remove it")
+        if keys.get("sft_coef", 0) < 0:
+            problems.append(f"sft_coef must not be negative, got {keys['sft_coef']}")
+        if project.get("from_scratch"):
+            problems.append("stage \"dpo\" starts from trained weights (model_path, usually an SFT run); from_scratch is not supported")
+        return problems
+
+    def micro_batch_shape(self, cfg) -> tuple[int, int]:
+        return 2 * cfg.micro_batch, cfg.max_seq_len  # chosen and rejected of each pair in one micro-batch
 
     @property
     def uses_reference(self) -> bool:

@@ -38,6 +38,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from trainer.config import RecipeOptions, type_problems
 from trainer.rl.ppo_math import KL_ESTIMATORS
 
 PATH_KEYS = ("actor_path", "critic_path", "reward_path")  # ref_path is shared with DPO
@@ -45,7 +46,15 @@ CRITIC_KEYS = ("optimizer", "scheduler", "gradient_clipping", "parts")
 
 
 @dataclass(frozen=True)
-class PPOOptions:
+class PPOOptions(RecipeOptions):
+    """Stage "ppo"'s keys: the module docstring. Built from the top-level paths and the "ppo" object."""
+    LABEL = "PPO"
+    KEYS = ("actor_path", "critic_path", "reward_path", "ref_path", "ppo")
+
+    actor_path: str = ""
+    critic_path: str = ""
+    ref_path: Optional[str] = None  # None: actor_path
+    reward_path: Optional[str] = None  # None: critic_path
     rollout_batch_size: Optional[int] = None  # None: train_batch_size
     n_samples_per_prompt: int = 1
     max_new_tokens: int = 64
@@ -76,14 +85,39 @@ class PPOOptions:
     reward_parts: Union[list, str, None] = None
 
     @classmethod
-    def from_config(cls, raw: Optional[dict]) -> "PPOOptions":
-        raw = dict(raw or {})
-        if "lambda" in raw:
-            raw["lam"] = raw.pop("lambda")
-        return cls(**raw)
+    def from_keys(cls, keys: dict) -> "PPOOptions":
+        section = dict(keys.get("ppo") or {})
+        if "lambda" in section:
+            section["lam"] = section.pop("lambda")
+        return cls(**{k: v for k, v in keys.items() if k != "ppo"}, **section)
+
+    @classmethod
+    def shared_defaults(cls, keys: dict) -> dict:
+        # the actor is the run's model (its tokenizer, its parts)
+        return {"model_path": keys["actor_path"]} if isinstance(keys.get("actor_path"), str) else {}
+
+    @classmethod
+    def problems(cls, keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[str]:
+        return problems(keys, project, ds, pipe)
 
     def rollout_rows(self, train_batch_size: int) -> int:
         return (self.rollout_batch_size or train_batch_size) * self.n_samples_per_prompt
+
+    def rollout_width(self, max_seq_len: int) -> int:
+        """Columns of every rollout row: max_seq_len prompt tokens (left-padded) + max_new_tokens answer
+        tokens (right-padded); the width of PPO's training and scoring micro-batches (trainer.rl.rollout)."""
+        return max_seq_len + self.max_new_tokens
+
+    def micro_batch_shape(self, cfg) -> tuple[int, int]:
+        return cfg.micro_batch, self.rollout_width(cfg.max_seq_len)
+
+    @property
+    def reference_path(self) -> str:
+        return self.ref_path or self.actor_path
+
+    @property
+    def reward_model_path(self) -> str:
+        return self.reward_path or self.critic_path
 
 
 _NUMBERS = ("temperature", "top_p", "repetition_penalty", "kl_coef", "reward_clip", "clip_range", "value_clip", "gamma",
@@ -93,18 +127,18 @@ _BOOLS = ("greedy", "kl_in_reward", "whiten_advantages", "frozen_bf16", "disable
 KEYS = _NUMBERS + _INTEGERS + _BOOLS + ("kl_estimator", "critic", "ref_parts", "reward_parts", "ptx_data_path")
 
 
-def problems(project: dict, ds: dict, pipe: Optional[int]) -> list[str]:
-    """What is wrong with a stage "ppo" config (project keys + DeepSpeed keys after the batch triple
-    was filled); [] when nothing is. Keys named as the user writes them."""
-    out = []
+def problems(keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[str]:
+    """What is wrong with a stage "ppo" config (its PPO keys, the shared project keys, and the DeepSpeed
+    keys after the batch triple was filled); [] when nothing is. Keys named as the user writes them."""
+    out = type_problems(keys, {"actor_path": str, "critic_path": str, "reward_path": str, "ref_path": str, "ppo": dict})
+    if out:
+        return out
     for key in ("actor_path", "critic_path"):
-        if not project.get(key):
+        if not keys.get(key):
             out.append(f"stage \"ppo\" needs {key!r} (the {'policy: an SFT run' if key == 'actor_path' else 'value model: an RM run'}'s save_path)")
     if project.get("from_scratch"):
         out.append("stage \"ppo\" starts from trained models (actor_path, critic_path); from_scratch is not supported")
-    raw = project.get("ppo", {})
-    if not isinstance(raw, dict):
-        return out + [f"ppo must be an object of PPO settings, got {json.dumps(raw)}"]
+    raw = keys.get("ppo", {})
     unknown = sorted(set(raw) - set(KEYS))
     if unknown:
         out.append(f"ppo: unknown keys {unknown} (use {', '.join(KEYS)})")
@@ -134,7 +168,7 @@ def problems(project: dict, ds: dict, pipe: Optional[int]) -> list[str]:
             out.append(f"{name} has {len(parts)} entries but model_topo says {pipe} pipeline stages")
     if out:
         return out
-    opts = PPOOptions.from_config(raw)
+    opts = PPOOptions.from_keys(keys)
     for key in ("clip_range", "value_clip", "reward_clip", "temperature"):
         if getattr(opts, key) <= 0:
             out.append(f"ppo.{key} must be positive, got {getattr(opts, key)}")
