@@ -9,6 +9,7 @@ import time
 from typing import IO, Optional
 
 from inference.errors import InferenceError
+from trainer.generation.stop_ids import answer_stop_ids, generation_pad_id
 
 
 @dataclasses.dataclass
@@ -42,9 +43,8 @@ class ChatModel:
         self.max_new_tokens = args.max_new_tokens
         self.max_context = max_context
         gen = copy.deepcopy(model.generation_config)
-        eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-        self.eos_ids = sorted({tokenizer.eos_token_id, *[e for e in eos if e is not None]})
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = answer_stop_ids(tokenizer, model.config, getattr(model, "name_or_path", None))
+        pad = generation_pad_id(tokenizer)
         sampling = ({"do_sample": False, "temperature": None, "top_p": None, "top_k": None} if args.greedy else
                     {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k or None})
         gen.update(max_new_tokens=args.max_new_tokens, min_new_tokens=None, max_length=None,

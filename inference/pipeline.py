@@ -113,28 +113,19 @@ def load_pipeline_module(model_path, n_stages: int, dtype: str = "auto", device:
     return module.eval(), plan, load_tokenizer(tok_dir, training_template=training_template_of(search))
 
 
-def stop_ids_of(tokenizer, search_dir: Path) -> list[int]:
-    """The tokenizer's EOS and the generation_config.json's eos ids (as `ChatModel` uses)."""
-    ids = {tokenizer.eos_token_id}
-    gen_file = search_dir / "generation_config.json"
-    if gen_file.is_file():
-        eos = json.loads(gen_file.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos])
-    return sorted(i for i in ids if i is not None)
-
-
 class PipelineChat:
     """`inference.generation.ChatModel`'s interface (prompt_ids, check_fits, generate -> Reply) over the
     pipelined generator, so demo's single-prompt and chat code runs unchanged. Collective: every rank
     calls `generate` with the same prompt (the REPL shares each line from rank 0)."""
 
     def __init__(self, module, plan, tokenizer, args, max_context: int, ranks):
+        from trainer.generation.stop_ids import answer_stop_ids, generation_pad_id
         from trainer.generation.token_sampling import SamplingConfig
 
         self.module, self.config, self.tokenizer, self.ranks = module, plan.model_config, tokenizer, ranks
         self.max_new_tokens, self.max_context = args.max_new_tokens, max_context
-        self.eos_ids = stop_ids_of(tokenizer, plan.side_dir)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = answer_stop_ids(tokenizer, plan.model_config, plan.side_dir)
+        self.pad_id = generation_pad_id(tokenizer)
         self.sampling = SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                        repetition_penalty=args.repetition_penalty, seed=args.seed)
 

@@ -188,6 +188,23 @@ def test_ppo_config_defaults_and_validation():
     assert any("DPO keys, but stage is 'ppo'" in p for p in problems_of(ppo_raw(beta=0.2)))
 
 
+def test_a_prompts_samples_stay_on_one_replica():
+    """Prompts are shared among the data-parallel replicas before their samples are repeated: with D = 2
+    and k = 4 samples per prompt, each prompt's 4 rows land on one replica, prompts alternating."""
+    from trainer.generation.decoding import replica_rows
+
+    k, prompts = 4, ["p0", "p1", "p2", "p3", "p4", "p5"]
+    rows = [p for p in prompts for _ in range(k)]  # step_prompts' global list: each prompt k times in a row
+    shares = [[rows[i] for i in replica_rows(len(rows), r, 2, group=k)] for r in range(2)]
+    assert shares == [["p0"] * 4 + ["p2"] * 4 + ["p4"] * 4, ["p1"] * 4 + ["p3"] * 4 + ["p5"] * 4]
+    assert replica_rows(10, 1, 2) == [1, 3, 5, 7, 9]  # group 1: rows[r::D], as before
+    # the recipe's config check: a step's prompts must split evenly over the replicas
+    raw = ppo_raw(train_batch_size=8, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2,
+                  ppo={"rollout_batch_size": 3, "n_samples_per_prompt": 8})
+    raw["model_topo"] = {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}, "parts": "auto"}
+    assert any("cannot be shared evenly by the 2 data-parallel replicas" in p for p in problems_of(raw))
+
+
 def test_shipped_ppo_configs_validate():
     real = load_config(str(REPO / "configs" / "ds_config_ppo.json"), world_size=8)
     opts = real.options
@@ -210,7 +227,7 @@ def test_auto_parts_fit_the_four_models_together_on_each_stage(random_pp):
     """Actor, critic, reference and reward share every rank: "auto" parts must fit their sum, not
     each model alone."""
     from trainer.engine.auto_parts import AutoPartsError
-    from trainer.recipes.ppo import model_configs, plan_models
+    from trainer.rl.ppo_models import model_configs, plan_models
 
     def plans_for(budget, **over):
         raw = {"stage": "ppo", "actor_path": str(random_pp), "critic_path": str(random_pp), "save_path": "s",

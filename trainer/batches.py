@@ -88,12 +88,19 @@ def collate(items: list) -> tuple:
     return inputs, torch.stack([it[1] for it in items])
 
 
-def with_normaliser(micro_batches: list, n_global: int, scale: float) -> Iterator:
-    """Micro-batches as the engine pulls them: (inputs, (labels, loss_scale)) where
-    loss_scale = grad_accum * D / N_global (a float64 scalar tensor: no int overflow, exact)."""
-    factor = torch.tensor(scale / max(n_global, 1), dtype=torch.float64)
+def token_scale(n_global: float, accum_x_replicas: float) -> torch.Tensor:
+    """The loss normaliser every recipe's loss_fn multiplies its token sum by: grad_accum * D / N_global
+    (accum_x_replicas = grad_accum * D), N_global the tokens the loss averages over in the whole global
+    batch (all micro-batches, all replicas); a float64 scalar tensor (no int overflow, exact). See the
+    module docstring."""
+    return torch.tensor(accum_x_replicas / max(n_global, 1), dtype=torch.float64)
+
+
+def with_normaliser(micro_batches: list, n_global: int, accum_x_replicas: float) -> Iterator:
+    """Micro-batches as the engine pulls them: (inputs, (labels, token_scale))."""
+    scale = token_scale(n_global, accum_x_replicas)
     for inputs, labels in micro_batches:
-        yield inputs, (labels, factor)
+        yield inputs, (labels, scale)
 
 
 def eval_row_indices(n_rows: int, micro_batch: int, n_micro: int, dp_rank: int, dp_size: int) -> Iterator[list[list[int]]]:

@@ -35,12 +35,12 @@ def causal_lm_loss(logits: torch.Tensor, labels) -> torch.Tensor:
 
 def global_token_mean_loss(logits: torch.Tensor, labels) -> torch.Tensor:
     """The training loss: this micro-batch's summed token cross-entropy times
-    `loss_scale` = grad_accum * D / N_global (see trainer.batches), so that DeepSpeed's averaging
+    `token_scale` = grad_accum * D / N_global (see trainer.batches), so that DeepSpeed's averaging
     over micro-batches and data-parallel ranks yields the mean over the global batch's tokens.
-    labels: (labels int64[B,T], loss_scale float64 scalar)."""
-    labels, loss_scale = labels
+    labels: (labels int64[B,T], token_scale float64 scalar)."""
+    labels, token_scale = labels
     total, _ = shifted_token_losses(logits, labels)
-    return total * loss_scale.to(total.device, torch.float32)
+    return total * token_scale.to(total.device, torch.float32)
 
 
 def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

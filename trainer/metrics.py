@@ -116,11 +116,11 @@ def log_plan(recipe: str, cfg, plan, stats: dict) -> None:
 class StepMeter:
     """Progress bar and monitor events of the training steps and evals (rank 0 only writes)."""
 
-    def __init__(self, cfg, plan, engine, topo, device_name: str, total_steps: int, start_step: int):
+    def __init__(self, cfg, plan, engine, topo, device_name: str, total_steps: int, start_step: int, desc: str = "train"):
         self.engine, self.rank, self.world_size = engine, topo.rank, topo.world_size
         self.flops_token = flops_per_token(plan.n_matmul_params, plan.n_blocks, plan.model_config.hidden_size, cfg.max_seq_len)
         self.peak = peak_flops(device_name, cfg.precision)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=self.rank != 0,
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", disable=self.rank != 0,
                         dynamic_ncols=True)
         self.last_eval = {}
 
@@ -142,6 +142,14 @@ class StepMeter:
             postfix["mfu"] = f"{util:.1%}"
         postfix.update({k: f"{v:.3g}" for k, v in self.last_eval.items()})
         self.bar.set_postfix(postfix)
+        self.bar.update(1)
+
+    def log_metrics(self, step: int, metrics: dict, shown: dict) -> None:
+        """A recipe's own step metrics ({name: value}) to the monitors; `shown` ({label: name}) on the bar."""
+        if self.rank != 0:
+            return
+        write_events(self.engine, [(k, v, step) for k, v in metrics.items()])
+        self.bar.set_postfix({label: f"{metrics[name]:.3g}" for label, name in shown.items()})
         self.bar.update(1)
 
     def log_eval(self, step: int, metrics: dict, shown: str = "loss") -> dict:

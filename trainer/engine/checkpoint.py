@@ -93,6 +93,7 @@ class TrainState:
     evals: list = field(default_factory=list)       # [[step, {metric: value}], ...]
     saved_tags: list = field(default_factory=list)  # this lineage's checkpoints, in save order
     resumed_from: Optional[str] = None              # the tag this run started from (never pruned by it)
+    extra: dict = field(default_factory=dict)       # what the recipe added to the resumed trainer_state.json
 
 
 def find_resume_tag(save_path: str, resume: str) -> Optional[tuple[str, str]]:
@@ -143,7 +144,8 @@ def start_or_resume(engine, resume_from: Optional[tuple[str, str]], batches, com
     if torch.distributed.get_rank() == 0:
         logger.info("resumed from %s/%s at step %d", root, tag, saved["step"])
     # A checkpoint written before the save order was recorded: its lineage is the tag itself.
-    return TrainState(saved["step"], saved["history"], saved["evals"], list(saved.get("saved_tags") or [tag]), tag)
+    extra = {k: v for k, v in saved.items() if k not in ("step", "history", "evals", "saved_tags", "data")}
+    return TrainState(saved["step"], saved["history"], saved["evals"], list(saved.get("saved_tags") or [tag]), tag, extra)
 
 
 def save_training(engine, save_path: str, state: TrainState, batches, keep_last: int,

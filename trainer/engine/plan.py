@@ -4,8 +4,10 @@ the split into stages (`model_topo.parts`, explicit or "auto").
 
 Counting parameters builds the layers on the meta device (no memory, no weights read).
 """
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -14,9 +16,11 @@ from models.dtypes import bytes_per_param
 from models.pipe_dir import find_side_file, resolve_checkpoint_dir
 from models.pipeline import build_layers, head_is_tied, num_blocks, pipe_layer_names, prepare_config
 from models.registry import get_architecture
-from trainer.engine.auto_parts import auto_parts, stage_report
+from trainer.engine.auto_parts import AutoPartsError, auto_parts, format_bytes, stage_report
 from trainer.engine.memory import memory_budget, memory_settings, stage_memory
 from trainer.engine.partition import boundaries_from_parts
+
+logger = logging.getLogger("pipetune")
 
 
 @dataclass(frozen=True)
@@ -121,3 +125,92 @@ def plan_model(cfg, head: str = "lm", model_path=None, budget="device", frozen: 
     parts = resolve_parts(cfg, model_config, head, counts, budget, frozen)
     return ModelPlan(path, side_dir, hf_config, model_config, head, pipe_layer_names(model_config, head), counts, parts,
                      frozen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several models on the same ranks (PPO's actor, critic, reference and reward model).
+
+class ModelSpec(NamedTuple):
+    cfg: object    # the config the model is built with (its own parts and DeepSpeed settings)
+    head: str      # "lm" | "value"
+    path: object   # its checkpoint
+    frozen: bool   # forward only: no gradients or optimizer state
+
+
+def plan_co_resident(specs: dict, device_budget, what: str, hint: str = "") -> dict:
+    """Plans of models that share every rank's device ({key: ModelSpec} -> {key: ModelPlan}, same
+    order): "auto" parts must fit them together on each stage. From the compute-balanced splits
+    (kept when they fit together):
+    1. while some "auto" model does not fit, the one that needs most is re-split within what the
+       others leave on each stage (auto_parts with a budget per stage), until all fit or none can
+       move (few models move, the rest stay compute-balanced);
+    2. if that is not enough: each "auto" model re-split within its share of every stage (its usage
+       scaled so that the stage's total meets the budget; when all fit their shares, they fit
+       together), then 1. again from there.
+    device_budget None: no memory limit. AutoPartsError names `what` (the models) and ends with `hint`."""
+    stages = range(next(iter(specs.values())).cfg.model_topo.pipe)
+    auto = [key for key, spec in specs.items() if spec.cfg.model_topo.parts == "auto"]
+    plans = {key: plan_model(c, head, path, budget=None, frozen=frozen) for key, (c, head, path, frozen) in specs.items()}
+    if not auto or device_budget is None:
+        return plans
+    totals = {key: plan.stage_totals(specs[key].cfg) for key, plan in plans.items()}
+
+    def together() -> list[float]:
+        return [sum(t[s] for t in totals.values()) for s in stages]
+
+    def resplit(key, room) -> Optional[str]:  # None when it fits `room`, else why not
+        c, head, path, frozen = specs[key]
+        try:
+            plans[key] = plan_model(c, head, path, budget=room, frozen=frozen)
+        except AutoPartsError as e:
+            return f"{key}: {e}"
+        totals[key] = plans[key].stage_totals(c)
+        return None
+
+    def fits() -> bool:
+        return all(t <= device_budget for t in together())
+
+    def make_room() -> Optional[str]:  # re-split, needing most first, within what the others leave
+        failure, stuck = None, set()  # stuck: cannot fit in what the others leave now
+        for _ in range(4 * len(auto)):
+            room = {key: [device_budget - sum(totals[o][s] for o in totals if o != key) for s in stages] for key in auto}
+            over = [key for key in auto if key not in stuck and any(t > r for t, r in zip(totals[key], room[key]))]
+            if fits() or not over:
+                break
+            key = max(over, key=lambda k: max(totals[k]))
+            failure = resplit(key, room[key])
+            if failure:
+                stuck.add(key)
+            else:
+                stuck.clear()  # after a move the others' room changed: they may fit now
+        return failure
+
+    failure = make_room()
+    if not fits():  # every auto model within its share of each stage, then make room again
+        fixed = [sum(totals[key][s] for key in totals if key not in auto) for s in stages]
+        auto_use = [sum(totals[key][s] for key in auto) for s in stages]
+        shares = {key: [totals[key][s] * (device_budget - fixed[s]) / auto_use[s] if auto_use[s] else 0.0 for s in stages]
+                  for key in auto}
+        for key in auto:
+            resplit(key, shares[key])
+        failure = make_room() or failure
+    if fits():
+        return plans
+    raise AutoPartsError(
+        f"{what} share each rank's {format_bytes(device_budget)} and no "
+        f"\"auto\" split of them fits together (now {', '.join(f'stage {s} ~{format_bytes(t)}' for s, t in enumerate(together()))})"
+        + (f"; {failure}" if failure else ": use more pipeline stages, ZeRO stage 1 or offload_optimizer, use_grad_ckpt, "
+           "or a smaller micro-batch / max_seq_len") + hint)
+
+
+def log_co_resident(specs: dict, plans: dict, label: str) -> None:
+    """Each model's split and memory estimate (but the first's: the recipe logs it with its data), and
+    each stage's total over all of them."""
+    totals = [0.0] * next(iter(specs.values())).cfg.model_topo.pipe
+    for i, (key, plan) in enumerate(plans.items()):
+        stage_cfg = specs[key].cfg
+        if i:
+            logger.info("%s %s: %s\n%s", label, key, plan.model_path, plan.describe(stage_cfg))
+        totals = [t + s for t, s in zip(totals, plan.stage_totals(stage_cfg))]
+    logger.info("%s: the %d models together: %s", label, len(plans),
+                ", ".join(f"stage {s} ~{format_bytes(t)}" for s, t in enumerate(totals)))

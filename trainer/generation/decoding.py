@@ -41,6 +41,7 @@ from transformers import DynamicCache
 
 from compat.private_api import local_layers
 from models.pipeline import num_blocks
+from trainer.generation.stop_ids import answer_stop_ids, generation_pad_id
 from trainer.generation.token_sampling import SamplingConfig, choose_next, row_seeds
 
 
@@ -72,10 +73,18 @@ class Generation:
         return self.ids[row, self.prompt_len:self.prompt_len + n].tolist()
 
 
-def replica_share(items: Sequence, module) -> list:
-    """This replica's share of a global list: items[r::D] for data-parallel replica r of D."""
+def replica_rows(n_items: int, dp_rank: int, n_replicas: int, group: int = 1) -> list[int]:
+    """Indices of a global list that replica dp_rank of n_replicas takes: the list cut into consecutive
+    groups of `group` items (one prompt's samples), group g to replica g % D; group 1: items[r::D]."""
+    n_groups = -(-n_items // group)
+    return [i for g in range(dp_rank, n_groups, n_replicas) for i in range(g * group, min((g + 1) * group, n_items))]
+
+
+def replica_share(items: Sequence, module, group: int = 1) -> list:
+    """This replica's share of a global list (replica_rows): whole groups of `group` consecutive items,
+    so that a prompt's samples are generated, scored and trained on one replica."""
     place = _place(module)
-    return list(items[place.dp_rank::place.n_replicas])
+    return [items[i] for i in replica_rows(len(items), place.dp_rank, place.n_replicas, group)]
 
 
 def generate(module, model_config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -103,8 +112,10 @@ def generate(module, model_config, prompts: Sequence[Sequence[int]], *, max_new_
     if n_micro is not None and n_micro < 1:
         raise GenerationError(f"n_micro must be >= 1, got {n_micro}")
     place = _place(module)
-    stop_ids = _default_stop_ids(model_config) if stop_ids is None else list(stop_ids)
-    pad_id = (model_config.pad_token_id if model_config.pad_token_id is not None else 0) if pad_id is None else pad_id
+    stop_ids = answer_stop_ids(None, model_config) if stop_ids is None else list(stop_ids)
+    if not stop_ids:
+        raise GenerationError("no stop_ids given and the model config has no eos_token_id")
+    pad_id = generation_pad_id(model_config=model_config) if pad_id is None else pad_id
     _check_request(prompts, max_new_tokens, max_context or getattr(model_config, "max_position_embeddings", None))
     n = len(prompts)
     if seeds is not None and len(seeds) != n:
@@ -350,15 +361,6 @@ def _run_schedule(stage: _Stage, batches: list, max_new_tokens: int, stop, pad_i
 
 # ---------------------------------------------------------------------------------------------
 # Requests and results.
-
-def _default_stop_ids(config) -> list:
-    eos = config.eos_token_id
-    ids = eos if isinstance(eos, (list, tuple)) else [eos]
-    ids = [i for i in ids if i is not None]
-    if not ids:
-        raise GenerationError("no stop_ids given and the model config has no eos_token_id")
-    return ids
-
 
 def _check_request(prompts, max_new_tokens: int, context: Optional[int]) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from trainer.engine.distributed import broadcast_object
+from trainer.generation.stop_ids import answer_stop_ids, generation_pad_id
 from trainer.generation.token_sampling import SamplingConfig
 
 FILE_NAME = "eval_samples.jsonl"
@@ -92,8 +93,8 @@ def sample_generations(engine, cfg, plan, tokenizer, data, topo, step: int) -> O
         return None
     context = getattr(plan.model_config, "max_position_embeddings", None) or (cfg.max_seq_len + spec.max_new_tokens)
     max_new = max(1, min(spec.max_new_tokens, context - max(len(p) for p, _ in rows)))
-    stop = sorted({tokenizer.eos_token_id, *_config_eos(plan.model_config)})
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop = answer_stop_ids(tokenizer, plan.model_config, plan.side_dir)
+    pad = generation_pad_id(tokenizer)
     gen = generate(engine.module, plan.model_config, replica_share([p for p, _ in rows], engine.module),
                    max_new_tokens=max_new, stop_ids=stop, pad_id=pad, sampling=spec.sampling, max_context=context)
     mine = [(gen.answer(k), gen.finish_reason[k]) for k in range(len(gen.n_new))] if topo.is_first_stage else None
@@ -114,8 +115,3 @@ def sample_generations(engine, cfg, plan, tokenizer, data, topo, step: int) -> O
     for line in lines[:2]:
         print(f"[eval sample, step {step}] {line['prompt'][-200:]!r} -> {line['response'][:200]!r}", flush=True)
     return lines
-
-
-def _config_eos(config) -> list:
-    eos = config.eos_token_id
-    return [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]

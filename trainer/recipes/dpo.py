@@ -35,7 +35,7 @@ import torch
 
 from data.dataset import collate_pairs
 from models.heads import set_defer_logits
-from trainer.batches import GlobalBatches, eval_row_indices, load_data, n_target_tokens
+from trainer.batches import GlobalBatches, eval_row_indices, load_data, n_target_tokens, token_scale
 from trainer.engine import checkpoint
 from trainer.engine.build import build_engine
 from trainer.engine.distributed import all_reduce_sum, broadcast_object
@@ -88,14 +88,13 @@ def run(cfg, topo, device_name: str) -> dict:
     state = checkpoint.start_or_resume(engine, resume_from, batches)
 
     meter = StepMeter(cfg, plan, engine, topo, device_name, total_steps, state.step)
-    sft_scale = float(cfg.grad_accum * topo.data)  # see trainer.batches: sum / N_global * grad_accum * D
     last_saved, train_metrics = (state.step if resume_from else None), []
     for step in range(state.step + 1, total_steps + 1):
         feed, real_tokens = None, 0
         if batches is not None:
             micro, n_chosen_tokens, real_tokens = batches.next_step()
-            factor = torch.tensor(sft_scale / max(n_chosen_tokens, 1), dtype=torch.float64)
-            feed = ((inputs, (labels, ref_logps, factor)) for inputs, labels, ref_logps in micro)
+            scale = token_scale(n_chosen_tokens, cfg.grad_accum * topo.data)  # RPO's LM term: mean over chosen tokens
+            feed = ((inputs, (labels, ref_logps, scale)) for inputs, labels, ref_logps in micro)
         start = time.perf_counter()
         loss = float(engine.train_batch(data_iter=feed))
         seconds = time.perf_counter() - start

@@ -45,13 +45,12 @@ def run(cfg, topo, device_name: str) -> dict:
     state = checkpoint.start_or_resume(engine, resume_from, data.batches)
 
     meter = StepMeter(cfg, plan, engine, topo, device_name, total_steps, state.step)
-    loss_scale = float(cfg.grad_accum * topo.data)  # see trainer.batches: sum / N_global * grad_accum * D
     last_saved = state.step if resume_from else None
     for step in range(state.step + 1, total_steps + 1):
         feed, real_tokens = None, 0
         if data.batches is not None:
             micro, n_global, real_tokens = data.batches.next_step()
-            feed = with_normaliser(micro, n_global, loss_scale)
+            feed = with_normaliser(micro, n_global, cfg.grad_accum * topo.data)
         start = time.perf_counter()
         loss = float(engine.train_batch(data_iter=feed))
         seconds = time.perf_counter() - start

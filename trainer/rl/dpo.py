@@ -191,13 +191,13 @@ class DPOLoss:
         self.opts, self.stats = opts, []
 
     def __call__(self, logits, labels):
-        answer_labels, ref_logps, sft_scale = labels
+        answer_labels, ref_logps, token_scale = labels
         logps, counts = sequence_logps(logits, answer_labels)
         (pi_c, pi_r), (n_c, n_r) = logps.chunk(2), counts.chunk(2)
         terms = pair_terms(self.opts, pi_c, pi_r, *ref_logps.to(logps.device).chunk(2), n_c, n_r)
         loss = terms.losses.mean()
         if self.opts.sft_coef:
-            loss = loss - self.opts.sft_coef * pi_c.sum() * sft_scale.to(loss.device, loss.dtype)
+            loss = loss - self.opts.sft_coef * pi_c.sum() * token_scale.to(loss.device, loss.dtype)
         self.stats.append(pair_stats(terms, -pi_c, n_c, torch.ones_like(pi_c)))
         return loss
 

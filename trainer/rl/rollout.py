@@ -4,7 +4,10 @@ Prompts. Rank 0 holds the prompt dataset and a `ResumableSampler` over it (seede
 epoch after another); a step takes the next `rollout_batch_size` prompts of the global order and
 broadcasts their token ids, because every stage of every replica needs them (the generator builds
 its micro-batches from them), and middle stages hold no data. With n_samples_per_prompt = k each
-prompt appears k times in a row; replica r of D generates rows r::D (`generation.replica_share`).
+prompt appears k times in a row; the prompts are shared among the D replicas before that repetition
+counts: replica r takes prompts r::D with their k rows each (`replica_share(..., group=k)`), so a
+prompt's samples are generated, scored and trained on one replica (group-relative advantages need them
+together).
 The sampler's state goes into the checkpoint (rank 0's), so a resumed run takes the same prompts.
 
 Width. Every rollout row is laid out at S = max_seq_len + max_new_tokens columns: the prompt
@@ -20,6 +23,7 @@ import torch
 from data.sampler import ResumableSampler
 from trainer.engine.distributed import broadcast_object
 from trainer.generation.token_sampling import row_seeds
+from trainer.rl.ppo_math import gae, kl_estimate, token_rewards
 
 
 class PromptSampler:
@@ -112,3 +116,54 @@ def fixed_width_rollout(gen, prompt_width: int, answer_width: int, pad_id: int) 
         gen_logps[:, prompt_width - 1:prompt_width - 1 + steps] = gen.logprobs * gen.answer_mask[:, gen.prompt_len:].float()
     ended = torch.tensor([reason == "stop" for reason in gen.finish_reason], dtype=torch.bool)
     return Rollout(ids, mask, ids[:, 1:].contiguous(), answer[:, 1:].float(), ended, gen.n_new.clone(), gen_logps)
+
+
+@dataclass
+class Experience:
+    """A scored rollout, on the last stage of its replica. Per token, float32[R,S-1] (0 off the answer):
+    old_logps (the training forward's log-probs of the sampled tokens: the ratio's "old"), ref_logps,
+    old_values (the critic's), kl (the estimate, masked), rewards (token rewards), advantages, returns;
+    scores float32[R] (the reward model's score of each row)."""
+    old_logps: torch.Tensor
+    ref_logps: torch.Tensor
+    old_values: torch.Tensor
+    scores: torch.Tensor
+    kl: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def make_experience(ro: Rollout, old_logps, ref_logps, old_values, scores, opts) -> Experience:
+    """PPO's rewards, GAE and returns from the four models' outputs (each a list of per-micro-batch
+    tensors, as forward_only returns them on the last stage); `opts` a PPOOptions."""
+    old_logps, ref_logps, old_values, scores = (torch.cat(x) for x in (old_logps, ref_logps, old_values, scores))
+    kl = kl_estimate(old_logps, ref_logps, opts.kl_estimator) * ro.answer
+    rewards = token_rewards(kl if opts.kl_in_reward else torch.zeros_like(kl), scores, ro.answer, opts.kl_coef,
+                            opts.reward_clip, ro.ended, opts.missing_eos_penalty)
+    advantages, returns = gae(rewards, old_values * ro.answer, ro.answer, opts.gamma, opts.lam)
+    return Experience(old_logps, ref_logps, old_values, scores, kl, rewards, advantages, returns)
+
+
+def whiten_advantages(exp: Optional[Experience], ro: Rollout, mean: float, var: float) -> None:
+    """(A - mean) / std over the whole rollout's answer tokens (moments over every replica: ppo_metrics)."""
+    if exp is not None:
+        exp.advantages = (exp.advantages - mean) * torch.rsqrt(torch.tensor(var + 1e-8)) * ro.answer
+
+
+# Feeding train_batch: inputs for the first stage, labels (tensors, on the last stage) for the loss.
+
+def actor_batch(ro: Rollout, exp: Optional[Experience], rows, token_scale) -> tuple:
+    """(ids, mask), (tokens, answer, old log-probs, advantages, reference log-probs, token_scale): ActorLoss's labels."""
+    labels = None
+    if exp is not None:
+        labels = (ro.tokens[rows], ro.answer[rows], exp.old_logps[rows], exp.advantages[rows], exp.ref_logps[rows], token_scale)
+    return (ro.ids[rows], ro.mask[rows]), labels
+
+
+def critic_batch(ro: Rollout, exp: Optional[Experience], rows, token_scale) -> tuple:
+    """(ids, mask), (answer, old values, returns, token_scale): CriticLoss's labels."""
+    labels = None
+    if exp is not None:
+        labels = (ro.answer[rows], exp.old_values[rows], exp.returns[rows], token_scale)
+    return (ro.ids[rows], ro.mask[rows]), labels
