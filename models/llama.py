@@ -10,8 +10,14 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 
 from compat.private_api import attn_implementation
 
-from .stage_io import (VARLEN_IMPLEMENTATIONS, join_stage_outputs, position_ids_from, same_segment_mask_fn,
-                       split_stage_inputs, varlen_kwargs)
+from .stage_io import (
+    VARLEN_IMPLEMENTATIONS,
+    join_stage_outputs,
+    position_ids_from,
+    same_segment_mask_fn,
+    split_stage_inputs,
+    varlen_kwargs,
+)
 
 
 class LlamaEmbedding(nn.Module):

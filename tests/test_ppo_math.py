@@ -49,16 +49,6 @@ def test_gae_by_hand():
     torch.testing.assert_close(adv, torch.tensor([[0.5, 0.8, 0.6, 0.0]]))
 
 
-def test_whiten_masked():
-    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    w = pm.whiten(values, mask)
-    std = math.sqrt(2.0 / 3.0)
-    torch.testing.assert_close(w, torch.tensor([[-1 / std, 0.0, 1 / std, 0.0]]), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(pm.whiten(values, mask, shift_mean=False)[0, :3], torch.tensor([-1 / std, 0.0, 1 / std]) + 2.0,
-                               rtol=1e-5, atol=1e-6)
-
-
 def test_policy_loss_clips_and_counts():
     logp_old = torch.zeros(1, 3)
     logp = torch.log(torch.tensor([[1.5, 0.9, 1.0]]))  # ratios 1.5, 0.9, 1.0
@@ -86,8 +76,3 @@ def test_value_loss_clipped():
     mask = torch.tensor([[1.0, 1.0]])
     # token 0: max((1-2)^2, (0.7-2)^2) = 1.69; token 1: max(1, 1) = 1.
     assert pm.value_loss(values, old, returns, mask, 0.2).item() == pytest.approx(0.5 * (1.69 + 1.0) / 2)
-
-
-def test_entropy_from_logits():
-    assert pm.entropy_from_logits(torch.zeros(2, 4)).tolist() == pytest.approx([math.log(4)] * 2)
-    assert pm.entropy_from_logits(torch.tensor([[100.0, 0.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-6)

@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from trainer.batches import GlobalBatches, eval_batches, n_target_tokens, with_normaliser
-from trainer.losses import causal_lm_loss, global_token_mean_loss
+from trainer.losses import global_token_mean_loss, shifted_token_losses
+
+
+def causal_lm_loss(logits, labels):
+    """Reference: HF's per-micro-batch loss, the mean cross-entropy over its target tokens."""
+    total, count = shifted_token_losses(logits, labels[0] if isinstance(labels, (tuple, list)) else labels)
+    return total / count
 
 T = 8  # tokens per row
 

@@ -116,6 +116,19 @@ def eval_row_indices(n_rows: int, micro_batch: int, n_micro: int, dp_rank: int, 
         yield [mine[k:k + micro_batch] for k in range(0, len(mine), micro_batch)]
 
 
+def forward_eval_rows(engine, cfg, topo, n_rows: int, micro_batch_of: Optional[Callable], reduce,
+                      deferred_logits: bool = False) -> Iterator[Optional[list]]:
+    """Collective: every row of an eval set once through the pipeline (forward only), replica r
+    taking its share of each call as `eval_row_indices` says. micro_batch_of(indices) -> (inputs,
+    labels) of one micro-batch (indices -1: filler rows, to be given no weight), None on ranks without
+    data. Yields each call's results: `reduce`'s output per micro-batch on the last stage, else None."""
+    from trainer.engine.forward_only import forward_only
+
+    for micro_indices in eval_row_indices(n_rows, cfg.micro_batch, cfg.grad_accum, topo.dp_rank, topo.data):
+        micro = [micro_batch_of(indices) for indices in micro_indices] if micro_batch_of is not None else None
+        yield forward_only(engine, micro, cfg.grad_accum, reduce, deferred_logits=deferred_logits)
+
+
 def eval_batches(dataset, micro_batch: int, grad_accum: int, dp_rank: int, dp_size: int) -> Iterator[tuple[list, int]]:
     """The eval set as (this replica's micro-batches, target tokens of the global batch), sharded by
     `eval_row_indices`; filler rows are copies of row 0 whose labels are all -100 (no loss, no tokens)."""

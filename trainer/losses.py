@@ -24,15 +24,6 @@ def shifted_token_losses(logits, labels: torch.Tensor) -> tuple[torch.Tensor, to
     return total, (shift_labels != -100).sum()
 
 
-def causal_lm_loss(logits: torch.Tensor, labels) -> torch.Tensor:
-    """Mean cross-entropy over this micro-batch's target tokens (HF's per-batch loss).
-    logits float[B,T,V], labels int64[B,T] (or a tuple whose first item is labels)."""
-    if isinstance(labels, (tuple, list)):
-        labels = labels[0]
-    total, count = shifted_token_losses(logits, labels)
-    return total / count
-
-
 def global_token_mean_loss(logits: torch.Tensor, labels) -> torch.Tensor:
     """The training loss: this micro-batch's summed token cross-entropy times
     `token_scale` = grad_accum * D / N_global (see trainer.batches), so that DeepSpeed's averaging

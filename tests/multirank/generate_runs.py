@@ -22,7 +22,6 @@ def gathered(gen, rank_is_last: bool) -> dict:
             "ids": gen.ids.tolist(), "attention_mask": gen.attention_mask.tolist(), "answer_mask": gen.answer_mask.tolist()}
     if rank_is_last:
         mine["logprobs"] = gen.logprobs.tolist()
-        mine["sampling_logprobs"] = gen.sampling_logprobs.tolist()
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
     merged = dict(parts[0])
@@ -158,9 +157,8 @@ def run_layouts(spec: dict) -> dict:
 def run_sft(config_path: str) -> dict:
     from deepspeed.accelerator import get_accelerator
 
-    from trainer.recipes import load_config
     from trainer.engine.topology import Topology
-    from trainer.recipes import get_recipe
+    from trainer.recipes import get_recipe, load_config
 
     cfg = load_config(config_path, world_size=dist.get_world_size(), device_supports_fp16=get_accelerator().is_fp16_supported())
     summary = get_recipe(cfg.stage)(cfg, Topology.from_config(cfg, dist.get_rank(), dist.get_world_size()), "cpu")

@@ -130,10 +130,9 @@ def main() -> None:
     from deepspeed.accelerator import get_accelerator
 
     import trainer.engine.build
-    from trainer.recipes import load_config
     from trainer.engine.distributed import finish, report_crash, world
     from trainer.engine.topology import Topology
-    from trainer.recipes import get_recipe, rm, sft
+    from trainer.recipes import get_recipe, load_config, rm, sft
 
     rank, world_size, _ = world()
     from trainer.engine.distributed import init_process_group

@@ -28,7 +28,11 @@ def main() -> None:
     from models.pipeline import build_layer_specs, pipe_layer_names, prepare_config
     from trainer.engine.distributed import init_process_group
     from trainer.engine.partition import boundaries_from_parts
-    from trainer.losses import causal_lm_loss
+    from trainer.losses import shifted_token_losses
+
+    def causal_lm_loss(logits, labels):  # HF's per-micro-batch loss: the mean over its target tokens
+        total, count = shifted_token_losses(logits, labels)
+        return total / count
 
     init_process_group("gloo")
     rank = dist.get_rank()

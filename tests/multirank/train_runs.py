@@ -19,10 +19,9 @@ def main() -> None:
 
     from deepspeed.accelerator import get_accelerator
 
-    from trainer.recipes import load_config
     from trainer.engine.distributed import finish, world
     from trainer.engine.topology import Topology
-    from trainer.recipes import get_recipe
+    from trainer.recipes import get_recipe, load_config
 
     rank, world_size, _ = world()
     from trainer.engine.distributed import init_process_group

@@ -30,7 +30,7 @@ earlier (step, micro-batch) or an earlier stage of the same one).
 Outputs (`Generation`): ids, attention mask, answer mask and per-row lengths on every rank of the
 replica; the fp32 log-probs of the sampled tokens on the last stage only (where PPO computes its
 losses): `logprobs` under the model's raw distribution (what a training forward gives: PPO's old
-log-probs) and `sampling_logprobs` under the distribution actually sampled from (see trainer.generation.token_sampling).
+log-probs).
 """
 import time
 from dataclasses import dataclass
@@ -55,7 +55,7 @@ class Generation:
 
     ids [n, S] int64: each prompt right-aligned (left padding) in columns [0, prompt_len), its answer
     from column prompt_len (stop token included), pad_id after it. attention_mask / answer_mask [n, S]
-    int64: 1 on real prompt + answer tokens / on answer tokens only. logprobs / sampling_logprobs
+    int64: 1 on real prompt + answer tokens / on answer tokens only. logprobs
     [n, S - prompt_len] float32 (column j = answer token j), on the last stage only (None elsewhere).
     """
     ids: torch.Tensor
@@ -66,7 +66,6 @@ class Generation:
     finish_reason: list                 # per row: "stop" (a stop id was generated) | "length"
     seconds: list                       # per row: time from the start until its last token
     logprobs: Optional[torch.Tensor] = None
-    sampling_logprobs: Optional[torch.Tensor] = None
 
     def answer(self, row: int) -> list[int]:
         n = int(self.n_new[row])
@@ -270,8 +269,8 @@ class _MicroBatch:
         self.finish_time = [0.0] * b
         self.finished = False
         self.cache = None
-        self.pending = None                        # last stage: ids sampled, not yet applied
-        self.logprobs, self.sampling_logprobs = [], []
+        self.pending = None                        # last stage: (ids sampled, their log-probs), not yet applied
+        self.logprobs = []
         self.seen, self.generators = None, None
 
     @property
@@ -302,8 +301,8 @@ class _MicroBatch:
         gens = self.generators
         if gens is not None and bool(self.done.any()):  # finished rows draw nothing (their streams stay put)
             gens = [g if not d else torch.Generator() for g, d in zip(gens, self.done.tolist())]
-        ids, raw, samp = choose_next(logits, self.seen, self.cfg, gens or [])
-        self.pending = (ids, raw, samp)
+        ids, raw_logps, _ = choose_next(logits, self.seen, self.cfg, gens or [])
+        self.pending = (ids, raw_logps)  # raw_logps: the raw distribution's log-probs of `ids` (PPO's old log-probs)
         return ids
 
     def advance(self, ids: torch.Tensor, stop: torch.Tensor, pad_id: int, now: float) -> torch.Tensor:
@@ -315,10 +314,8 @@ class _MicroBatch:
         stopped = active & torch.isin(ids, stop)
         self.done |= stopped
         if self.pending is not None:
-            _, raw, samp = self.pending
-            zero = torch.zeros_like(raw)
-            self.logprobs.append(torch.where(active, raw, zero))
-            self.sampling_logprobs.append(torch.where(active, samp, zero))
+            raw_logps = self.pending[1]
+            self.logprobs.append(torch.where(active, raw_logps, torch.zeros_like(raw_logps)))
             self.pending = None
         if self.seen is not None:
             self.seen[active, ids[active]] = True
@@ -389,7 +386,7 @@ def _split_rows(prompts, m: int) -> list:
 def _empty_result(is_last: bool) -> Generation:
     empty = torch.zeros(0, 0, dtype=torch.int64)
     lp = torch.zeros(0, 0, dtype=torch.float32) if is_last else None
-    return Generation(empty, empty, empty, 0, torch.zeros(0, dtype=torch.int64), [], [], lp, lp)
+    return Generation(empty, empty, empty, 0, torch.zeros(0, dtype=torch.int64), [], [], lp)
 
 
 def _assemble(batches: list, n: int, pad_id: int, is_last: bool) -> Generation:
@@ -401,7 +398,6 @@ def _assemble(batches: list, n: int, pad_id: int, is_last: bool) -> Generation:
     answer = torch.zeros(n, width, dtype=torch.int64)
     n_new = torch.zeros(n, dtype=torch.int64)
     lp = torch.zeros(n, steps, dtype=torch.float32) if is_last else None
-    slp = torch.zeros(n, steps, dtype=torch.float32) if is_last else None
     finish, seconds = [""] * n, [0.0] * n
     for mb in batches:
         L, T = mb.prompt.shape[1], len(mb.tokens)
@@ -416,8 +412,7 @@ def _assemble(batches: list, n: int, pad_id: int, is_last: bool) -> Generation:
         n_new[rows] = mb.n_new.cpu()
         if is_last:
             lp[rows, :T] = torch.stack(mb.logprobs, 1).cpu()
-            slp[rows, :T] = torch.stack(mb.sampling_logprobs, 1).cpu()
         for k, i in enumerate(mb.rows):
             finish[i] = "stop" if bool(mb.done[k]) else "length"
             seconds[i] = mb.finish_time[k]
-    return Generation(ids, mask, answer, prompt_len, n_new, finish, seconds, lp, slp)
+    return Generation(ids, mask, answer, prompt_len, n_new, finish, seconds, lp)

@@ -89,17 +89,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, returns
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(values - mean) / std over the masked entries (the whole rollout); shift_mean False keeps the
-    mean (TRL's masked_whiten). Zero outside the mask."""
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean).pow(2), mask)
-    whitened = (values - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
-
-
 def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_range: float = 0.2, n_tokens: Optional[float] = None) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate; returns (loss, stats) with stats clip_frac and approx_kl as detached
@@ -121,9 +110,3 @@ def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Te
     """0.5 * masked mean of max((V - R)^2, (clip(V, V_old +- value_clip) - R)^2)."""
     clipped = values_old + (values - values_old).clamp(-value_clip, value_clip)
     return 0.5 * masked_mean(torch.maximum((values - returns).pow(2), (clipped - returns).pow(2)), mask, n_tokens)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """float[..., V] logits -> float32[...] entropy of the softmax distribution."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)

@@ -37,9 +37,8 @@ from torch.utils.data import Dataset
 
 from data.dataset import collate_pairs
 from models.pipe_dir import find_layer_files, resolve_checkpoint_dir
-from trainer.batches import eval_row_indices
+from trainer.batches import forward_eval_rows
 from trainer.engine.distributed import all_reduce_sum, broadcast_object
-from trainer.engine.forward_only import forward_only
 from trainer.rl.dpo import sequence_logps
 
 logger = logging.getLogger("pipetune")
@@ -141,16 +140,14 @@ class ReferenceLogps:
 def score_pairs(engine, pairs, n_rows: int, cfg, topo) -> torch.Tensor:
     """Collective: float64[n_rows, 2] summed answer log-probs (chosen, rejected) of every pair, on
     every rank. `pairs`: the PairwiseDataset on data ranks, None elsewhere."""
+    def micro_batch_of(indices):
+        inputs, labels, _ = collate_pairs([pairs[max(i, 0)] for i in indices])
+        return inputs, (labels, torch.tensor(indices))
+
     sums = torch.zeros(n_rows, 2, dtype=torch.float64)
     seen = torch.zeros(n_rows, dtype=torch.float64)
-    for micro_indices in eval_row_indices(n_rows, cfg.micro_batch, cfg.grad_accum, topo.dp_rank, topo.data):
-        micro = None
-        if pairs is not None:
-            micro = []
-            for indices in micro_indices:
-                inputs, labels, _ = collate_pairs([pairs[max(i, 0)] for i in indices])
-                micro.append((inputs, (labels, torch.tensor(indices))))
-        results = forward_only(engine, micro, cfg.grad_accum, _row_logps, deferred_logits=cfg.chunked_loss)
+    for results in forward_eval_rows(engine, cfg, topo, n_rows, micro_batch_of if pairs is not None else None, _row_logps,
+                                     deferred_logits=cfg.chunked_loss):
         for logps, indices in results or []:
             real = indices >= 0
             sums[indices[real]] = logps.view(2, -1).t()[real]
