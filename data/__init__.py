@@ -2,6 +2,8 @@
 
 Nothing is imported here (no import-time work); import the modules you need:
 
+- ``data.schema``    the unified record schema's names (``RECORD_TYPES``, ``ROLES``, ``FORMATS``) and ``json_type``,
+                     shared by sources, formats and records
 - ``data.sources``   data files -> raw records, streamed: ``.json``, ``.jsonl``, ``.parquet``, ``save_to_disk``
                      folders (``pyarrow``/``datasets`` imported only for those); ``{"path", "format"}`` paths
 - ``data.formats``   the ecosystem's record formats (messages, ShareGPT, Alpaca, preference, completion),

@@ -60,7 +60,8 @@ from data.errors import DataError, Problem
 from data.hashing import file_sha256
 from data.chat_template import TEMPLATES, make_template
 from data.packing import OVERFLOW_POLICIES, SampleWriter, Samples, fit_length, pack as pack_rows, rows_to_arrays
-from data.records import RECORD_TYPES, PathsArg, Record, RecordStream, expand_sources
+from data.records import PathsArg, Record, RecordStream, expand_sources
+from data.schema import RECORD_TYPES
 from data.split import eval_split, split_shares
 from data.templates import TEMPLATE_VERSION, response_side
 from data.tokenize import choose_pad, special_token_check, tokenize_for_cut, tokenize_records

@@ -21,9 +21,9 @@ from typing import List, Optional
 
 from data.chat_template import TEMPLATES
 from data.errors import DataError, TokenizerError
-from data.formats import FORMATS
 from data.packing import OVERFLOW_POLICIES
 from data.records import load_records
+from data.schema import FORMATS
 
 
 def _parser() -> argparse.ArgumentParser:
