@@ -18,7 +18,8 @@ Nothing is imported here (no import-time work); import the modules you need:
                      the pad token (``choose_pad``, never EOS)
 - ``data.packing``   right-truncate/drop over-long samples, pack into ``max_seq_len`` rows
 - ``data.truncate``  left cut of pairwise/ranked/prompt context (answers keep their EOS), pretrain chunks
-- ``data.dataset``   ``build_dataset`` (the one builder) and the torch Datasets it returns
+- ``data.dataset``   ``build_dataset`` (the one builder)
+- ``data.batching``  the torch Datasets it returns (item shapes) and every collate (items -> micro-batch)
 - ``data.cache``     on-disk cache of built datasets, one builder per node (file lock); the key
                      covers the data code (``data_code_version``)
 - ``data.hashing``   ``file_sha256(path)``: the one file-hash helper

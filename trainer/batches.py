@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from data.batching import collate
 from data.errors import DataError
 from data.sampler import ResumableSampler
 from trainer.engine.distributed import broadcast_object
@@ -80,12 +81,6 @@ class GlobalBatches:
     @property
     def epoch(self) -> int:
         return self.sampler.epoch
-
-
-def collate(items: list) -> tuple:
-    """[(inputs tuple of [T], labels [T])] -> (inputs tuple of [B,T], labels [B,T])."""
-    inputs = tuple(torch.stack([it[0][k] for it in items]) for k in range(len(items[0][0])))
-    return inputs, torch.stack([it[1] for it in items])
 
 
 def with_normaliser(micro_batches: list, n_global: int, scale: float) -> Iterator:

@@ -419,7 +419,8 @@ def resume_ema(ema, resume_from, topo) -> None:
 def load_ptx_batches(cfg, opts, tokenizer, topo):
     """Collective: GlobalBatches of the ptx records on the data stages (None elsewhere); rows at the
     rollout width S, so the pipeline's activation shapes stay the same."""
-    from trainer.batches import collate, load_data
+    from data.batching import collate
+    from trainer.batches import load_data
 
     ptx_cfg = dataclasses.replace(cfg, data_path=opts.ptx_data_path, max_seq_len=cfg.max_seq_len + opts.max_new_tokens,
                                   eval_fraction=0.0, eval_data_path=None, data_split=None, split_index=0, pack=False)

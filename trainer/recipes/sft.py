@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
+from data.batching import collate
 from models.heads import set_defer_logits
-from trainer.batches import collate, eval_batches, load_data, with_normaliser
+from trainer.batches import eval_batches, load_data, with_normaliser
 from trainer.engine import checkpoint
 from trainer.engine.build import build_engine
 from trainer.engine.distributed import all_reduce_sum
