@@ -246,7 +246,8 @@ def _value_head_checkpoint(out: Path, model_type: str, tokenizer_dir: Path, spec
 def test_value_head_export_scores_like_the_pipeline_when_source_pads_with_eos(tmp_path, model_type, tokenizer, explicit):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from data.dataset import build_dataset, collate_pairs
+    from data.batching import collate_pairs
+    from data.dataset import build_dataset
     from data_fixtures import LLAMA3_RESERVED, llama3_style_tokenizer
 
     if tokenizer == "llama3-style":

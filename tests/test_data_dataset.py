@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from data import cache as cache_mod
-from data.dataset import build_dataset, collate_pairs
+from data.batching import collate_pairs
+from data.dataset import build_dataset
 from data.errors import DataError
 from data.split import eval_split, split_shares
 from data.tokenize import pad_token_id

@@ -23,11 +23,12 @@ import torch.nn.functional as F
 from conftest import REPO
 from conftest import launch_ranks as launch
 
+from data.batching import collate_dpo
 from trainer.config import ConfigError
-
-from trainer.recipes import load_config, validate_config as validate
+from trainer.recipes import load_config
+from trainer.recipes import validate_config as validate
 from trainer.rl.dpo import DPOLoss, DPOOptions, metrics_from_stats, pair_stats, pair_terms, sequence_logps
-from trainer.rl.reference_logps import WithReference, checkpoint_fingerprint, collate_dpo
+from trainer.rl.reference_logps import WithReference, checkpoint_fingerprint
 
 PREFS = str(REPO / "data" / "samples" / "preferences.jsonl")
 SEQ = 64
@@ -285,7 +286,8 @@ def hf_dpo_reference(policy_dir, ref_dir, tok_dir, run: dict, steps: int = 3):
     of the step), AdamW with the same decay groups, gradient clipping 1.0 (DeepSpeed's default)."""
     from transformers import AutoTokenizer
 
-    from data.dataset import build_dataset, collate_pairs
+    from data.batching import collate_pairs
+    from data.dataset import build_dataset
     from trainer.batches import GlobalBatches
     from trainer.config import DEFAULT_NO_DECAY
 
@@ -454,7 +456,8 @@ def test_export_loads_in_hf_and_scores_the_eval_pairs_as_the_pipeline_did(runs, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from convert.pp_to_hg import pp_to_hg
-    from data.dataset import build_dataset, collate_pairs
+    from data.batching import collate_pairs
+    from data.dataset import build_dataset
 
     runs, _, _ = runs
     hf_dir, _, _, _ = model_dirs

@@ -34,7 +34,8 @@ def test_pairwise_loss_is_mean_negative_logsigmoid_of_score_margin():
 def test_margins_travel_from_records_to_batches(tmp_path):
     from transformers import AutoTokenizer
 
-    from data.dataset import build_dataset, collate_pairs
+    from data.batching import collate_pairs
+    from data.dataset import build_dataset
     from data.errors import DataError
 
     records = [{"type": "pairwise", "prompt": "Pick one.", "chosen": "Yes.", "rejected": "No.", "margin": m}

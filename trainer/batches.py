@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from data.batching import collate as collate_rows
 from data.errors import DataError
 from data.sampler import ResumableSampler
 from trainer.engine.distributed import broadcast_object
@@ -38,7 +39,7 @@ class GlobalBatches:
 
     def __init__(self, dataset, micro_batch: int, grad_accum: int, dp_rank: int, dp_size: int, seed: int, collate=None):
         self.dataset, self.micro_batch, self.grad_accum = dataset, micro_batch, grad_accum
-        self.collate = collate or globals()["collate"]
+        self.collate = collate or collate_rows
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.rows_per_step = micro_batch * grad_accum  # per data-parallel rank
         self.sampler = ResumableSampler(len(dataset), dp_rank, dp_size, seed=seed, shuffle=True, drop_last=True)
@@ -80,12 +81,6 @@ class GlobalBatches:
     @property
     def epoch(self) -> int:
         return self.sampler.epoch
-
-
-def collate(items: list) -> tuple:
-    """[(inputs tuple of [T], labels [T])] -> (inputs tuple of [B,T], labels [B,T])."""
-    inputs = tuple(torch.stack([it[0][k] for it in items]) for k in range(len(items[0][0])))
-    return inputs, torch.stack([it[1] for it in items])
 
 
 def token_scale(n_global: float, accum_x_replicas: float) -> torch.Tensor:
@@ -145,7 +140,7 @@ def eval_batches(dataset, micro_batch: int, grad_accum: int, dp_rank: int, dp_si
                     items.append((inputs, torch.full_like(labels, -100)))
                 else:
                     items.append(dataset[i])
-            micro.append(collate(items))
+            micro.append(collate_rows(items))
         yield micro, n_global
 
 

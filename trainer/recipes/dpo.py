@@ -1,7 +1,7 @@
 """Direct preference optimisation (DPO, and its IPO / cDPO / SimPO / RPO variants) on the pipeline engine.
 
 Data: `pairwise` records; each micro-batch holds both sides of its pairs (B pairs -> 2B rows, the B
-chosen rows first, `data.dataset.collate_pairs`). The last stage sums each row's answer-token
+chosen rows first, `data.batching.collate_pairs`). The last stage sums each row's answer-token
 log-probs and computes the loss of `loss_type` (`trainer.rl.dpo` has the formulas) against the
 reference's log-probs, which were computed once before training (`trainer.rl.reference_logps`) and reach
 the last stage through the labels tuple: (answer labels int64[2B,T], reference log-probs float64[2B],
@@ -30,7 +30,7 @@ files, so an SFT stage that trains further invalidates it. Export: pp_to_hg of t
 """
 import torch
 
-from data.dataset import collate_pairs
+from data.batching import collate_dpo, collate_pairs
 from models.heads import set_defer_logits
 from trainer.batches import GlobalBatches, forward_eval_rows, n_target_tokens, token_scale
 from trainer.engine import checkpoint
@@ -40,7 +40,7 @@ from trainer.engine.plan import plan_model
 from trainer.metrics import write_events
 from trainer.recipes.common import finish, prepare, start, train_step
 from trainer.rl.dpo import STAT_FIELDS, DPOLoss, eval_pair_stats, metrics_from_stats
-from trainer.rl.reference_logps import ReferenceLogps, WithReference, collate_dpo, frozen_reference_engine
+from trainer.rl.reference_logps import ReferenceLogps, WithReference, frozen_reference_engine
 
 
 def run(cfg, topo, device_name: str) -> dict:

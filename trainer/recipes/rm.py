@@ -4,7 +4,7 @@ The last pipe layer is a scalar value head (hidden -> 1) on the final norm's out
 score is the value at its last real token (`models.heads.last_token_index`, the answer's EOS).
 
 Data: `pairwise` records and `ranked` records (K >= 2 responses, best first), built with
-kind="ranked" (`data.dataset.RankedDataset`, `collate_ranked`). Every micro-batch holds B records
+kind="ranked" (`data.batching.RankedDataset`, `collate_ranked`). Every micro-batch holds B records
 (train_micro_batch_size_per_gpu) and all their responses, response-major: row k*B + b is response k
 of record b, so each response is forwarded once per step, not once per pair. The pipeline needs the
 same row count in every micro-batch, so every record has K rows, K the most responses of any record
@@ -31,7 +31,7 @@ training loss (mean over records of the mean over their pairs).
 import torch
 import torch.nn.functional as F
 
-from data.dataset import collate_ranked
+from data.batching import collate_ranked
 from models.heads import last_token_index, sequence_scores
 from trainer.batches import forward_eval_rows
 from trainer.engine import checkpoint

@@ -6,8 +6,9 @@ end of turn; every token of pretrain records), the mean over the global batch's 
 """
 import torch
 
+from data.batching import collate
 from models.heads import set_defer_logits
-from trainer.batches import collate, eval_batches, with_normaliser
+from trainer.batches import eval_batches, with_normaliser
 from trainer.engine import checkpoint
 from trainer.engine.build import build_engine
 from trainer.engine.distributed import all_reduce_sum

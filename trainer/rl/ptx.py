@@ -3,7 +3,8 @@ ptx_data_path with loss ptx_coef x the token-mean LM loss, at the rollout width 
 activation shapes stay the same (DeepSpeed-Chat's unsupervised step; the schedulers count it)."""
 import dataclasses
 
-from trainer.batches import collate, load_data, with_normaliser
+from data.batching import collate
+from trainer.batches import load_data, with_normaliser
 from trainer.losses import global_token_mean_loss
 
 

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
-from data.dataset import collate_pairs
+from data.batching import collate_pairs
 from models.pipe_dir import find_layer_files, resolve_checkpoint_dir
 from trainer.batches import forward_eval_rows
 from trainer.engine.distributed import all_reduce_sum, broadcast_object
@@ -194,7 +194,8 @@ def frozen_reference_engine(cfg, plan, topo):
 # Feeding them to the last stage, each pair with its own values.
 
 class WithReference(Dataset):
-    """A PairwiseDataset whose items also carry the pair's reference log-probs float64[2] (chosen, rejected)."""
+    """A PairwiseDataset whose items also carry the pair's reference log-probs float64[2] (chosen, rejected);
+    collated by `data.batching.collate_dpo`."""
 
     def __init__(self, pairs, ref_logps: torch.Tensor):
         assert len(pairs) == len(ref_logps), (len(pairs), len(ref_logps))
@@ -206,10 +207,3 @@ class WithReference(Dataset):
     def __getitem__(self, i: int):
         inputs, labels, margin = self.pairs[i]
         return inputs, labels, margin, self.ref_logps[i]
-
-
-def collate_dpo(items: list) -> tuple:
-    """B WithReference items -> ((input_ids [2B,T], attention_mask [2B,T]), labels [2B,T], ref float64[2B]);
-    chosen rows first. A record's `margin` (an RM field) is not used by DPO."""
-    inputs, labels, _ = collate_pairs([it[:3] for it in items])
-    return inputs, labels, torch.stack([it[3] for it in items]).t().reshape(-1)
