@@ -162,3 +162,8 @@ class StepMeter:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def format_number(x) -> str:
+    """A number for a summary line: 4 significant digits; "n/a" when there is none."""
+    return "n/a" if x is None else f"{x:.4g}"

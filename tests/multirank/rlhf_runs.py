@@ -18,7 +18,7 @@ def main() -> int:
 
     import torch
 
-    import rlhf
+    from trainer import chain
     from trainer.engine.checkpoint import KILL_DURING_SAVE_ENV
     from trainer.engine.distributed import finish, world
 
@@ -30,7 +30,7 @@ def main() -> int:
     for i, path in enumerate(args.config):
         if args.kill_last_at_step is not None and i == len(args.config) - 1:
             os.environ[KILL_DURING_SAVE_ENV] = str(args.kill_last_at_step)
-        status = rlhf.run_chain(rlhf.load_steps(path, world_size), rank, world_size, "cpu")
+        status = chain.run_chain(chain.load_steps(path, world_size), rank, world_size, "cpu")
         if status:
             return status
     finish()

@@ -5,6 +5,19 @@ A recipe module has one entry function, `run(cfg, topo, device_name)`, that show
 to bottom, owns its loop and returns its summary dict. Its options class (a trainer.config.RecipeOptions)
 declares the top-level config keys the recipe owns, their defaults and their checks; the validated
 options are `cfg.options`. The shared keys are trainer/config.py's.
+
+The RLHF chain (trainer/chain.py, rlhf.py) runs recipes one after another and asks each recipe's module
+(`recipe_module(stage)`) what its step leaves and reports, through small functions at the module's end:
+
+    exports(cfg) -> [(pipeline checkpoint, HF folder)]   what the chain converts with pp_to_hg after
+                                                          the step (PPO: the actor, the critic, the EMA)
+    state_result(summary) -> dict     what rlhf_state.json keeps of run()'s summary besides the steps,
+                                      the first/last train loss and the last eval (PPO: its reward curve)
+    headline(result, cfg) -> dict     the step's numbers in summary.json, from that kept result
+    headline_text(headline) -> str    the same as one line of the printed summary (summary.txt)
+    write_plots(result, headline)     optional: files the headline names (PPO's reward curve)
+
+A recipe that a chain runs defines all but the optional one; chain.py names no recipe in its logic.
 """
 import importlib
 from typing import Optional
@@ -30,11 +43,16 @@ def options_classes() -> dict:
     return out
 
 
-def get_recipe(name: str):
-    """The `run` function of recipe `name` (config "stage")."""
+def recipe_module(name: str):
+    """The module of recipe `name` (config "stage"): its run() and the chain's hooks."""
     if name not in RECIPES:
         raise ValueError(f"unknown stage {name!r}; use one of {sorted(RECIPES)}")
-    return importlib.import_module(RECIPES[name][0]).run
+    return importlib.import_module(RECIPES[name][0])
+
+
+def get_recipe(name: str):
+    """The `run` function of recipe `name` (config "stage")."""
+    return recipe_module(name).run
 
 
 def validate_config(raw: dict, path: str = "<config>", world_size: Optional[int] = None,
@@ -49,4 +67,4 @@ def load_config(path: str, world_size: Optional[int] = None, device_supports_fp1
     return validate_config(read_config_json(path), path, world_size, device_supports_fp16)
 
 
-__all__ = ["RECIPES", "ConfigError", "get_recipe", "load_config", "options_classes", "validate_config"]
+__all__ = ["RECIPES", "ConfigError", "get_recipe", "load_config", "options_classes", "recipe_module", "validate_config"]

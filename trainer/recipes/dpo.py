@@ -28,6 +28,8 @@ built per call; tests/multirank/train_runs.py runs recipes in sequence that way)
 stage (a finished stage trains no step); the reference cache is keyed by the SFT checkpoint's layer
 files, so an SFT stage that trains further invalidates it. Export: pp_to_hg of the DPO save_path.
 """
+from pathlib import Path
+
 import torch
 
 from data.batching import collate_dpo, collate_pairs
@@ -131,3 +133,29 @@ class ChosenTokenBatches(GlobalBatches):
         if index not in self._n_targets:
             self._n_targets[index] = n_target_tokens(self.dataset[index][1][0])
         return self._n_targets[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# The RLHF chain's hooks (listed in trainer/recipes/__init__.py; trainer/chain.py calls them).
+
+def exports(cfg) -> list[tuple[Path, Path]]:
+    """The policy -> save_path/hf (*ForCausalLM)."""
+    save = Path(cfg.save_path)
+    return [(save, save / "hf")]
+
+
+def state_result(summary: dict) -> dict:
+    """The last train metrics (rewards/..., logps/...)."""
+    return {"train_last": summary["train_metrics"][-1][1]} if summary.get("train_metrics") else {}
+
+
+def headline(result: dict, cfg) -> dict:
+    evals = result.get("eval") or {}
+    return {f"eval_{k}": evals.get(k) for k in ("rewards/accuracies", "rewards/margins", "loss")}
+
+
+def headline_text(numbers: dict) -> str:
+    from trainer.metrics import format_number as fmt
+
+    return (f"eval rewards/accuracies {fmt(numbers['eval_rewards/accuracies'])}, "
+            f"rewards/margins {fmt(numbers['eval_rewards/margins'])}")

@@ -262,3 +262,62 @@ def save(actor, cfg, state, sampler, companions: dict, train_metrics: list, ptx,
     extra = {"train_metrics": train_metrics,
              "ptx_data": broadcast_object(ptx.state_dict() if ptx is not None and topo.rank == 0 else None)}
     checkpoint.save_training(actor, cfg.save_path, state, sampler, cfg.keep_last, companions, extra_state=extra)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The RLHF chain's hooks (listed in trainer/recipes/__init__.py; trainer/chain.py calls them).
+
+REWARD_CURVE = "reward_curve.png"  # in save_path, drawn by the chain from the state file's curve
+
+
+def exports(cfg) -> list[tuple[Path, Path]]:
+    """The actor -> save_path/hf (*ForCausalLM), the critic -> critic_hf (*ForSequenceClassification),
+    with ema_decay the actor's EMA -> ema_hf."""
+    save = Path(cfg.save_path)
+    pairs = [(save, save / "hf"), (save / CRITIC_DIR, save / f"{CRITIC_DIR}_hf")]
+    if cfg.options.ema_decay:
+        pairs.append((save / EMA_DIR, save / f"{EMA_DIR}_hf"))
+    return pairs
+
+
+def state_result(summary: dict) -> dict:
+    """The reward curve [[step, reward_mean, score_mean, kl]]."""
+    return {"curve": [[s, m["PPO/reward_mean"], m["PPO/score_mean"], m["PPO/kl"]] for s, m in summary["train_metrics"]]}
+
+
+def headline(result: dict, cfg) -> dict:
+    return {**reward_trend(result["curve"]), "reward_curve": str(Path(cfg.save_path) / REWARD_CURVE)}
+
+
+def reward_trend(curve: list) -> dict:
+    """PPO's start and end: means over the first and the last `window` steps (a quarter of the run,
+    1 to 5 steps: one rollout's mean is noisy)."""
+    window = max(1, min(5, len(curve) // 4))
+    first, last = curve[:window], curve[-window:]
+
+    def mean(rows: list, column: int):
+        return sum(r[column] for r in rows) / len(rows) if rows else None
+
+    return {"window": window, "reward_start": mean(first, 1), "reward_end": mean(last, 1),
+            "score_start": mean(first, 2), "score_end": mean(last, 2), "kl_end": mean(last, 3)}
+
+
+def headline_text(numbers: dict) -> str:
+    from trainer.metrics import format_number as fmt
+
+    s = numbers
+    return (f"reward {fmt(s['reward_start'])} -> {fmt(s['reward_end'])} (means of the first / last {s['window']} "
+            f"steps; RM score {fmt(s['score_start'])} -> {fmt(s['score_end'])}), KL {fmt(s['kl_end'])}; "
+            f"curve {s['reward_curve']}")
+
+
+def write_plots(result: dict, numbers: dict) -> None:
+    """The reward curve (reward, raw RM score, KL per step) where the headline names it."""
+    from trainer.metrics import write_metric_curves
+
+    curve = result["curve"]
+    write_metric_curves(numbers["reward_curve"], {"PPO/reward_mean": [(s, r) for s, r, _, _ in curve],
+                                                  "PPO/score_mean (raw RM)": [(s, c) for s, _, c, _ in curve],
+                                                  "PPO/kl": [(s, k) for s, _, _, k in curve]},
+                        "PPO step", "per answer (mean over the rollout)", "PPO reward")

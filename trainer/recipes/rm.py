@@ -28,6 +28,8 @@ training loss (mean over records of the mean over their pairs).
 
     deepspeed train_ds.py --config configs/ds_config_rm.json      ("stage": "rm")
 """
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -188,3 +190,29 @@ def evaluate(engine, cfg, data, topo) -> dict:
     n_pairs, n_records = max(sums[0].item(), 1.0), max(sums[5].item(), 1.0)
     return {"loss": sums[4].item() / n_records, "accuracy": sums[1].item() / n_pairs,
             "chosen_score": sums[2].item() / n_pairs, "rejected_score": sums[3].item() / n_pairs}
+
+
+# ---------------------------------------------------------------------------------------------
+# The RLHF chain's hooks (listed in trainer/recipes/__init__.py; trainer/chain.py calls them).
+
+def exports(cfg) -> list[tuple[Path, Path]]:
+    """The reward model -> save_path/hf (*ForSequenceClassification)."""
+    save = Path(cfg.save_path)
+    return [(save, save / "hf")]
+
+
+def state_result(summary: dict) -> dict:
+    return {}
+
+
+def headline(result: dict, cfg) -> dict:
+    evals = result.get("eval") or {}
+    return {"eval_accuracy": evals.get("accuracy"), "eval_chosen_score": evals.get("chosen_score"),
+            "eval_rejected_score": evals.get("rejected_score")}
+
+
+def headline_text(numbers: dict) -> str:
+    from trainer.metrics import format_number as fmt
+
+    return (f"eval accuracy {fmt(numbers['eval_accuracy'])} (chosen score {fmt(numbers['eval_chosen_score'])}, "
+            f"rejected {fmt(numbers['eval_rejected_score'])})")

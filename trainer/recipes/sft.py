@@ -4,6 +4,8 @@ end of turn; every token of pretrain records), the mean over the global batch's 
 
     deepspeed train_ds.py --config configs/ds_config_pp.json      ("stage": "sft", the default)
 """
+from pathlib import Path
+
 import torch
 
 from data.batching import collate
@@ -64,3 +66,27 @@ def evaluate(engine, cfg, data, topo) -> dict:
     sums = all_reduce_sum(sums)
     loss = sums[0].item() / max(sums[1].item(), 1.0)
     return {"loss": loss, "perplexity": perplexity(loss)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The RLHF chain's hooks (listed in trainer/recipes/__init__.py; trainer/chain.py calls them).
+
+def exports(cfg) -> list[tuple[Path, Path]]:
+    """The trained model -> save_path/hf (*ForCausalLM)."""
+    save = Path(cfg.save_path)
+    return [(save, save / "hf")]
+
+
+def state_result(summary: dict) -> dict:
+    return {}
+
+
+def headline(result: dict, cfg) -> dict:
+    evals = result.get("eval") or {}
+    return {"eval_loss": evals.get("loss"), "eval_perplexity": evals.get("perplexity")}
+
+
+def headline_text(numbers: dict) -> str:
+    from trainer.metrics import format_number as fmt
+
+    return f"eval loss {fmt(numbers['eval_loss'])} (perplexity {fmt(numbers['eval_perplexity'])})"
