@@ -262,7 +262,7 @@ def git_commit() -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    here = str(Path(__file__).resolve().parent)  # bench/data.py would shadow the `data` package
+    here = str(Path(__file__).resolve().parent)  # bench/data_pipeline.py would shadow the `data` package
     sys.path[:] = [str(REPO)] + [p for p in sys.path if p not in (str(REPO), here) and Path(p or ".").resolve() != Path(here)]
     if args.worker:
         return worker(Path(args.worker))

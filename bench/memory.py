@@ -71,15 +71,15 @@ def worker(work: Path) -> int:
 
     from models.heads import set_defer_logits
     from trainer.batches import with_normaliser
-    from trainer.recipes import validate_config as validate
     from trainer.engine.build import build_engine, build_pipeline_module, init_from_scratch
     from trainer.engine.distributed import finish, world
     from trainer.engine.forward_only import forward_only
     from trainer.engine.plan import plan_model
     from trainer.engine.topology import Topology
     from trainer.losses import global_token_mean_loss
+    from trainer.recipes import validate_config as validate
     from trainer.rl.ppo_losses import reduce_token_logps
-    from trainer.rl.reference_logps import frozen_ds_config
+    from trainer.engine.build import frozen_ds_config
 
     rank, world_size, _ = world()
     accel = get_accelerator()
@@ -93,7 +93,7 @@ def worker(work: Path) -> int:
     topo = Topology.from_config(cfg, rank, world_size)
     on_gpu = accel.device_name() == "cuda"
     before = torch.cuda.memory_allocated() if on_gpu else current_rss()
-    if frozen:  # as trainer.rl.reference_logps.frozen_reference_engine builds PPO's reference (seeded weights here)
+    if frozen:  # as trainer.engine.build.frozen_engine builds PPO's reference (seeded weights here)
         import deepspeed
 
         module = build_pipeline_module(plan, topo)
@@ -136,7 +136,7 @@ def worker(work: Path) -> int:
 
 
 def main(argv=None) -> int:
-    # bench/data.py would shadow the data package: the repository root, not bench/, goes first.
+    # bench/data_pipeline.py would shadow the data package: the repository root, not bench/, goes first.
     here = str(Path(__file__).resolve().parent)
     sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != Path(here)]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -272,11 +272,11 @@ def worker(work: Path) -> int:
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     try:
         from trainer.batches import with_normaliser
-        from trainer.recipes import validate_config as validate
         from trainer.engine.build import build_engine
         from trainer.engine.plan import plan_model
         from trainer.engine.topology import Topology
         from trainer.losses import global_token_mean_loss
+        from trainer.recipes import validate_config as validate
 
         cfg = validate(pipeline_config(settings, work), str(work / "settings.json"), world_size=world_size,
                        device_supports_fp16=accel.is_fp16_supported())

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from inference.errors import InferenceError
-from inference.generation import ChatModel, Reply
+from inference.hf_chat import ChatModel, Reply
 from inference.inputs import Item
 
 
@@ -114,7 +114,7 @@ def load_pipeline_module(model_path, n_stages: int, dtype: str = "auto", device:
 
 
 class PipelineChat:
-    """`inference.generation.ChatModel`'s interface (prompt_ids, check_fits, generate -> Reply) over the
+    """`inference.hf_chat.ChatModel`'s interface (prompt_ids, check_fits, generate -> Reply) over the
     pipelined generator, so demo's single-prompt and chat code runs unchanged. Collective: every rank
     calls `generate` with the same prompt (the REPL shares each line from rank 0)."""
 

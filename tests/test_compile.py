@@ -1,9 +1,9 @@
 """`compile`: torch.compile of each block gives the same loss and gradients as eager; config checks."""
 import pytest
 import torch
+from conftest import REPO
 from transformers import AutoConfig
 
-from conftest import REPO
 from models.pipeline import SequentialPipe, build_layers, prepare_config
 from models.registry import get_architecture
 from trainer.config import ConfigError

@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from data_fixtures import MIXED, ROOT, load_tokenizer, tok, write_json, write_jsonl  # noqa: F401 (tok: a fixture)
 
 from data.dataset import build_dataset
 from data.errors import DataError
 from data.records import RecordStream, load_records
-from data_fixtures import MIXED, ROOT, load_tokenizer, tok, write_json, write_jsonl  # noqa: F401 (tok: a fixture)
 
 T = 96
 

@@ -216,7 +216,7 @@ def training_save_path(pp, save_path, template):
 
 def demo_chat(model_path):
     import demo
-    from inference.generation import ChatModel
+    from inference.hf_chat import ChatModel
     from inference.loading import context_length, load_model
 
     args = demo.build_parser().parse_args(["--model-path", str(model_path), "--greedy", "--max-new-tokens", "4"])

@@ -10,9 +10,9 @@ from transformers import AutoConfig
 
 from models.pipeline import build_layers, prepare_config
 from models.registry import get_architecture
-from trainer.recipes import validate_config as validate
 from trainer.engine.auto_parts import AutoPartsError, auto_parts, layer_costs, stage_report
 from trainer.engine.memory import memory_settings, optimizer_state_bytes, stage_memory
+from trainer.recipes import validate_config as validate
 
 
 def saved_activation_bytes(layer, inputs) -> int:

@@ -7,8 +7,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from models.pipeline import (
-    SequentialPipe, build_layer_specs, build_layers, hf_key_to_pipe, layer_key_rules, normalise_hf_keys,
-    pipe_layer_names, prepare_config,
+    SequentialPipe,
+    build_layer_specs,
+    build_layers,
+    hf_key_to_pipe,
+    layer_key_rules,
+    normalise_hf_keys,
+    pipe_layer_names,
+    prepare_config,
 )
 from models.registry import UnsupportedModelError, get_architecture
 

@@ -24,8 +24,8 @@ from conftest import REPO
 from convert.errors import ConversionError
 from convert.hg_to_pp import hg_to_pp
 from convert.pp_to_hg import pp_to_hg
-from trainer.recipes import validate_config as validate
 from trainer.engine.preflight import judge
+from trainer.recipes import validate_config as validate
 
 
 def free_port() -> int:

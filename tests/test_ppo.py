@@ -22,8 +22,8 @@ from conftest import REPO
 from conftest import launch_ranks as launch
 
 from trainer.config import ConfigError
-
-from trainer.recipes import load_config, validate_config as validate
+from trainer.recipes import load_config
+from trainer.recipes import validate_config as validate
 from trainer.rl.ppo_losses import ACTOR_STATS, ActorLoss, CriticLoss
 from trainer.rl.ppo_options import PPOOptions
 from trainer.rl.rollout import PromptSampler, fixed_width_rollout

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
 from conftest import launch_ranks as launch
+
 from trainer import chain
 from trainer.config import ConfigError
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO, launch_ranks
+
 from convert.hg_to_pp import hg_to_pp
 from convert.pp_to_hg import pp_to_hg
 from models.heads import last_token_index, sequence_scores

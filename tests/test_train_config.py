@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from trainer.config import ConfigError
-
-from trainer.recipes import load_config, validate_config as validate
 from trainer.engine.auto_parts import auto_parts, layer_costs
 from trainer.engine.partition import PartitionError, boundaries_from_parts
+from trainer.recipes import load_config
+from trainer.recipes import validate_config as validate
 
 REPO = Path(__file__).resolve().parent.parent
 

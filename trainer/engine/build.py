@@ -4,7 +4,9 @@ Order matters: layers are built, weights are loaded strictly from the model path
 `load_state_dir`), and only then is `deepspeed.initialize` called. Loading after initialize is
 silently undone in bf16: the optimizer's fp32 master weights overwrite the module at the first step.
 """
+import contextlib
 import copy
+import gc
 import logging
 
 import torch
@@ -166,3 +168,29 @@ def fill_scheduler_steps(ds_config: dict, total_steps: int) -> None:
         params = sched.setdefault("params", {})
         params.setdefault("total_num_steps", max(total_steps, 1))
         params["warmup_num_steps"] = min(params.get("warmup_num_steps", 0), max(total_steps - 1, 0))
+
+
+def frozen_ds_config(cfg) -> dict:
+    """DeepSpeed config of a frozen, forward-only engine: the batch keys and precision only."""
+    keep = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "bfloat16",
+            "fp16", "steps_per_print")
+    return {k: v for k, v in cfg.ds_config.items() if k in keep}
+
+
+@contextlib.contextmanager
+def frozen_engine(cfg, plan, topo):
+    """Collective: a forward-only pipeline engine of `plan` (weights from plan.model_path, no
+    optimizer, no gradients), freed on exit: DPO's reference, PPO's reference and reward model."""
+    import deepspeed
+
+    module = build_pipeline_module(plan, topo)
+    load_weights(module, plan, cfg.seed)
+    module.requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=frozen_ds_config(cfg))
+    try:
+        yield engine
+    finally:
+        del engine, module
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -36,13 +36,13 @@ from data.batching import collate_dpo, collate_pairs
 from models.heads import set_defer_logits
 from trainer.batches import GlobalBatches, forward_eval_rows, n_target_tokens, token_scale
 from trainer.engine import checkpoint
-from trainer.engine.build import build_engine
+from trainer.engine.build import build_engine, frozen_engine
 from trainer.engine.distributed import all_reduce_sum, broadcast_object
 from trainer.engine.plan import plan_model
 from trainer.metrics import write_events
 from trainer.recipes.common import finish, prepare, start, train_step
 from trainer.rl.dpo import STAT_FIELDS, DPOLoss, eval_pair_stats, metrics_from_stats
-from trainer.rl.reference_logps import ReferenceLogps, WithReference, frozen_reference_engine
+from trainer.rl.reference_logps import ReferenceLogps, WithReference
 
 
 def run(cfg, topo, device_name: str) -> dict:
@@ -57,7 +57,7 @@ def run(cfg, topo, device_name: str) -> dict:
         ref_plan = plan if opts.ref_path in (None, cfg.model_path) else plan_model(cfg, head="lm", model_path=opts.ref_path)
         ref = ReferenceLogps.lookup(cfg, topo, data, plan, ref_plan, n_train)
         if ref.missing and (job.resume_from or not ref.policy_is_reference):
-            with frozen_reference_engine(cfg, ref_plan, topo) as ref_engine:
+            with frozen_engine(cfg, ref_plan, topo) as ref_engine:
                 ref.compute(ref_engine, cfg, topo, data, n_train, data.n_eval_rows, f"a frozen copy of {ref_plan.model_path}")
     else:
         ref = ReferenceLogps.unused(n_train, data.n_eval_rows)

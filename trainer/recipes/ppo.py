@@ -60,7 +60,7 @@ import torch
 from models.heads import last_token_index, set_defer_logits
 from trainer.batches import build_data_rank0_first, token_scale
 from trainer.engine import checkpoint
-from trainer.engine.build import build_engine, disable_dropout
+from trainer.engine.build import build_engine, disable_dropout, frozen_engine
 from trainer.engine.distributed import all_reduce_sum, broadcast_object
 from trainer.engine.forward_only import forward_only
 from trainer.engine.guards import check_finite_loss
@@ -75,7 +75,6 @@ from trainer.rl.ppo_losses import ActorLoss, CriticLoss, reduce_scores, reduce_t
 from trainer.rl.ppo_metrics import logprob_gap, rollout_sums, step_metrics, whitening_moments
 from trainer.rl.ppo_models import check_models, critic_config, frozen_config, log_plans, model_configs, plan_models
 from trainer.rl.ptx import load_ptx_batches, ptx_step
-from trainer.rl.reference_logps import frozen_reference_engine
 from trainer.rl.rollout import (
     PromptSampler,
     actor_batch,
@@ -134,7 +133,7 @@ def run(cfg, topo, device_name: str) -> dict:
     companions = {CRITIC_DIR: critic, **({EMA_DIR: ema} if ema else {})}
     ptx = load_ptx_batches(cfg, opts, tokenizer, topo) if opts.ptx_coef else None
     frozen_cfg = frozen_config(cfg, opts)
-    with frozen_reference_engine(frozen_cfg, ref_plan, topo) as ref, frozen_reference_engine(frozen_cfg, reward_plan, topo) as reward:
+    with frozen_engine(frozen_cfg, ref_plan, topo) as ref, frozen_engine(frozen_cfg, reward_plan, topo) as reward:
         if topo.rank == 0:
             prepare_save_paths(cfg, actor_plan, critic_plan, ema is not None, pad_id, topo, hosts)
         state = checkpoint.start_or_resume(actor, resume_from, sampler, companions={CRITIC_DIR: critic})

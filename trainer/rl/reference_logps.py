@@ -15,15 +15,13 @@ Where the pass runs:
   - `ref_path` is the policy's starting checkpoint (the default) and the run starts fresh: on the
     policy engine itself, before the first step (`compute`);
   - otherwise (another reference, or a resumed run whose cache is gone): on a frozen reference
-    engine (`frozen_reference_engine`: no optimizer, freed before the policy engine is built), so a
+    engine (`frozen_engine`: no optimizer, freed before the policy engine is built), so a
     resumed run never scores the reference with its partially trained policy.
 
 Every rank ends up with the values (the last stage of each data-parallel replica scores its share of
 the rows, `batches.eval_row_indices`; one all-reduce); the first process of each node writes the file
 (node-local cache folders work), atomically.
 """
-import contextlib
-import gc
 import hashlib
 import json
 import logging
@@ -160,34 +158,6 @@ def score_pairs(engine, pairs, n_rows: int, cfg, topo) -> torch.Tensor:
 def _row_logps(logits, labels):
     answer_labels, indices = labels  # DeepSpeed moved both to the device
     return sequence_logps(logits, answer_labels)[0].double().cpu(), indices.cpu()
-
-
-def frozen_ds_config(cfg) -> dict:
-    """DeepSpeed config of a frozen, forward-only engine: the batch keys and precision only."""
-    keep = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "bfloat16",
-            "fp16", "steps_per_print")
-    return {k: v for k, v in cfg.ds_config.items() if k in keep}
-
-
-@contextlib.contextmanager
-def frozen_reference_engine(cfg, plan, topo):
-    """Collective: a forward-only pipeline engine of `plan` (weights from plan.model_path, no
-    optimizer, no gradients), freed on exit."""
-    import deepspeed
-
-    from trainer.engine.build import build_pipeline_module, load_weights
-
-    module = build_pipeline_module(plan, topo)
-    load_weights(module, plan, cfg.seed)
-    module.requires_grad_(False)
-    engine, _, _, _ = deepspeed.initialize(model=module, config=frozen_ds_config(cfg))
-    try:
-        yield engine
-    finally:
-        del engine, module
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------

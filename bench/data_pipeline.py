@@ -1,8 +1,8 @@
 """Data pipeline benchmark: tokenization records/s and packing efficiency on a mixed-length set; peak
 memory of building from a large JSONL file.
 
-    python bench/data.py [--records 20000] [--max-seq-len 1024] [--tokenizer configs/tiny-llama]
-    python bench/data.py --rss-gb 1 [--max-seq-len 1024] [--tokenizer configs/tiny-llama] [--keep]
+    python bench/data_pipeline.py [--records 20000] [--max-seq-len 1024] [--tokenizer configs/tiny-llama]
+    python bench/data_pipeline.py --rss-gb 1 [--max-seq-len 1024] [--tokenizer configs/tiny-llama] [--keep]
 
 Generates a deterministic synthetic record set (every type; lengths log-uniform from a few tokens to
 about max_seq_len), then times build_dataset end to end (validate + render + batched fast tokenization
@@ -152,6 +152,7 @@ def main() -> None:
 
     import torch
     from transformers import AutoTokenizer
+
     from data.dataset import build_dataset
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
