@@ -4,7 +4,7 @@ summary. rlhf.py's docstring is the user's guide (config keys, the folders writt
 
 What a chain is belongs here: which pipelines exist (CHAINS), which key of a step takes which earlier
 step's result (hand_offs). What a step leaves and reports belongs to its recipe: the chain asks the
-recipe module (trainer.recipes.recipe_module) for its exports, what the state file keeps of its
+recipe (trainer.recipes.recipe_hook) for its exports, what the state file keeps of its
 summary, its headline numbers and their line; the registry's docstring lists these hooks.
 """
 import hashlib
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from trainer.config import ConfigError, TrainConfig, read_config_json
 from trainer.launch import Rank, launch, run_recipe
-from trainer.recipes import recipe_module, validate_config
+from trainer.recipes import recipe_hook, validate_config
 
 logger = logging.getLogger("pipetune")
 
@@ -214,7 +214,7 @@ def missing_inputs(steps: list[Step]) -> list[str]:
 
 def export_plan(step: Step) -> list[tuple[Path, Path]]:
     """(pipeline checkpoint, HF folder) pairs: the step's models, as its recipe lists them."""
-    return recipe_module(step.name).exports(step.cfg)
+    return recipe_hook(step.name, "exports")(step.cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,9 +259,7 @@ def run_chain(steps: list[Step], rank: int, world_size: int, device_name: str) -
     if rank == 0:
         summary = chain_summary(steps, state, root)
         for name, headline in summary["steps"].items():  # the files the summary names (PPO's reward curve)
-            write_plots = getattr(recipe_module(name), "write_plots", None)
-            if write_plots is not None:
-                write_plots(state["done"][name]["result"], headline)
+            recipe_hook(name, "write_plots")(state["done"][name]["result"], headline)
         write_json_atomic(root / SUMMARY_FILE, summary)
         text = summary_text(summary, root)
         (root / SUMMARY_TEXT).write_text(text + "\n")
@@ -347,7 +345,7 @@ def step_result(name: str, summary: dict) -> dict:
               "train_loss_last": history[-1][1] if history else None}
     if summary["evals"]:
         result["eval_step"], result["eval"] = summary["evals"][-1]
-    result.update(recipe_module(name).state_result(summary))
+    result.update(recipe_hook(name, "state_result")(summary))
     return result
 
 
@@ -357,7 +355,7 @@ def chain_summary(steps: list[Step], state: dict, root: Path) -> dict:
     for step in steps:
         done = state["done"][step.name]
         line = {"steps": done["result"]["steps"], "seconds": done.get("seconds"), "exports": done["exports"]}
-        line.update(recipe_module(step.name).headline(done["result"], step.cfg))
+        line.update(recipe_hook(step.name, "headline")(done["result"], step.cfg))
         out["steps"][step.name] = line
     return out
 
@@ -367,7 +365,7 @@ def summary_text(summary: dict, root: Path) -> str:
     recipe's words (headline_text)."""
     lines = [f"RLHF summary ({root / SUMMARY_FILE}):"]
     for name, s in summary["steps"].items():
-        text = recipe_module(name).headline_text(s)
+        text = recipe_hook(name, "headline_text")(s)
         seconds = f" in {s['seconds']:.0f} s" if s.get("seconds") is not None else ""
         lines.append(f"  {name:<4} {s['steps']:>4} steps{seconds}: {text}")
         lines.append(f"       exports: {', '.join(s['exports'])}")

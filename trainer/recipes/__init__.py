@@ -17,9 +17,12 @@ The RLHF chain (trainer/chain.py, rlhf.py) runs recipes one after another and as
     headline_text(headline) -> str    the same as one line of the printed summary (summary.txt)
     write_plots(result, headline)     optional: files the headline names (PPO's reward curve)
 
-A recipe that a chain runs defines all but the optional one; chain.py names no recipe in its logic.
+A recipe that a chain runs defines headline and headline_text; exports, state_result and write_plots
+default to `DEFAULT_HOOKS` (the model -> save_path/hf; nothing kept; no plot). chain.py names no recipe
+in its logic and reads every hook through `recipe_hook`.
 """
 import importlib
+from pathlib import Path
 from typing import Optional
 
 from trainer.config import ConfigError, TrainConfig, read_config_json, validate
@@ -50,6 +53,20 @@ def recipe_module(name: str):
     return importlib.import_module(RECIPES[name][0])
 
 
+def default_exports(cfg) -> list:
+    save = Path(cfg.save_path)
+    return [(save, save / "hf")]
+
+
+DEFAULT_HOOKS = {"exports": default_exports, "state_result": lambda summary: {}, "write_plots": lambda result, headline: None}
+
+
+def recipe_hook(name: str, hook: str):
+    """Recipe `name`'s chain hook `hook` (the module docstring lists them), or its default."""
+    module = recipe_module(name)
+    return getattr(module, hook) if hasattr(module, hook) else DEFAULT_HOOKS[hook]
+
+
 def get_recipe(name: str):
     """The `run` function of recipe `name` (config "stage")."""
     return recipe_module(name).run
@@ -67,4 +84,4 @@ def load_config(path: str, world_size: Optional[int] = None, device_supports_fp1
     return validate_config(read_config_json(path), path, world_size, device_supports_fp16)
 
 
-__all__ = ["RECIPES", "ConfigError", "get_recipe", "load_config", "options_classes", "recipe_module", "validate_config"]
+__all__ = ["RECIPES", "ConfigError", "get_recipe", "load_config", "options_classes", "recipe_hook", "recipe_module", "validate_config"]

@@ -28,7 +28,6 @@ built per call; tests/multirank/train_runs.py runs recipes in sequence that way)
 stage (a finished stage trains no step); the reference cache is keyed by the SFT checkpoint's layer
 files, so an SFT stage that trains further invalidates it. Export: pp_to_hg of the DPO save_path.
 """
-from pathlib import Path
 
 import torch
 
@@ -137,12 +136,6 @@ class ChosenTokenBatches(GlobalBatches):
 
 # ---------------------------------------------------------------------------------------------
 # The RLHF chain's hooks (listed in trainer/recipes/__init__.py; trainer/chain.py calls them).
-
-def exports(cfg) -> list[tuple[Path, Path]]:
-    """The policy -> save_path/hf (*ForCausalLM)."""
-    save = Path(cfg.save_path)
-    return [(save, save / "hf")]
-
 
 def state_result(summary: dict) -> dict:
     """The last train metrics (rewards/..., logps/...)."""

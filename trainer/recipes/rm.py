@@ -28,7 +28,6 @@ training loss (mean over records of the mean over their pairs).
 
     deepspeed train_ds.py --config configs/ds_config_rm.json      ("stage": "rm")
 """
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -194,16 +193,6 @@ def evaluate(engine, cfg, data, topo) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # The RLHF chain's hooks (listed in trainer/recipes/__init__.py; trainer/chain.py calls them).
-
-def exports(cfg) -> list[tuple[Path, Path]]:
-    """The reward model -> save_path/hf (*ForSequenceClassification)."""
-    save = Path(cfg.save_path)
-    return [(save, save / "hf")]
-
-
-def state_result(summary: dict) -> dict:
-    return {}
-
 
 def headline(result: dict, cfg) -> dict:
     evals = result.get("eval") or {}

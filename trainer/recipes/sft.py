@@ -4,7 +4,6 @@ end of turn; every token of pretrain records), the mean over the global batch's 
 
     deepspeed train_ds.py --config configs/ds_config_pp.json      ("stage": "sft", the default)
 """
-from pathlib import Path
 
 import torch
 
@@ -70,16 +69,6 @@ def evaluate(engine, cfg, data, topo) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # The RLHF chain's hooks (listed in trainer/recipes/__init__.py; trainer/chain.py calls them).
-
-def exports(cfg) -> list[tuple[Path, Path]]:
-    """The trained model -> save_path/hf (*ForCausalLM)."""
-    save = Path(cfg.save_path)
-    return [(save, save / "hf")]
-
-
-def state_result(summary: dict) -> dict:
-    return {}
-
 
 def headline(result: dict, cfg) -> dict:
     evals = result.get("eval") or {}
