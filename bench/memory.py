@@ -4,7 +4,7 @@
                            [--micro-batches 4] [--steps 3] [--grad-ckpt] [--frozen] [--work-dir DIR]
 
 Launches `--stages` (default 2) ranks with DeepSpeed's launcher; each rank builds a seeded LLaMA of the
-given shape from scratch through the trainer (trainer.config.validate, model_plan.plan_model,
+given shape from scratch through the trainer (trainer.recipes.validate_config, trainer.engine.plan.plan_model,
 engine.build_engine; parts "auto" with no memory limit), records its resident memory just before
 the engine is built, trains `--steps` steps on random tokens (fp32, AdamW) and records its peak.
 Measured = peak RSS (getrusage ru_maxrss) - RSS before the build: the model, its gradients,

@@ -19,7 +19,7 @@ weights and the working set of the micro-batch being processed: one block's acti
 stage's input and output, and on an LM head two fp32 chunks of logits (forward_only's
 deferred_logits: log-probs chunk by chunk); with chunked_loss off, the logits of the two
 micro-batches the pipeline keeps, normalised one fp32 chunk at a time. PPO's four models share
-each device: trainer.recipes.ppo.plan_models fits their "auto" splits together.
+each device: trainer.engine.plan.plan_co_resident fits their "auto" splits together.
 The activation dtype is the training precision's (fp32 on fp32 runs). Not counted: the optimizer
 step's temporaries (torch's foreach AdamW: one parameter-sized buffer), which exist only after the
 backward has freed the activations, and the communication buffers (a few micro-batch activations).

@@ -14,7 +14,7 @@ loss) is the mean over the global batch's chosen answer tokens, normalised as SF
 (`trainer.batches`: sum / N_chosen_global * grad_accum * D).
 
 Metrics: DeepSpeed's train_batch returns only the loss, so the loss_fn also records each micro-batch's
-sums (`dpo_math.pair_stats`) on the last stage; after train_batch they are all-reduced (zeros from
+sums (`trainer.rl.dpo.pair_stats`) on the last stage; after train_batch they are all-reduced (zeros from
 the other stages) into TRL's `rewards/chosen|rejected|margins|accuracies`, `logps/chosen|rejected`,
 written as Train/... and Eval/... through DeepSpeed's monitor and shown on the progress bar.
 
