@@ -61,7 +61,7 @@ def test_actor_loss_is_the_clipped_surrogate_mean_over_the_minibatch_answer_toke
     loss_fn = ActorLoss(opts)
     losses = [loss_fn(logits, (tokens, answer, old, adv, ref, token_scale)).item() for logits, tokens, answer, old, adv, ref in micro]
 
-    total = surrogate = clipped = approx_kl = entropy = 0.0
+    total = surrogate = clipped = approx_kl = entropy = kl_term = 0.0
     for logits, tokens, answer, old, adv, ref in micro:
         for b in range(tokens.shape[0]):
             for t in range(tokens.shape[1]):
@@ -72,13 +72,14 @@ def test_actor_loss_is_the_clipped_surrogate_mean_over_the_minibatch_answer_toke
                 a = float(adv[b, t])
                 term = max(-a * ratio, -a * min(max(ratio, 0.8), 1.2))
                 surrogate += term
-                clipped += abs(ratio - 1) > 0.2
+                clipped += (ratio < 0.8 and a < 0) or (ratio > 1.2 and a > 0)  # the clip is active: no gradient
                 approx_kl += ratio - 1 - math.log(ratio)
                 p = torch.softmax(logits[b, t].double(), 0)
                 h = float(-(p * p.log()).sum())
                 entropy += h
                 d = logp - float(ref[b, t])
                 kl = math.exp(-d) - 1 + d
+                kl_term += 0 if opts.kl_in_reward else kl
                 total += term - opts.entropy_coef * h + (0 if opts.kl_in_reward else opts.kl_coef * kl)
     assert sum(losses) / 2 == pytest.approx(total / n, rel=1e-5, abs=1e-6)
     stats = dict(zip(ACTOR_STATS, loss_fn.take_stats().tolist()))
@@ -87,6 +88,7 @@ def test_actor_loss_is_the_clipped_surrogate_mean_over_the_minibatch_answer_toke
     assert stats["clip_frac"] / n == pytest.approx(clipped / n, abs=1e-6)
     assert stats["approx_kl"] / n == pytest.approx(approx_kl / n, rel=1e-5)
     assert stats["entropy"] / n == pytest.approx(entropy / n, rel=1e-5)
+    assert stats["kl_loss"] / n == pytest.approx(kl_term / n, rel=1e-5, abs=1e-9)
     assert loss_fn.take_stats().abs().sum() == 0
 
 
@@ -186,6 +188,9 @@ def test_ppo_config_defaults_and_validation():
     assert any("ppo.critic.parts has 1 entries" in p for p in problems_of(ppo_raw(ppo={"critic": {"parts": [7]}})))
     assert any("PPO keys, but stage is 'sft'" in p for p in problems_of({**ppo_raw(), "stage": "sft", "model_path": "m"}))
     assert any("DPO keys, but stage is 'ppo'" in p for p in problems_of(ppo_raw(beta=0.2)))
+    k1_loss = problems_of(ppo_raw(ppo={"kl_in_reward": False}))  # k1, the default estimator, as a loss term
+    assert any('"k1" has a zero gradient' in p and '"k2"' in p and '"k3"' in p for p in k1_loss), k1_loss
+    assert problems_of(ppo_raw(ppo={"kl_in_reward": False, "kl_estimator": "k2"})) == []
 
 
 def test_a_prompts_samples_stay_on_one_replica():

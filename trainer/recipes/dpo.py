@@ -35,7 +35,7 @@ from data.batching import collate_dpo, collate_pairs
 from models.heads import set_defer_logits
 from trainer.batches import GlobalBatches, forward_eval_rows, n_target_tokens, token_scale
 from trainer.engine import checkpoint
-from trainer.engine.build import build_engine, frozen_engine
+from trainer.engine.build import build_engine, disable_dropout, frozen_engine
 from trainer.engine.distributed import all_reduce_sum, broadcast_object
 from trainer.engine.plan import plan_model
 from trainer.metrics import write_events
@@ -63,6 +63,8 @@ def run(cfg, topo, device_name: str) -> dict:
     loss_fn = DPOLoss(opts)
     engine = build_engine(cfg, plan, topo, job.total_steps, weights=job.weights(cfg), loss_fn=loss_fn)
     set_defer_logits(engine.module, cfg.chunked_loss)  # log-probs computed with the head chunk by chunk
+    if opts.disable_dropout:  # the reference's log-probs come from an eval-mode forward
+        disable_dropout(engine.module)
     if ref.missing:
         ref.compute(engine, cfg, topo, data, n_train, data.n_eval_rows, "the policy's starting weights")
     batches = None

@@ -36,8 +36,10 @@ Setup (trainer.rl.ppo_models): the four models' configs, their joint "auto" spli
 
 Metrics (trainer.rl.ppo_metrics; rank 0; DeepSpeed's monitor: CSV / TensorBoard / W&B as configured, and the progress bar):
 PPO/reward_mean, PPO/reward_std (per row: sum of its token rewards), PPO/score_mean (the raw RM
-score), PPO/kl (per row: sum of the KL estimate over its answer), PPO/policy_loss, PPO/value_loss,
-PPO/clip_frac, PPO/approx_kl, PPO/entropy (means over the update's answer tokens),
+score), PPO/kl (per row: sum of the KL estimate over its answer), PPO/loss (the actor's whole loss),
+PPO/policy_loss (the clipped surrogate alone), PPO/kl_loss (the KL loss term's estimate, kl_in_reward
+false), PPO/value_loss, PPO/clip_frac (tokens whose clip is active), PPO/approx_kl, PPO/entropy (means
+over the update's answer tokens),
 PPO/response_length, PPO/logprob_gap (max |generation log-prob - training-forward log-prob| over
 the answer tokens: ~1e-6 in fp32, the same weights), PPO/gen_tokens_per_s (answer tokens generated
 / generation seconds), PPO/train_tokens_per_s (real rollout tokens x ppo_epochs / update seconds,
@@ -163,7 +165,7 @@ def run(cfg, topo, device_name: str) -> dict:
             metrics = step_metrics(rollout_stats, all_reduce_sum(actor_loss.take_stats()), losses, logprob_gap(ro, exp),
                                    opts.ppo_epochs, {"generate": t1 - t0, "score": t2 - t1, "train": t3 - t2})
             state.step = step
-            state.history.append([step, metrics["PPO/policy_loss"]])
+            state.history.append([step, metrics["PPO/loss"]])
             train_metrics.append([step, metrics])
             meter.log_metrics(step, metrics, SHOWN)
             if cfg.save_interval and step % cfg.save_interval == 0:

@@ -22,8 +22,9 @@ DeepSpeed's mean over micro-batches and data-parallel ranks is the mean over the
 records, however they are split. With only pairs (K = 2) that is the mean over the global batch's
 pairs, computed by the original pairwise code path (`pairwise_loss`: bit-identical to before).
 
-Eval: accuracy is the fraction of ordered pairs scored in the right order (each pair of a ranking
-counts once), chosen/rejected score the mean score of the better/worse side over pairs, loss the
+Eval: accuracy is the fraction of ordered pairs whose better response scores strictly higher (each
+pair of a ranking counts once; a tie counts as wrong, as DPO's rewards/accuracies, so an untrained
+head that scores everything alike gets 0, not 0.5), chosen/rejected score the mean score of the better/worse side over pairs, loss the
 training loss (mean over records of the mean over their pairs).
 
     deepspeed train_ds.py --config configs/ds_config_rm.json      ("stage": "rm")

@@ -46,11 +46,13 @@ class DPOOptions(RecipeOptions):
       simpo_gamma     (0.5) SimPO's target margin
       sft_coef        (0) weight of the chosen answers' LM loss (RPO), mean over the chosen answer tokens
       ref_path        the reference checkpoint (default: model_path); its log-probs are computed once
-                      before training and cached in cache_dir"""
+                      before training and cached in cache_dir
+      disable_dropout (true) no dropout in the policy while training (TRL's default): the reference's
+                      log-probs are computed without dropout, so the first step's margins are exactly 0"""
     LABEL = "DPO"
-    KEYS = ("beta", "loss_type", "label_smoothing", "simpo_gamma", "sft_coef", "ref_path")
+    KEYS = ("beta", "loss_type", "label_smoothing", "simpo_gamma", "sft_coef", "ref_path", "disable_dropout")
     TYPES = {"beta": (int, float), "loss_type": str, "label_smoothing": (int, float), "simpo_gamma": (int, float),
-             "sft_coef": (int, float), "ref_path": str}
+             "sft_coef": (int, float), "ref_path": str, "disable_dropout": bool}
 
     loss_type: str = "sigmoid"
     beta: float = 0.1
@@ -58,6 +60,7 @@ class DPOOptions(RecipeOptions):
     simpo_gamma: float = 0.5
     sft_coef: float = 0.0
     ref_path: Optional[str] = None
+    disable_dropout: bool = True
 
     @classmethod
     def from_keys(cls, keys: dict) -> "DPOOptions":

@@ -20,7 +20,9 @@ from models.heads import sequence_scores
 from trainer.losses import shifted_token_logps
 from trainer.rl.ppo_math import kl_estimate, masked_mean, policy_loss, value_loss
 
-ACTOR_STATS = ("tokens", "policy_loss", "clip_frac", "approx_kl", "entropy")
+# sums over the update's answer tokens: policy_loss is the clipped surrogate alone, kl_loss the KL
+# estimate of the loss term (0 with the KL in the reward), entropy the policy's entropy
+ACTOR_STATS = ("tokens", "policy_loss", "clip_frac", "approx_kl", "entropy", "kl_loss")
 
 
 class ActorLoss:
@@ -45,13 +47,16 @@ class ActorLoss:
         if self.opts.entropy_coef > 0:
             loss = loss - self.opts.entropy_coef * masked_mean(entropy, answer, n_tokens)
         entropy = entropy.detach()
+        kl_sum = 0.0
         if not self.opts.kl_in_reward:
-            loss = loss + self.opts.kl_coef * masked_mean(kl_estimate(logp, ref_logp, self.opts.kl_estimator), answer, n_tokens)
+            kl = kl_estimate(logp, ref_logp, self.opts.kl_estimator)
+            loss = loss + self.opts.kl_coef * masked_mean(kl, answer, n_tokens)
+            kl_sum = float((kl.detach() * answer).sum())
         with torch.no_grad():
             n = float(answer.sum())
             scale = n_tokens  # stats: sums over tokens (policy_loss, clip_frac, approx_kl are means x n_tokens)
             self.stats += torch.tensor([n, float(pg_loss.detach()) * scale, float(pg_stats["clip_frac"]) * scale,
-                                        float(pg_stats["approx_kl"]) * scale, float((entropy * answer).sum())],
+                                        float(pg_stats["approx_kl"]) * scale, float((entropy * answer).sum()), kl_sum],
                                        dtype=torch.float64)
         return loss
 

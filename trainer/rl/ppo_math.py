@@ -20,6 +20,10 @@ from typing import Optional
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# As a loss term (the KL's gradient taken through logp on tokens sampled from the policy), in expectation:
+# k1 gives 0 (useless), k2 the gradient of KL(pi || ref), k3 that of KL(ref || pi) (verl's core_algos,
+# tests/test_ppo_math.py checks all three exactly on a small categorical). In the reward any of them works.
+KL_LOSS_ESTIMATORS = ("k2", "k3")
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -56,14 +60,13 @@ def last_token_positions(mask: torch.Tensor) -> torch.Tensor:
 
 def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float, reward_clip: float,
                   ended: Optional[torch.Tensor] = None, missing_eos_penalty: Optional[float] = None) -> torch.Tensor:
-    """float[B,T]: -kl_coef * kl on answer tokens, plus the RM score (clipped to +-reward_clip; minus
-    `missing_eos_penalty` for rows that did not end with EOS, i.e. hit max_new_tokens) at each row's
-    last answer token. scores float[B]; ended bool[B] (True: the answer ended with EOS)."""
+    """float[B,T]: -kl_coef * kl on answer tokens, plus the RM score clipped to +-reward_clip, then minus
+    `missing_eos_penalty` for rows that did not end with EOS (hit max_new_tokens), at each row's last
+    answer token. scores float[B]; ended bool[B] (True: the answer ended with EOS)."""
     rewards = -kl_coef * kl * mask
-    score = scores.float()
-    if missing_eos_penalty is not None and ended is not None:
+    score = scores.float().clamp(-reward_clip, reward_clip)
+    if missing_eos_penalty is not None and ended is not None:  # after the clip: a truncated answer always pays it
         score = score - missing_eos_penalty * (~ended).float()
-    score = score.clamp(-reward_clip, reward_clip)
     rows = torch.arange(mask.shape[0], device=mask.device)
     last = last_token_positions(mask)
     has_answer = mask.sum(dim=1) > 0
@@ -91,8 +94,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_range: float = 0.2, n_tokens: Optional[float] = None) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate; returns (loss, stats) with stats clip_frac and approx_kl as detached
-    masked means over the same tokens. approx_kl estimates KL(old || new) from tokens sampled from
+    """Clipped surrogate; returns (loss, stats) with stats clip_frac (the share of tokens whose clip is
+    active: ratio past 1 +- clip_range in the direction the advantage pushes it, so their gradient is
+    zero) and approx_kl as detached masked means over the same tokens. approx_kl estimates KL(old || new) from tokens sampled from
     the old policy: k3 = r - 1 - log r (>= 0, unbiased; Schulman's estimator with r = new / old)."""
     log_ratio = logp - logp_old
     ratio = torch.exp(log_ratio)
@@ -100,7 +104,9 @@ def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Te
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask, n_tokens)
     with torch.no_grad():
-        stats = {"clip_frac": masked_mean(((ratio - 1.0).abs() > clip_range).float(), mask, n_tokens),
+        # where the clip is active (the clipped term is the larger: no gradient), TRL's clip_ratio
+        active = ((ratio < 1.0 - clip_range) & (advantages < 0)) | ((ratio > 1.0 + clip_range) & (advantages > 0))
+        stats = {"clip_frac": masked_mean(active.float(), mask, n_tokens),
                  "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask, n_tokens)}
     return loss, stats
 

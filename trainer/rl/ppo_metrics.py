@@ -38,7 +38,10 @@ def logprob_gap(ro, exp) -> float:
 
 
 def step_metrics(sums: dict, actor_stats, losses: dict, gap: float, ppo_epochs: int, seconds: dict) -> dict:
-    """losses: {"policy": [...], "value": [...], "ptx": [...]} per minibatch; seconds: generate, score, train."""
+    """losses: {"policy": [...], "value": [...], "ptx": [...]} per minibatch (train_batch's); seconds:
+    generate, score, train. PPO/policy_loss, PPO/kl_loss and PPO/entropy are means over the update's
+    answer tokens (TRL's loss/policy_avg, verl's actor/pg_loss and actor/kl_loss); PPO/loss is the
+    actor's whole loss (surrogate - entropy_coef x entropy + kl_coef x KL term)."""
     rows = max(sums["rows"], 1.0)
     actor = dict(zip(ACTOR_STATS, actor_stats.tolist()))
     reward_mean = sums["reward"] / rows
@@ -49,7 +52,9 @@ def step_metrics(sums: dict, actor_stats, losses: dict, gap: float, ppo_epochs: 
         "PPO/reward_std": max(sums["reward_sq"] / rows - reward_mean ** 2, 0.0) ** 0.5,
         "PPO/score_mean": sums["score"] / rows,
         "PPO/kl": sums["kl"] / rows,
-        "PPO/policy_loss": sum(losses["policy"]) / len(losses["policy"]),
+        "PPO/loss": sum(losses["policy"]) / len(losses["policy"]),  # the actor's whole loss, as train_batch returned it
+        "PPO/policy_loss": actor["policy_loss"] / n_update,  # the clipped surrogate alone
+        "PPO/kl_loss": actor["kl_loss"] / n_update,  # the KL term's estimate (before kl_coef); 0 with the KL in the reward
         "PPO/value_loss": sum(losses["value"]) / len(losses["value"]),
         "PPO/clip_frac": actor["clip_frac"] / n_update,
         "PPO/approx_kl": actor["approx_kl"] / n_update,

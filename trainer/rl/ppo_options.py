@@ -16,7 +16,8 @@ global_stepN folder):
   greedy (false), temperature (1.0), top_k (0: off), top_p (1.0: off), repetition_penalty (1.0): sampling
   ppo_epochs           (1) passes over each rollout; optimizer steps per PPO step = ppo_epochs x minibatches
   kl_coef (0.1), kl_estimator ("k1" | "k2" | "k3"), kl_in_reward (true: -kl_coef KL_t in each token's
-                       reward; false: kl_coef x mean KL added to the actor's loss, with the reference's log-probs)
+                       reward; false: kl_coef x mean KL added to the actor's loss, with the reference's log-probs;
+                       then "k2" (gradient of KL(policy || ref)) or "k3" (of KL(ref || policy)): k1's is zero)
   reward_clip          (5) the RM score is clipped to +-reward_clip
   missing_eos_penalty  (null) subtracted from the score of answers that hit max_new_tokens without EOS
   clip_range (0.2), value_clip (0.2), gamma (1.0), lambda (0.95), whiten_advantages (true)
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from trainer.config import RecipeOptions, type_problems
-from trainer.rl.ppo_math import KL_ESTIMATORS
+from trainer.rl.ppo_math import KL_ESTIMATORS, KL_LOSS_ESTIMATORS
 
 PATH_KEYS = ("actor_path", "critic_path", "reward_path")  # ref_path is shared with DPO
 CRITIC_KEYS = ("optimizer", "scheduler", "gradient_clipping", "parts")
@@ -155,6 +156,10 @@ def problems(keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[s
             out.append(f"ppo.{key} must be true or false, got {json.dumps(raw[key])}")
     if raw.get("kl_estimator", "k1") not in KL_ESTIMATORS:
         out.append(f"ppo.kl_estimator must be one of {list(KL_ESTIMATORS)}, got {raw['kl_estimator']!r}")
+    elif raw.get("kl_in_reward") is False and raw.get("kl_estimator", "k1") not in KL_LOSS_ESTIMATORS:
+        out.append('ppo.kl_in_reward false puts the KL in the actor\'s loss, where "k1" has a zero gradient in '
+                   'expectation: use "kl_estimator": "k2" (its gradient is that of KL(policy || reference)) or "k3" '
+                   "(that of KL(reference || policy))")
     critic = raw.get("critic", {})
     if not isinstance(critic, dict) or set(critic) - set(CRITIC_KEYS):
         out.append(f"ppo.critic must be an object with keys among {list(CRITIC_KEYS)}, got {json.dumps(critic)}")

@@ -7,7 +7,8 @@ over the train and eval pairs, and cached, so no reference model is in memory du
 The key hashes what the values depend on: the reference checkpoint (each layer file's name, size,
 modification time and the SHA-256 of its first and last MiB: identity, not a full content hash,
 which would read a 7B model's 13 GB on every start), its model config, the attention implementation,
-the precision, and the data (the dataset cache key: files' content, tokenizer, template, max_seq_len,
+the precision, the code that computes them (models/, the log-prob sums), the torch and transformers
+versions, the device type, and the data (the dataset cache key: files' content, tokenizer, template, max_seq_len,
 eval split, ...). A miss is never wrong, only slow: the values are then recomputed from `ref_path`.
 
 Where the pass runs:
@@ -61,6 +62,28 @@ def checkpoint_fingerprint(model_path) -> list:
     return out
 
 
+def log_prob_code_version(root: Optional[Path] = None) -> str:
+    """Hash of the code the log-probs come from: models/*.py (the layers and heads), trainer/losses.py and
+    trainer/rl/dpo.py (the sums). root: the project folder (default: this checkout)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+    files = sorted((root / "models").glob("*.py")) + [root / "trainer" / "losses.py", root / "trainer" / "rl" / "dpo.py"]
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def runtime_identity() -> dict:
+    """What else the values depend on: that code, the torch and transformers versions and the device
+    type (a CPU-computed cache is not reused by a GPU run: kernels differ)."""
+    import transformers
+
+    from trainer.engine.distributed import collective_device
+
+    return {"code": log_prob_code_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "device": collective_device().type}
+
+
 def reference_identity(cfg, plan) -> dict:
     """What of the reference model its log-probs depend on (the cache key's model part)."""
     return {"layers": checkpoint_fingerprint(plan.model_path), "config": plan.hf_config.to_json_string(use_diff=False),
@@ -92,7 +115,8 @@ class ReferenceLogps:
         answer = None
         if topo.rank == 0:
             identity = reference_identity(cfg, ref_plan)
-            key_parts = {"version": CACHE_VERSION, "reference": identity, "data": data.data.stats["cache"]["key"]}
+            key_parts = {"version": CACHE_VERSION, "reference": identity, "runtime": runtime_identity(),
+                         "data": data.data.stats["cache"]["key"]}
             key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:32]
             path = os.path.join(cfg.data_cache_dir(), f"ref_logps-{key}.pt")
             same = ref_plan.model_path == policy_plan.model_path or identity == reference_identity(cfg, policy_plan)
