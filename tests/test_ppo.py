@@ -318,7 +318,7 @@ def models(tmp_path_factory):
 
 FULL = dict(train_steps=6, save_interval=2, train_batch_size=4, train_micro_batch_size_per_gpu=2, scheduler=WARMUP,
             ppo={"rollout_batch_size": 4, "n_samples_per_prompt": 2, "ppo_epochs": 2, "max_new_tokens": 8, "entropy_coef": 0.01,
-                 "kl_in_reward": False, "kl_estimator": "k3", "missing_eos_penalty": 0.5, "temperature": 0.9, "top_p": 0.95,
+                 "kl_in_reward": False, "kl_estimator": "k3", "missing_eos_penalty": 0.5, "temperature": 0.9, "logprobs_at_temperature": True, "top_p": 0.95,
                  "ptx_coef": 0.5, "ptx_data_path": str(REPO / "data" / "samples" / "mixed.json"), "ema_decay": 0.9,
                  "frozen_bf16": True,
                  "critic": {**CRITIC, "scheduler": {**WARMUP, "params": {**WARMUP["params"], "warmup_max_lr": 1e-3}}}})
@@ -507,3 +507,38 @@ def test_disable_dropout_turns_off_every_dropout_of_the_pipe_layers():
         assert not torch.equal(pipe((ids, mask)), pipe((ids, mask)))  # dropout is on
         assert disable_dropout(pipe) > 0
         torch.testing.assert_close(pipe((ids, mask)), pipe((ids, mask)), rtol=0, atol=0)
+
+
+def test_logprobs_at_temperature_make_the_sampled_kl_unbiased():
+    """Tokens sampled at T = 1.3: with the raw (T = 1) log-probs (DeepSpeed-Chat's convention, the default)
+    the k1 estimate's expectation is not KL(pi || ref) (nor KL(pi_T || ref_T)); with
+    logprobs_at_temperature the recipe's scoring reducer gives log-probs of logits / T, whose k1 expectation is
+    exactly KL(pi_T || ref_T). The generator returns the same log-prob for the token it chose."""
+    from trainer.generation.token_sampling import SamplingConfig, choose_next
+    from trainer.rl.ppo_losses import reduce_token_logps
+    from trainer.rl.ppo_math import kl_estimate
+
+    T, V = 1.3, 6
+    policy = torch.tensor([2.0, 1.0, 0.5, -0.5, -1.0, 0.3], dtype=torch.float64)
+    ref = torch.tensor([1.8, 1.3, 0.1, -0.2, -1.4, 0.6], dtype=torch.float64)
+    sampled_from = torch.softmax(policy / T, 0)
+    tokens = torch.arange(V)[:, None]  # every token once: an exact expectation
+
+    def logps(logits, temperature):  # [V, 2, V] rows: position 0 predicts the token
+        return reduce_token_logps(logits.expand(V, 2, V).clone(), (tokens,), temperature).double()[:, 0]
+
+    def expected_k1(temperature):
+        return float((sampled_from * kl_estimate(logps(policy, temperature), logps(ref, temperature), "k1")).sum())
+
+    def kl(p, q):
+        return float((torch.softmax(p, 0) * (torch.log_softmax(p, 0) - torch.log_softmax(q, 0))).sum())
+
+    biased = expected_k1(1.0)  # the default
+    assert abs(biased - kl(policy, ref)) > 0.1 * kl(policy, ref) and abs(biased - kl(policy / T, ref / T)) > 0.1 * biased
+    assert expected_k1(T) == pytest.approx(kl(policy / T, ref / T), rel=2e-5)  # fp32 log-probs
+    opts = PPOOptions(temperature=T, logprobs_at_temperature=True)
+    assert opts.logprob_temperature == T and PPOOptions(temperature=T).logprob_temperature == 1.0
+    ids, raw, _ = choose_next(policy[None].float(), None, SamplingConfig(greedy=False, temperature=T, logprob_temperature=T),
+                              [torch.Generator().manual_seed(0)])
+    assert raw.item() == pytest.approx(float(logps(policy, T)[ids.item()]), abs=1e-6)
+    assert any("logprobs_at_temperature must be true or false" in p for p in problems_of(ppo_raw(ppo={"logprobs_at_temperature": 1})))

@@ -24,6 +24,16 @@ def shifted_token_losses(logits, labels: torch.Tensor) -> tuple[torch.Tensor, to
     return total, (shift_labels != -100).sum()
 
 
+def at_temperature(outputs, temperature: float):
+    """An LM head's output (logits float[B,T,V] or DeferredLogits) as the logits divided by `temperature`
+    (a DeferredLogits scales its hidden states: (h / T) W = (h W) / T, the chunked loss unchanged)."""
+    if temperature == 1.0:
+        return outputs
+    if isinstance(outputs, DeferredLogits):
+        return DeferredLogits(outputs.hidden / temperature, outputs.weight)
+    return outputs / temperature
+
+
 def global_token_mean_loss(logits: torch.Tensor, labels) -> torch.Tensor:
     """The training loss: this micro-batch's summed token cross-entropy times
     `token_scale` = grad_accum * D / N_global (see trainer.batches), so that DeepSpeed's averaging

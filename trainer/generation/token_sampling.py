@@ -29,6 +29,9 @@ class SamplingConfig:
     top_p: float = 1.0        # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off; > 1 discourages tokens already in the row (prompt included)
     seed: int = 0
+    # the temperature of the log-probs returned beside each id: 1 (the model's raw distribution,
+    # DeepSpeed-Chat's convention) or the sampling temperature (TRL's and verl's: PPO's logprobs_at_temperature)
+    logprob_temperature: float = 1.0
 
     def check(self) -> None:
         problems = []
@@ -101,9 +104,10 @@ def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 def choose_next(logits: torch.Tensor, seen: Optional[torch.Tensor], cfg: SamplingConfig,
                 generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits float[b,V] (any dtype; computed in fp32), seen bool[b,V] or None, one generator per row
-    (used only when sampling) -> (ids int64[b], raw log-probs float32[b], sampling log-probs float32[b])."""
+    (used only when sampling) -> (ids int64[b], raw log-probs float32[b] (of logits / cfg.logprob_temperature),
+    sampling log-probs float32[b])."""
     logits = logits.float()
-    raw = torch.log_softmax(logits, -1)
+    raw = torch.log_softmax(logits if cfg.logprob_temperature == 1.0 else logits / cfg.logprob_temperature, -1)
     scores = apply_repetition_penalty(logits, seen, cfg.repetition_penalty) if seen is not None else logits
     if cfg.greedy:
         ids = scores.argmax(-1)

@@ -17,7 +17,7 @@ sums (float64, detached) to `stats`; the recipe takes them after the step and al
 import torch
 
 from models.heads import sequence_scores
-from trainer.losses import shifted_token_logps
+from trainer.losses import at_temperature, shifted_token_logps
 from trainer.rl.ppo_math import kl_estimate, masked_mean, policy_loss, value_loss
 
 # sums over the update's answer tokens: policy_loss is the clipped surrogate alone, kl_loss the KL
@@ -38,7 +38,7 @@ class ActorLoss:
 
     def __call__(self, outputs, labels) -> torch.Tensor:
         tokens, answer, old_logp, advantages, ref_logp, token_scale = labels
-        logp, entropy = shifted_token_logps(outputs, tokens, with_entropy=True)
+        logp, entropy = shifted_token_logps(at_temperature(outputs, self.opts.logprob_temperature), tokens, with_entropy=True)
         device = logp.device
         answer, old_logp, advantages, ref_logp = (x.to(device) for x in (answer, old_logp, advantages, ref_logp))
         n_tokens = 1.0 / float(token_scale)  # N_minibatch / (grad_accum * D)
@@ -82,9 +82,9 @@ class CriticLoss:
 
 # Reducers for trainer.engine.forward_only: (outputs, labels) -> what the last stage keeps of a micro-batch.
 
-def reduce_token_logps(logits, labels) -> torch.Tensor:
-    """labels (tokens int64[b,S-1],) -> float32[b,S-1] on the CPU."""
-    return shifted_token_logps(logits, labels[0]).cpu()
+def reduce_token_logps(logits, labels, temperature: float = 1.0) -> torch.Tensor:
+    """labels (tokens int64[b,S-1],) -> float32[b,S-1] on the CPU: log-probs of logits / temperature."""
+    return shifted_token_logps(at_temperature(logits, temperature), labels[0]).cpu()
 
 
 def reduce_values(values, labels) -> torch.Tensor:

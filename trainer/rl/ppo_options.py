@@ -14,6 +14,12 @@ global_stepN folder):
                        a multiple of train_batch_size (a minibatch: one optimizer step of actor and critic)
   max_new_tokens       (64) answer length limit (prompts: at most max_seq_len tokens, cut on the left)
   greedy (false), temperature (1.0), top_k (0: off), top_p (1.0: off), repetition_penalty (1.0): sampling
+  logprobs_at_temperature  (false) the log-probs of the ratio, the KL and the entropy: false, of the model's raw
+                       logits (DeepSpeed-Chat's convention; tokens are still sampled at `temperature`, so at
+                       T != 1 the sampled KL estimate is biased: PPO/kl then estimates KL(pi || ref) from
+                       samples of another distribution, and can be negative); true, of logits / temperature
+                       for the actor and the reference alike (TRL's and verl's): PPO/kl is then an unbiased
+                       estimate of KL(pi_T || ref_T), the distributions the tokens come from
   ppo_epochs           (1) passes over each rollout; optimizer steps per PPO step = ppo_epochs x minibatches
   kl_coef (0.1), kl_estimator ("k1" | "k2" | "k3"), kl_in_reward (true: -kl_coef KL_t in each token's
                        reward; false: kl_coef x mean KL added to the actor's loss, with the reference's log-probs;
@@ -77,6 +83,7 @@ class PPOOptions(RecipeOptions):
     whiten_advantages: bool = True
     frozen_bf16: bool = False
     disable_dropout: bool = True
+    logprobs_at_temperature: bool = False
     entropy_coef: float = 0.0
     ptx_coef: float = 0.0
     ptx_data_path: Union[str, list, None] = None
@@ -113,6 +120,11 @@ class PPOOptions(RecipeOptions):
         return cfg.micro_batch, self.rollout_width(cfg.max_seq_len)
 
     @property
+    def logprob_temperature(self) -> float:
+        """The temperature of every log-prob PPO uses (ratio, KL, entropy, the generator's for logprob_gap)."""
+        return self.temperature if self.logprobs_at_temperature and not self.greedy else 1.0
+
+    @property
     def reference_path(self) -> str:
         return self.ref_path or self.actor_path
 
@@ -124,7 +136,7 @@ class PPOOptions(RecipeOptions):
 _NUMBERS = ("temperature", "top_p", "repetition_penalty", "kl_coef", "reward_clip", "clip_range", "value_clip", "gamma",
             "lambda", "entropy_coef", "missing_eos_penalty", "ptx_coef", "ema_decay")
 _INTEGERS = ("rollout_batch_size", "n_samples_per_prompt", "max_new_tokens", "top_k", "ppo_epochs")
-_BOOLS = ("greedy", "kl_in_reward", "whiten_advantages", "frozen_bf16", "disable_dropout")
+_BOOLS = ("greedy", "kl_in_reward", "whiten_advantages", "frozen_bf16", "disable_dropout", "logprobs_at_temperature")
 KEYS = _NUMBERS + _INTEGERS + _BOOLS + ("kl_estimator", "critic", "ref_parts", "reward_parts", "ptx_data_path")
 
 
