@@ -11,7 +11,7 @@ and the same synthetic batches (fixed-length random token ids, every position tr
   1. plain loop, block 1: AutoModelForCausalLM (sdpa) in this process; per step `--micro-batches`
      forward/backward passes accumulating gradients, clip_grad_norm_(1.0), torch AdamW step;
   2. pipeline: `python -m deepspeed.launcher.runner --num_gpus <stages> bench/train.py --worker DIR`,
-     each rank building the engine with trainer.config.validate + trainer.engine.build.build_engine
+     each rank building the engine with trainer.recipes.validate_config + trainer.engine.build.build_engine
      (weights="load", explicit "auto" stage split, global-token loss) and calling engine.train_batch;
   3. plain loop, block 2 (the same as 1 again, to show drift of the machine during the run).
 
@@ -215,7 +215,7 @@ def plain_block(settings: dict, hf_dir: Path, batches: list) -> dict:
 # Pipeline (one process per stage, started by the DeepSpeed launcher).
 
 def pipeline_config(settings: dict, work: Path) -> dict:
-    """The training config as a user would write it (validated by trainer.config.validate)."""
+    """The training config as a user would write it (validated by trainer.recipes.validate_config)."""
     cfg = {
         "model_path": str(work / "pp"), "save_path": str(work / "save"), "data_path": "synthetic (bench/train.py)",
         "max_seq_len": settings["seq_len"], "train_steps": settings["warmup"] + settings["steps"],
