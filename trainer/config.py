@@ -169,6 +169,11 @@ class RecipeOptions:
         """(rows, tokens per row) of one training micro-batch as the recipe builds it (memory model, auto parts)."""
         return cfg.micro_batch, cfg.max_seq_len
 
+    def generation_shape(self, cfg):
+        """(rows in flight per replica, prompt tokens, new tokens) of the rollouts the trained model
+        generates (its KV cache counts in the memory model), or None when the recipe generates none."""
+        return None
+
 
 PROJECT_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig)) - {"ds_config", "config_path", "warnings", "options"}
 _TYPES = {

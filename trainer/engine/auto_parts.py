@@ -102,7 +102,8 @@ def _constrained_split(costs: list[float], num_stages: int, stage_bytes: Callabl
 def stage_report(parts: list[int], names: list[str], layer_params: list[int], param_bytes: int,
                  stage_memory: Callable) -> str:
     """One line per stage: layers, parameter bytes and the training-memory estimate with its parts
-    (`stage_memory(start, stop, stage)` -> {"weights", "gradients", "optimizer", "activations", "head"})."""
+    (`stage_memory(start, stop, stage)` -> {"weights", "gradients", "optimizer", "activations", "head"[,
+    "generation"]})."""
     lines, start = [], 0
     for stage, n in enumerate(parts):
         params = sum(layer_params[start:start + n])

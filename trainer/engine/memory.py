@@ -51,6 +51,10 @@ class MemorySettings:
     attn_implementation: str
     chunked_head: bool = False  # the loss computes the LM head chunk by chunk (chunked_loss: SFT, DPO, PPO)
     frozen: bool = False        # forward-only, no gradients or optimizer (PPO's reference and reward model)
+    # the rollouts this model generates (PPO's actor), per replica: rows in flight, prompt and answer tokens
+    generation_rows: int = 0
+    generation_prompt: int = 0
+    generation_new: int = 0
 
 
 def optimizer_state_bytes(optimizer: dict, precision: str) -> float:
@@ -69,8 +73,9 @@ def optimizer_state_bytes(optimizer: dict, precision: str) -> float:
     return states + (4.0 if precision in ("bf16", "fp16") else 0.0)
 
 
-def memory_settings(cfg, model_config, frozen: bool = False) -> MemorySettings:
-    """The memory-relevant settings of a model trained (or, frozen, only run forward) with cfg."""
+def memory_settings(cfg, model_config, frozen: bool = False, generates: bool = False) -> MemorySettings:
+    """The memory-relevant settings of a model trained (or, frozen, only run forward) with cfg;
+    generates: it also generates the recipe's rollouts (cfg.options.generation_shape)."""
     precision = cfg.precision
     ds = cfg.ds_config
     zero = ds.get("zero_optimization", {}) or {}
@@ -83,10 +88,12 @@ def memory_settings(cfg, model_config, frozen: bool = False) -> MemorySettings:
     rows, seq_len = cfg.micro_batch_shape()
     if frozen:
         grads, optimizer = 0.0, 0.0
+    generation = cfg.options.generation_shape(cfg) if generates else None
     return MemorySettings(bytes_per_param(precision), grads, optimizer, rows, seq_len,
                           cfg.model_topo.pipe, cfg.use_grad_ckpt, attn_implementation(model_config) or "sdpa",
                           chunked_head=cfg.options.lm_head_loss and cfg.chunked_loss,
-                          frozen=frozen)
+                          frozen=frozen, **(dict(zip(("generation_rows", "generation_prompt", "generation_new"), generation))
+                                            if generation else {}))
 
 
 def stage_memory(model_config, layer_names: list, layer_params: list, tied_head: bool, start: int, stop: int,
@@ -124,8 +131,35 @@ def stage_memory(model_config, layer_names: list, layer_params: list, tied_head:
             head = 2.0 * chunk * model_config.vocab_size * 4
         else:
             head = tokens * model_config.vocab_size * (act_bytes + 4 + 4 + 4 + (2 if act_bytes != 4 else 0))
-    return {"weights": params * settings.param_bytes, "gradients": params * settings.grad_bytes,
-            "optimizer": params * settings.optimizer_bytes, "activations": activations, "head": head}
+    out = {"weights": params * settings.param_bytes, "gradients": params * settings.grad_bytes,
+           "optimizer": params * settings.optimizer_bytes, "activations": activations, "head": head}
+    if settings.generation_rows:  # the rollout's generation runs while no training activation is live
+        out["generation"] = max(0.0, generation_bytes(model_config, names, n_blocks, settings) - activations - head)
+    return out
+
+
+def generation_bytes(model_config, names: list, n_blocks: int, settings: MemorySettings) -> float:
+    """Peak bytes of generating the recipe's rollout on a stage (trainer.generation.decoding), beside the
+    weights: the KV cache of every row in flight (all the replica's rows; K and V per block, in the
+    activation dtype) plus the larger of two moments: the prefill of one micro-batch (P micro-batches in
+    flight; no grad, one block's transients at a time: its hidden states and MLP intermediates) over the
+    prompts' cache, and the last decoding step over the full cache with the last stage's sampling buffers
+    (a few fp32 [rows, V]). Only the newest position reaches the head. Checked against measured peaks by
+    bench/memory.py --generate (docs/benchmarks.md)."""
+    rows = settings.generation_rows
+    if not rows or not n_blocks and "lm_head" not in names:
+        return 0.0
+    act = settings.param_bytes
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    kv_per_token = n_blocks * rows * 2 * kv_heads * head_dim * act
+    micro_rows = -(-rows // max(1, min(settings.stages, rows)))
+    hidden = model_config.hidden_size
+    intermediate = getattr(model_config, "intermediate_size", None) or 4 * hidden
+    prefill = micro_rows * settings.generation_prompt * (4 * hidden + 2 * intermediate) * act if n_blocks else 0.0
+    sampling = 4 * rows * model_config.vocab_size * 4 if "lm_head" in names else 0.0
+    return max(kv_per_token * settings.generation_prompt + prefill,
+               kv_per_token * (settings.generation_prompt + settings.generation_new) + sampling)
 
 
 def memory_budget(local_ranks: Optional[int] = None) -> Optional[float]:

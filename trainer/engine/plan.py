@@ -56,7 +56,12 @@ class ModelPlan:
     def stage_memory(self, cfg, start: int, stop: int, stage: int) -> dict:
         """Training-memory estimate (bytes by kind) of a stage holding pipe layers [start, stop)."""
         return stage_memory(self.model_config, self.layer_names, self.layer_params, head_is_tied(self.model_config, self.head),
-                            start, stop, stage, memory_settings(cfg, self.model_config, self.frozen))
+                            start, stop, stage, memory_settings(cfg, self.model_config, self.frozen, self.generates))
+
+    @property
+    def generates(self) -> bool:
+        """A trained LM (a policy): the recipe's rollouts, if it makes any, are generated with it."""
+        return self.head == "lm" and not self.frozen
 
     def stage_totals(self, cfg) -> list[float]:
         """The memory estimate of each stage of this split, in bytes."""
@@ -96,7 +101,7 @@ def resolve_parts(cfg, model_config, head: str = "lm", counts=None, budget="devi
     names = pipe_layer_names(model_config, head)
     counts = counts if counts is not None else layer_param_counts(model_config, head)
     if cfg.model_topo.parts == "auto":
-        settings = memory_settings(cfg, model_config, frozen)
+        settings = memory_settings(cfg, model_config, frozen, generates=head == "lm" and not frozen)
         tied = head_is_tied(model_config, head)
 
         def stage_bytes(start, stop, stage):

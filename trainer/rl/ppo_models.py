@@ -26,7 +26,10 @@ def plan_models(cfg, opts, device_budget, specs=None) -> dict:
     """The four models' plans, "auto" parts fitting the four together on each stage
     (trainer.engine.plan.plan_co_resident); device_budget None: no memory limit."""
     return plan_co_resident(specs or model_configs(cfg, opts), device_budget, MODELS,
-                            hint=". ppo.frozen_bf16 halves the reference and reward model")
+                            hint=". ppo.frozen_bf16 halves the reference and reward model; the actor's generation (the KV "
+                                 "cache of every rollout row of a replica) shrinks with fewer rows per replica "
+                                 "(rollout_batch_size x n_samples_per_prompt / data-parallel size) or a smaller "
+                                 "max_new_tokens")
 
 
 def log_plans(specs: dict, plans: dict) -> None:

@@ -119,6 +119,11 @@ class PPOOptions(RecipeOptions):
     def micro_batch_shape(self, cfg) -> tuple[int, int]:
         return cfg.micro_batch, self.rollout_width(cfg.max_seq_len)
 
+    def generation_shape(self, cfg) -> tuple[int, int, int]:
+        """The actor generates every row of its replica's share of the rollout at once (prompt at
+        max_seq_len columns, left-padded)."""
+        return self.rollout_rows(cfg.global_batch) // cfg.model_topo.data, cfg.max_seq_len, self.max_new_tokens
+
     @property
     def logprob_temperature(self) -> float:
         """The temperature of every log-prob PPO uses (ratio, KL, entropy, the generator's for logprob_gap)."""
