@@ -37,7 +37,7 @@ class Architecture:
     hf_class_prefix: str = ""
 
 
-def _rope_decoder(model_type: str, module: str, prefix: str) -> Architecture:
+def _rope_decoder(model_type: str, module: str, prefix: str, activations: str = "llama_block_elements") -> Architecture:
     """LLaMA and the families built like it (transformers' own decoder layer + RoPE + RMSNorm):
     the same key layout (`model.embed_tokens`, `model.layers.{i}`, `model.norm`, `lm_head`)."""
     import importlib
@@ -56,7 +56,7 @@ def _rope_decoder(model_type: str, module: str, prefix: str) -> Architecture:
         base_prefix="model.",
         attn_implementations=("sdpa", "eager", "flash_attention_2"),
         ignored_hf_key_suffixes=(".rotary_emb.inv_freq",),
-        block_activation_elements=activation_memory.llama_block_elements,
+        block_activation_elements=getattr(activation_memory, activations),
         hf_class_prefix=prefix,
     )
 
@@ -73,7 +73,7 @@ def _qwen2() -> Architecture:
 
 def _qwen3() -> Architecture:
     """Qwen3 dense: q_norm/k_norm over head_dim before RoPE, explicit head_dim."""
-    return _rope_decoder("qwen3", "qwen3", "Qwen3")
+    return _rope_decoder("qwen3", "qwen3", "Qwen3", "qwen3_block_elements")
 
 
 def _mistral() -> Architecture:
