@@ -251,3 +251,16 @@ def test_model_template_trains_exactly_each_familys_assistant_tokens(tmp_path, f
     assert [tok.decode(ids[a:b]) for a, b in runs] == [f"Hello, friend.{eot}", f"It is 4.{eot}"]
     assert built.stats["template"]["end_of_turn"] == eot
     assert built.stats["pad"]["id"] != tok.eos_token_id  # Qwen pads with <|endoftext|>, one of its generation eos ids, as released
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_data_inspect_shows_each_familys_trained_tokens(tmp_path, capsys, family):
+    from data.inspect import main
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(CHAT) + "\n")
+    assert main([str(path), "--tokenizer-path", str(CONFIGS[family]), "--template", "model", "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    eot = END_OF_TURN[family]
+    assert f"⟦Hello, friend.{eot}⟧" in out and f"⟦It is 4.{eot}⟧" in out and out.count("⟦") == 2
+    assert f"each ending with {eot!r}" in out

@@ -22,7 +22,7 @@ from convert.pp_to_hg import pp_to_hg
 from test_families import SLIDING, eos_ids
 from test_generation import hf_greedy, ragged_prompts
 from test_models import right_padded_batch
-from test_train_multirank import ADAMW, exported_weights, hf_reference, make_config
+from test_train_multirank import ADAMW, SGD, exported_weights, hf_reference, make_config
 
 pytestmark = pytest.mark.multirank
 
@@ -66,6 +66,33 @@ def write_spec(tmp, stages, model_dirs, batch, train_configs=()):
     return path
 
 
+def recipe_configs(tmp, model_dirs) -> list:
+    """The other recipes on the families (each 2 stages, 2-3 steps): SFT with packing on a model with
+    sliding-window layers (its parity with HF is checked below), RM, DPO (sliding windows), and PPO
+    with the RM as critic and reward model."""
+    from test_train_parity import PACK_SEQ
+
+    pairs = str(REPO / "data" / "samples" / "preferences.jsonl")
+    small = dict(train_batch_size=4, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2)
+    configs = [
+        make_config(tmp, "pack_qwen2_sliding", model_dirs["qwen2_sliding"][1], pack=True, max_seq_len=PACK_SEQ,
+                    train_batch_size=4, gradient_accumulation_steps=2, optimizer=SGD),
+        make_config(tmp, "rm_llama3", model_dirs["llama3"][1], stage="rm", data_path=pairs, train_steps=2, **small),
+        make_config(tmp, "rm_qwen3", model_dirs["qwen3"][1], stage="rm", data_path=pairs, train_steps=2, **small),
+        make_config(tmp, "dpo_mistral_sliding", model_dirs["mistral_sliding"][1], stage="dpo", data_path=pairs,
+                    train_steps=2, beta=0.1, **small),
+        make_config(tmp, "dpo_qwen2", model_dirs["qwen2"][1], stage="dpo", data_path=pairs, train_steps=2, beta=0.1, **small),
+    ]
+    ppo = json.loads((REPO / "configs" / "ppo_tiny.json").read_text())
+    ppo.pop("csv_monitor")
+    ppo.update(actor_path=str(model_dirs["llama3"][1]), critic_path=str(tmp / "rm_llama3"), save_path=str(tmp / "ppo_llama3"),
+               data_path=str(REPO / "data" / "samples" / "rlhf_prompts.jsonl"), train_steps=2, resume="never",
+               model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [2, 5]})
+    ppo["ppo"].update(rollout_batch_size=8, max_new_tokens=6)
+    (tmp / "ppo_llama3.json").write_text(json.dumps(ppo))
+    return configs + [tmp / "ppo_llama3.json"]
+
+
 @pytest.fixture(scope="module")
 def runs(model_dirs, batch, tmp_path_factory):
     """{stages: results}: one 2-rank launch (2 stages + every SFT run), one 3-rank launch (3 stages)."""
@@ -73,6 +100,7 @@ def runs(model_dirs, batch, tmp_path_factory):
     configs = [make_config(tmp, name, model_dirs[name][1]) for name in TRAINED]
     configs += [make_config(tmp, f"{name}_template", model_dirs[name][1], template="model", train_steps=4,
                             optimizer={**ADAMW, "params": {**ADAMW["params"], "lr": 3e-3}}) for name in TEMPLATE_MODEL]
+    configs += recipe_configs(tmp, model_dirs)
     results = {}
     for stages, ranks in ((2, 2), (3, 3)):
         spec = write_spec(tmp, stages, model_dirs, batch, configs if stages == 2 else ())
@@ -146,8 +174,8 @@ def test_template_model_sft_export_generates_what_demo_pipeline_stages_2_does(ru
     assert json.loads((export / "generation_config.json").read_text())["eos_token_id"] == eos_ids(model_family_dir(name))
     tokenizer = AutoTokenizer.from_pretrained(export)
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
-    prompts = [{"messages": [{"role": "user", "content": "What is pipeline parallelism?"}]},
-               {"rounds": [["ask", "Hi"], ["ans", "Hello!"], ["ask", "Name a colour."]]}]
+    prompts = ["What is pipeline parallelism?", {"type": "instruct", "instruct": "Name a colour."},
+               {"rounds": [["ask", "Hi"], ["ans", "Hello!"], ["ask", "How are you?"]]}]
     pfile = tmp_path / "prompts.jsonl"
     pfile.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     out = tmp_path / "answers.jsonl"
@@ -164,3 +192,38 @@ def model_family_dir(name):
     from conftest import CONFIGS
 
     return CONFIGS[MODELS[name][0]]
+
+
+def summary_of(runs, name):
+    return next(r for r in runs[0][2]["train"] if r["config"].endswith(f"/{name}.json"))
+
+
+def test_packed_sft_with_sliding_windows_equals_each_record_alone_in_hf(runs, model_dirs, tmp_path):
+    """pack: true on Qwen2 with sliding-window layers (window 5): 3 SGD steps equal HF run on every
+    record alone (the window and the segment mask both apply in each packed row)."""
+    from test_train_parity import (PACK_SEQ, global_batches, hf_model, lm_data, max_diff, n_targets_per_record,
+                                   per_record_loss, reference_train)
+
+    hf, pp = model_dirs["qwen2_sliding"]
+    summary = summary_of(runs, "pack_qwen2_sliding")
+    data = lm_data(pp, seq=PACK_SEQ, pack=True)
+    assert sum(int(data.train[i][0][2].max() > 1) for i in range(len(data.train))) >= len(data.train) // 2  # it packs
+    ref = reference_train(hf_model(hf), global_batches(data.train, micro=2, accum=2), 3, SGD, accum=2,
+                          loss=per_record_loss, n_targets=n_targets_per_record)
+    got = exported_weights(runs[1] / "pack_qwen2_sliding", tmp_path / "hf")
+    assert max_diff(got, ref.masters, keys=got.keys()) <= 1e-5
+    # Without the segment masks (records attending to each other) the reference is far away.
+    crossing = reference_train(hf_model(hf), global_batches(data.train, micro=2, accum=2), 3, SGD, accum=2)
+    assert max_diff(got, crossing.masters, keys=got.keys()) > 1e-3
+    torch.testing.assert_close(torch.tensor([loss for _, loss in summary["history"]]), torch.tensor(ref.losses),
+                               rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["rm_llama3", "rm_qwen3", "dpo_mistral_sliding", "dpo_qwen2", "ppo_llama3"])
+def test_rm_dpo_and_ppo_recipes_run_on_the_families(runs, name):
+    import math
+
+    summary = summary_of(runs, name)
+    assert summary["step"] == 2
+    history = summary["history"]
+    assert len(history) == 2 and all(math.isfinite(loss) for _, loss in history), history
