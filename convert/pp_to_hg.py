@@ -258,7 +258,8 @@ def _write_config(out: Path, config, specs: list[TensorSpec], head: str, pad_id:
     if len(float_dtypes) != 1:
         raise ConversionError(f"layer files mix dtypes {sorted(map(str, float_dtypes))}; convert them to one dtype first")
     config.dtype = next(iter(float_dtypes))
-    config.architectures = [get_architecture(config.model_type).hf_class_prefix + HF_CLASS_SUFFIX[head]]
+    arch = get_architecture(config.model_type)
+    config.architectures = [dict(arch.hf_class_names).get(head) or arch.hf_class_prefix + HF_CLASS_SUFFIX[head]]
     if head == "value":
         config.num_labels = 1
         if pad_id is not None:  # the pad training used (see _value_head_pad)

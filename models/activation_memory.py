@@ -15,6 +15,7 @@ a attention heads, T sequence length:
           save what LLaMA saves (biases add none).
   Qwen3   LLaMA + q_norm / k_norm over each head: their input and normalised output (2 Q + 2 Hkv) and
           one rsqrt per head (a + kv heads)
+  Gemma 3 Qwen3 + 3 H + 2 Q (measured; see gemma3_block_elements)
   BLOOM   2 LayerNorms (2H), fused qkv input (H), q, k (2H), context (H), dense input (H), MLP input (H),
           gelu input and output (8H); eager attention probabilities (a T)
 """
@@ -44,3 +45,12 @@ def qwen3_block_elements(config, attn_implementation: str, seq_len: int) -> floa
 
 def bloom_block_elements(config, attn_implementation: str, seq_len: int) -> float:
     return float(16 * config.hidden_size + config.n_head * seq_len)
+
+
+def gemma3_block_elements(config, attn_implementation: str, seq_len: int) -> float:
+    """Qwen3's count (q/k norms) + what Gemma 3's block saves beyond it, measured with
+    saved_tensors_hooks over hidden 128/256, heads x head_dim 128-512 and two MLP sizes (tests/
+    test_families.py): 3 H (its extra post-attention / post-MLP RMSNorms) + 2 Q (heads x head_dim),
+    within 3% (a further ~100 elements per token are left out); GeGLU's tanh-GELU saves what SiLU does."""
+    q = config.num_attention_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    return qwen3_block_elements(config, attn_implementation, seq_len) + 3.0 * config.hidden_size + 2.0 * q

@@ -68,14 +68,30 @@ class StageMasks:
         return self.built[kind]
 
 
+class RopeByLayerType:
+    """RoPE cos/sin of one stage's forward per layer type, computed on first use (Gemma 3: sliding and
+    full layers rotate with different bases; the rotary module takes the layer type)."""
+
+    def __init__(self, rotary_emb, hidden, position_ids):
+        self.rotary_emb, self.hidden, self.position_ids = rotary_emb, hidden, position_ids
+        self.built = {}
+
+    def for_block(self, block):
+        if block.layer_type not in self.built:
+            self.built[block.layer_type] = self.rotary_emb(self.hidden, self.position_ids, block.layer_type)
+        return self.built[block.layer_type]
+
+
 class RopePipeBlock:
     """Mixin over a transformers decoder layer (first base after this one): one block that rebuilds
-    positions, RoPE cos/sin and its causal mask from the int mask. Subclasses set `rotary_class`.
+    positions, RoPE cos/sin and its causal mask from the int mask. Subclasses set `rotary_class`
+    (and `rope_by_layer_type` where the rotary module takes the layer type, as Gemma 3's does).
 
     The rotary module holds only a non-persistent `inv_freq` buffer, so the state dict is exactly
     HF's decoder-layer state dict."""
 
     rotary_class = None
+    rope_by_layer_type = False
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -92,6 +108,8 @@ class RopePipeBlock:
         if attention_inputs is None:
             attention_inputs = self.attention_inputs(inputs, past_key_values)
         position_ids, masks, cos_sin, attention_kwargs = attention_inputs
+        if isinstance(cos_sin, RopeByLayerType):
+            cos_sin = cos_sin.for_block(self)
         hidden = super().forward(
             hidden,
             attention_mask=None if masks is None else masks.for_block(self),
@@ -110,7 +128,10 @@ class RopePipeBlock:
         attention module passes its own sliding window to the kernel)."""
         hidden, attention_mask, segment_ids = split_stage_inputs(inputs)
         position_ids = position_ids_from(attention_mask, segment_ids)[:, -hidden.shape[1]:]
-        cos_sin = self.rotary_emb(hidden, position_ids=position_ids)
+        if self.rope_by_layer_type:
+            cos_sin = RopeByLayerType(self.rotary_emb, hidden, position_ids)
+        else:
+            cos_sin = self.rotary_emb(hidden, position_ids=position_ids)
         if segment_ids is not None and past_key_values is None and attn_implementation(self.config) in VARLEN_IMPLEMENTATIONS:
             return position_ids, None, cos_sin, varlen_kwargs(segment_ids)
         masks = StageMasks(self.config, hidden, attention_mask, past_key_values, position_ids,

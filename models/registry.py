@@ -33,11 +33,15 @@ class Architecture:
     # (config, attn_implementation, seq_len) -> floating elements one block saves for backward per
     # token (models.activation_memory); None: unknown (memory estimates then leave activations out).
     block_activation_elements: Callable = None
-    # transformers' class-name prefix: exports name `<prefix>ForCausalLM` / `<prefix>ForSequenceClassification`.
+    # transformers' class-name prefix: exports name `<prefix>ForCausalLM` / `<prefix>ForSequenceClassification`,
+    # unless hf_class_names names a head's class ((head, class name) pairs).
     hf_class_prefix: str = ""
+    hf_class_names: tuple[tuple[str, str], ...] = ()
+    # config -> None, raising ValueError (naming the config.json key) for settings the layers do not implement.
+    check_config: Callable = None
 
 
-def _rope_decoder(model_type: str, module: str, prefix: str, activations: str = "llama_block_elements") -> Architecture:
+def _rope_decoder(model_type: str, module: str, prefix: str, activations: str = "llama_block_elements", **extra) -> Architecture:
     """LLaMA and the families built like it (transformers' own decoder layer + RoPE + RMSNorm):
     the same key layout (`model.embed_tokens`, `model.layers.{i}`, `model.norm`, `lm_head`)."""
     import importlib
@@ -58,6 +62,7 @@ def _rope_decoder(model_type: str, module: str, prefix: str, activations: str = 
         ignored_hf_key_suffixes=(".rotary_emb.inv_freq",),
         block_activation_elements=getattr(activation_memory, activations),
         hf_class_prefix=prefix,
+        **extra,
     )
 
 
@@ -79,6 +84,16 @@ def _qwen3() -> Architecture:
 def _mistral() -> Architecture:
     """Mistral: the LLaMA block; `sliding_window` (v0.1) makes every layer sliding."""
     return _rope_decoder("mistral", "mistral", "Mistral")
+
+
+def _gemma3_text() -> Architecture:
+    """Gemma 3 text (1B): GeGLU, (1 + w) norms, scaled embeddings, q/k norms, sliding/full layers with
+    two RoPE bases; tied head."""
+    from . import gemma3
+
+    return _rope_decoder("gemma3_text", "gemma3", "Gemma3", "gemma3_block_elements", tied_by_default=True,
+                         hf_class_names=(("value", "Gemma3TextForSequenceClassification"),),
+                         check_config=gemma3.check_config)
 
 
 def _bloom() -> Architecture:
@@ -104,7 +119,7 @@ def _bloom() -> Architecture:
 
 
 _REGISTRY: dict[str, Callable[[], Architecture]] = {
-    "llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "mistral": _mistral, "bloom": _bloom,
+    "llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "mistral": _mistral, "gemma3_text": _gemma3_text, "bloom": _bloom,
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(_REGISTRY))
 

@@ -24,10 +24,13 @@ from models.registry import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_ar
 from test_convert import hf_tensors, load_pipe as load_pipe_dir
 from test_models import load_pipe, right_padded_batch
 
-FAMILIES = ("qwen2", "qwen3", "mistral", "llama3")
-HF_CLASS = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "llama3": "Llama"}
+FAMILIES = ("qwen2", "qwen3", "mistral", "llama3", "gemma3")
+HF_CLASS = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "llama3": "Llama", "gemma3": "Gemma3"}
+VALUE_CLASS = {**{f: f"{c}ForSequenceClassification" for f, c in HF_CLASS.items()},
+               "gemma3": "Gemma3TextForSequenceClassification"}
 # Sliding windows shorter than the test sequences (16 tokens; generation: prompts up to 12 + 10 new).
 # Mistral v0.1: every layer slides. Qwen2 with use_sliding_window: layers from max_window_layers on.
+# tiny-gemma3 ships sliding layers (window 8) with a full one, as Gemma 3 does.
 SLIDING = {
     "mistral": {"sliding_window": 5},
     "qwen2": {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 2,
@@ -41,9 +44,10 @@ def family_hf(tiny_hf, family, tied=None, sliding=None):
 
 
 def test_registry_lists_every_family():
-    assert set(FAMILIES) - {"llama3"} | {"llama", "bloom"} == set(SUPPORTED_MODEL_TYPES)
-    with pytest.raises(UnsupportedModelError, match=r"'gemma3_text' is not supported; supported: bloom, llama, mistral, qwen2, qwen3"):
-        get_architecture("gemma3_text")
+    assert set(FAMILIES) - {"llama3", "gemma3"} | {"llama", "bloom", "gemma3_text"} == set(SUPPORTED_MODEL_TYPES)
+    with pytest.raises(UnsupportedModelError,
+                       match=r"'gemma2' is not supported; supported: bloom, gemma3_text, llama, mistral, qwen2, qwen3"):
+        get_architecture("gemma2")
 
 
 @pytest.mark.parametrize("family,tied,sliding", VARIANTS)
@@ -145,7 +149,7 @@ def test_value_head_exports_as_sequence_classification_scoring_like_the_pipeline
     pp = value_head_checkpoint(tiny_hf(family), tmp_path)
     hf_dir = pp_to_hg(pp, tmp_path / "hf", progress=False)
     config = json.loads((hf_dir / "config.json").read_text())
-    assert config["architectures"] == [HF_CLASS[family] + "ForSequenceClassification"]
+    assert config["architectures"] == [VALUE_CLASS[family]]
     assert AutoConfig.from_pretrained(hf_dir).num_labels == 1
     tok = AutoTokenizer.from_pretrained(hf_dir)
     pad = config["pad_token_id"]
@@ -154,7 +158,7 @@ def test_value_head_exports_as_sequence_classification_scoring_like_the_pipeline
     ids, mask = right_padded_batch(800, lengths=(12, 7, 4))
     ids = ids.masked_fill(mask == 0, pad)
     model = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    assert type(model).__name__ == HF_CLASS[family] + "ForSequenceClassification"
+    assert type(model).__name__ == VALUE_CLASS[family]
     with torch.no_grad():
         pipe_scores = sequence_scores(load_pipe_dir(pp, "value")((ids, mask)), last_token_index(mask))
         hf_scores = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
@@ -163,7 +167,8 @@ def test_value_head_exports_as_sequence_classification_scoring_like_the_pipeline
 
 
 @pytest.mark.parametrize("family,attn,changes", [
-    ("qwen2", "sdpa", {}), ("mistral", "sdpa", {}), ("llama3", "sdpa", {}), ("qwen3", "eager", {}),
+    ("qwen2", "sdpa", {}), ("mistral", "sdpa", {}), ("llama3", "sdpa", {}), ("qwen3", "eager", {}), ("gemma3", "sdpa", {}),
+    ("gemma3", "sdpa", {"num_attention_heads": 8, "head_dim": 32}),
     ("qwen3", "sdpa", {}),                                                      # heads x head_dim = hidden
     ("qwen3", "sdpa", {"num_attention_heads": 8, "head_dim": 64}),              # = 4 x hidden (Qwen3-0.6B: 2x)
     ("qwen3", "sdpa", {"num_attention_heads": 8, "head_dim": 16, "hidden_size": 256}),  # = hidden / 2
@@ -198,6 +203,28 @@ def eos_ids(hf_dir) -> list:
     return eos if isinstance(eos, list) else [eos]
 
 
+def test_gemma3_refuses_what_its_layers_do_not_implement():
+    from models.pipeline import prepare_config
+
+    for key, value in (("final_logit_softcapping", 30.0), ("attn_logit_softcapping", 50.0),
+                       ("use_bidirectional_attention", True)):
+        with pytest.raises(ValueError, match=key):
+            prepare_config(AutoConfig.from_pretrained(CONFIGS["gemma3"], **{key: value}))
+
+
+def test_gemma3_sliding_layers_and_rope_bases_act(tiny_hf):
+    """tiny-gemma3's window (8 < 16 tokens) and its local RoPE base change the logits."""
+    ids, mask = right_padded_batch(1024, lengths=(16, 16))
+    _, pipe = load_pipe(tiny_hf("gemma3"))
+    _, full = load_pipe(tiny_hf("gemma3", layer_types=["full_attention"] * 4))
+    local = {"rope_type": "default", "rope_theta": 1000000.0}
+    _, one_base = load_pipe(tiny_hf("gemma3", rope_parameters={"sliding_attention": local, "full_attention": local}))
+    with torch.no_grad():
+        out = pipe((ids, mask))
+        assert (out[:, 9:] - full((ids, mask))[:, 9:]).abs().max() > 1e-3
+        assert (out - one_base((ids, mask))).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("family,sliding", [(f, None) for f in FAMILIES] + [(f, f) for f in SLIDING])
 def test_one_process_greedy_equals_hf_generate(tiny_hf, family, sliding):
     from test_generation import ragged_prompts
@@ -223,7 +250,8 @@ def test_one_process_greedy_equals_hf_generate(tiny_hf, family, sliding):
 
 CHAT = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, friend."},
                      {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "It is 4."}]}
-END_OF_TURN = {"qwen2": "<|im_end|>", "qwen3": "<|im_end|>", "mistral": "</s>", "llama3": "<|eot_id|>"}
+END_OF_TURN = {"qwen2": "<|im_end|>", "qwen3": "<|im_end|>", "mistral": "</s>", "llama3": "<|eot_id|>",
+               "gemma3": "<end_of_turn>"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -24,6 +24,13 @@ with the choices that make it that family, and a tokenizer in the family's style
   <|finetune_right_pad_id|> is there to pad with, as in 3.1+), BOS added, EOS <|eot_id|>, several eos
   ids (<|end_of_text|>, <|eom_id|>, <|eot_id|>) in config.json and generation_config.json; Llama
   3.1's header template with its dated system preamble.
+- tiny-gemma3 (Gemma-3-1B-it-shaped, `gemma3_text`): GeGLU, (1 + w) norms, q/k norms, head_dim 16,
+  query_pre_attn_scalar 16, layers sliding, sliding, sliding, full (1B: five sliding per full) with
+  RoPE bases 1e4 / 1e6, sliding_window 8 (1B: 512; short here so that tiny sequences exceed it), tied
+  head; byte-level BPE with Gemma's specials first (<pad> 0, <eos> 1, <bos> 2, <unk> 3) and
+  <start_of_turn>/<end_of_turn> after the vocabulary, BOS added, EOS <eos>, generation eos ids
+  [<eos>, <end_of_turn>]; Gemma 3's template (assistant -> "model", system text folded into the first
+  user turn).
 
 Every tokenizer is loaded back with AutoTokenizer and must round-trip the corpus and its own chat
 template's special tokens.
@@ -73,6 +80,19 @@ LLAMA31_TEMPLATE = (
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}\n")
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}\n")
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
@@ -157,6 +177,39 @@ def build_llama3(out: Path) -> None:
     write_config(out, config, {"bos_token_id": ids[bos], "eos_token_id": eos})
 
 
+def build_gemma3(out: Path) -> None:
+    from tokenizers import AddedToken, processors
+    from transformers import Gemma3TextConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    first = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    turns = ["<start_of_turn>", "<end_of_turn>"]
+    # Gemma numbers <pad> <eos> <bos> <unk> 0-3: they come first, the turn markers after the BPE.
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(CORPUS)], trainers.BpeTrainer(vocab_size=904, special_tokens=first, show_progress=False,
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in turns])
+    ids = {t: tok.token_to_id(t) for t in first + turns}
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", ids["<bos>"])])
+    save_tokenizer(tok, out, GEMMA3_TEMPLATE, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+                   additional_special_tokens=turns)
+    layer_types = ["sliding_attention"] * 3 + ["full_attention"]
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}
+    config = Gemma3TextConfig(**SHAPE, head_dim=16, query_pre_attn_scalar=16, layer_types=layer_types, sliding_window=8,
+                              rope_parameters=rope, bos_token_id=ids["<bos>"], eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
+                              pad_token_id=ids["<pad>"], tie_word_embeddings=True, final_logit_softcapping=None,
+                              attn_logit_softcapping=None, hidden_activation="gelu_pytorch_tanh")
+    write_config(out, config, {"bos_token_id": ids["<bos>"], "pad_token_id": ids["<pad>"],
+                               "eos_token_id": [ids["<eos>"], ids["<end_of_turn>"]]})
+
+
 def build_mistral(out: Path) -> None:
     from transformers import MistralConfig
 
@@ -185,7 +238,8 @@ def check(out: Path) -> None:
     text = tok.apply_chat_template(chat, tokenize=False)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text, (out.name, text, tok.decode(ids))
-    assert tok.eos_token_id in ids, (out.name, "EOS not a single token in the rendered chat")
+    eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert set(ids) & set(eos if isinstance(eos, list) else [eos]), (out.name, "no eos id ends the rendered answer")
     print(f"{out.name}: {len(tok)} tokens, vocab {config.vocab_size}, eos {tok.eos_token!r}, chat: {text!r}")
 
 
@@ -196,7 +250,8 @@ def main() -> None:
     build_qwen(configs / "tiny-qwen3", "qwen3")
     build_mistral(configs / "tiny-mistral")
     build_llama3(configs / "tiny-llama3")
-    for name in ("tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-llama3"):
+    build_gemma3(configs / "tiny-gemma3")
+    for name in ("tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-llama3", "tiny-gemma3"):
         check(configs / name)
 
 
