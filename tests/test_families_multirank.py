@@ -1,4 +1,4 @@
-"""The LLaMA-shaped families (Qwen2/2.5, Qwen3, Mistral, Llama 3.x) on real pipelines, against
+"""The LLaMA-shaped families (Qwen2/2.5, Qwen3, Mistral, Llama 3.x) and Gemma 3 on real pipelines, against
 transformers: logits on 2 and 3 stages equal HF's bit for bit (tied and untied heads, sliding-window
 layers, a stage holding full and sliding layers); pipelined greedy generation equals HF `generate`
 (ragged prompts, 2 and 3 micro-batches in flight, the families' several eos ids, sliding windows
@@ -32,9 +32,10 @@ MODELS = {
     "qwen2": ("qwen2", None, None), "qwen2_untied": ("qwen2", False, None), "qwen3": ("qwen3", None, None),
     "mistral": ("mistral", None, None), "mistral_tied": ("mistral", True, None), "llama3": ("llama3", None, None),
     "llama3_untied": ("llama3", False, None), "qwen2_sliding": ("qwen2", None, "qwen2"),
-    "mistral_sliding": ("mistral", None, "mistral"),
+    "mistral_sliding": ("mistral", None, "mistral"), "gemma3": ("gemma3", None, None),
+    "gemma3_untied": ("gemma3", False, None),
 }
-TRAINED = ("qwen2", "qwen3", "mistral", "llama3", "qwen2_sliding", "mistral_sliding")
+TRAINED = ("qwen2", "qwen3", "mistral", "llama3", "qwen2_sliding", "mistral_sliding", "gemma3")
 TEMPLATE_MODEL = ("qwen2", "llama3")  # acceptance: Qwen2.5-shaped and Llama-3.1-shaped
 LAYOUTS = {2: [2, 5], 3: [2, 2, 3]}   # 2 stages: block 1 (full) and blocks 2-3 (sliding in qwen2_sliding) share stage 1
 
@@ -82,6 +83,8 @@ def recipe_configs(tmp, model_dirs) -> list:
         make_config(tmp, "dpo_mistral_sliding", model_dirs["mistral_sliding"][1], stage="dpo", data_path=pairs,
                     train_steps=2, beta=0.1, **small),
         make_config(tmp, "dpo_qwen2", model_dirs["qwen2"][1], stage="dpo", data_path=pairs, train_steps=2, beta=0.1, **small),
+        make_config(tmp, "rm_gemma3", model_dirs["gemma3"][1], stage="rm", data_path=pairs, train_steps=2, **small),
+        make_config(tmp, "dpo_gemma3", model_dirs["gemma3"][1], stage="dpo", data_path=pairs, train_steps=2, beta=0.1, **small),
     ]
     ppo = json.loads((REPO / "configs" / "ppo_tiny.json").read_text())
     ppo.pop("csv_monitor")
@@ -219,7 +222,8 @@ def test_packed_sft_with_sliding_windows_equals_each_record_alone_in_hf(runs, mo
                                rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("name", ["rm_llama3", "rm_qwen3", "dpo_mistral_sliding", "dpo_qwen2", "ppo_llama3"])
+@pytest.mark.parametrize("name", ["rm_llama3", "rm_qwen3", "dpo_mistral_sliding", "dpo_qwen2", "ppo_llama3", "rm_gemma3",
+                                  "dpo_gemma3"])
 def test_rm_dpo_and_ppo_recipes_run_on_the_families(runs, name):
     import math
 
