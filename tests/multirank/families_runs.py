@@ -8,10 +8,12 @@ in one launch (starting ranks costs ~10 s each time). --spec is a JSON file writ
 
 For each model, on a P-stage pipeline split by `parts`: the logits of `batch` (trainer.forward_only,
 every micro-batch, last stage) and greedy generation of `prompts` with 2 and 3 micro-batches in flight.
-Rank 0 writes {"models": {name: {"logits", "greedy_m2", "greedy_m3"}}, "train": [summaries]} to --out.
+Rank 0 writes {"models": {name: {"logits", "greedy_m2", "greedy_m3"}}, "train": [summaries], "seconds": {case: s}}
+to --out.
 """
 import argparse
 import json
+import time
 import traceback
 
 import torch
@@ -75,12 +77,16 @@ def main() -> None:
 
     init_process_group("gloo")
     spec = json.loads(open(args.spec).read())
-    results = {"models": {}, "train": []}
+    results = {"models": {}, "train": [], "seconds": {}}
     try:
         for name, model in spec["models"].items():
+            start = time.perf_counter()
             results["models"][name] = model_case(model["pp"], model["stop_ids"], spec)
+            results["seconds"][name] = round(time.perf_counter() - start, 1)
         for path in spec.get("train_configs", []):
+            start = time.perf_counter()
             results["train"].append(run_config(path))
+            results["seconds"][path.rsplit("/", 1)[-1]] = round(time.perf_counter() - start, 1)
     except BaseException:
         traceback.print_exc()
         raise
