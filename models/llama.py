@@ -1,7 +1,7 @@
 """LLaMA pipe layers, and the RoPE decoder machinery the LLaMA-shaped families share (Qwen2, Qwen3,
-Mistral: `models.qwen2`, `models.qwen3`, `models.mistral`). Blocks subclass transformers' own decoder
-layer (`LlamaDecoderLayer`, ...), so numerics and state-dict keys are HF's (minus the
-`model.layers.{i}.` prefix). Covers grouped-query attention (`num_key_value_heads`),
+Mistral, Gemma 3: `models.qwen2`, `models.qwen3`, `models.mistral`, `models.gemma3`). Blocks
+subclass transformers' own decoder layer (`LlamaDecoderLayer`, ...), so numerics and state-dict keys
+are HF's (minus the `model.layers.{i}.` prefix). Covers grouped-query attention (`num_key_value_heads`),
 `rope_parameters`/`rope_scaling`/`rope_theta` (Llama 3.1's `rope_type: "llama3"` included: HF's rotary
 module reads it), tied or untied embeddings, and sliding-window layers (`config.layer_types`, or
 Mistral's `sliding_window`): their mask is transformers' `create_sliding_window_causal_mask`, built
