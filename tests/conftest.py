@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = {"llama": REPO / "configs" / "tiny-llama", "bloom": REPO / "configs" / "tiny-bloom"}
+CONFIGS = {name: REPO / "configs" / f"tiny-{name}" for name in ("llama", "bloom", "qwen2", "qwen3", "mistral", "llama3", "gemma3")}
 
 # One torch thread: tests run beside DeepSpeed ranks on a 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

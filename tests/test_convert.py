@@ -316,7 +316,7 @@ def test_error_unknown_model_type(capsys, tiny_hf, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
     code, err = run_cli(capsys, "hg_to_pp", "--input-path", str(src), "--save-path", str(tmp_path / "out"))
-    assert code == 2 and "'gpt_neox' is not supported; supported: bloom, llama" in err
+    assert code == 2 and "'gpt_neox' is not supported; supported: bloom, gemma3_text, llama, mistral, qwen2, qwen3" in err
     assert_nothing_written(tmp_path / "out")
 
 

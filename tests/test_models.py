@@ -104,7 +104,7 @@ def test_packed_rows_equal_separate_rows(tiny_hf, model_type):
 
 
 def test_unknown_model_type_lists_supported():
-    with pytest.raises(UnsupportedModelError, match=r"'gpt2' is not supported; supported: bloom, llama"):
+    with pytest.raises(UnsupportedModelError, match=r"'gpt2' is not supported; supported: bloom, gemma3_text, llama, mistral, qwen2, qwen3"):
         get_architecture("gpt2")
 
 
