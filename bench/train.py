@@ -75,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--threads-per-rank", type=int, default=1,
                    help="CPU only: torch threads per pipeline rank; the plain loop gets stages x this (1)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on both paths (off)")
+    p.add_argument("--compile", action="store_true", help="the pipeline's config \"compile\": true (torch.compile per block)")
+    p.add_argument("--full-logits", action="store_true", help="the pipeline's chunked_loss false (default: the chunked head loss)")
     p.add_argument("--torch-adam", action="store_true",
                    help="pipeline: torch.optim.AdamW instead of DeepSpeed's FusedAdam (for machines that cannot build it)")
     p.add_argument("--breakdown", action="store_true", help="per-rank time per pipeline instruction")
@@ -220,6 +222,7 @@ def pipeline_config(settings: dict, work: Path) -> dict:
         "model_path": str(work / "pp"), "save_path": str(work / "save"), "data_path": "synthetic (bench/train.py)",
         "max_seq_len": settings["seq_len"], "train_steps": settings["warmup"] + settings["steps"],
         "seed": settings["seed"], "resume": "never", "use_grad_ckpt": settings["grad_ckpt"],
+        "compile": settings.get("compile", False), "chunked_loss": settings.get("chunked_loss", True),
         "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [settings["stages"], 1]}, "parts": "auto"},
         "train_micro_batch_size_per_gpu": settings["micro_batch"],
         "gradient_accumulation_steps": settings["micro_batches"],
@@ -271,6 +274,7 @@ def worker(work: Path) -> int:
         accel.set_device(local_rank)
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     try:
+        from models.heads import set_defer_logits
         from trainer.batches import with_normaliser
         from trainer.engine.build import build_engine
         from trainer.engine.plan import plan_model
@@ -284,6 +288,7 @@ def worker(work: Path) -> int:
         total_steps = settings["warmup"] + settings["steps"]
         engine = build_engine(cfg, plan, Topology.from_config(cfg, rank, world_size), total_steps, weights="load",
                               loss_fn=global_token_mean_loss)
+        set_defer_logits(engine.module, cfg.chunked_loss)  # as the SFT recipe does
         stage = engine.stage_id
         batches = make_batches(settings, total_steps)
         totals = instrument(engine) if settings["breakdown"] else None
@@ -402,6 +407,7 @@ def main(argv=None) -> int:
         "micro_batches": args.micro_batches, "steps": args.steps, "warmup": args.warmup,
         "dtype": args.dtype or ("bf16" if info["accelerator"] == "cuda" else "fp32"), "stages": args.stages,
         "threads_per_rank": args.threads_per_rank, "grad_ckpt": args.grad_ckpt, "torch_adam": args.torch_adam,
+        "compile": args.compile, "chunked_loss": not args.full_logits,
         "breakdown": args.breakdown, "seed": args.seed, "accelerator": info["accelerator"],
     }
     if min(settings["seq_len"], settings["micro_batch"], settings["micro_batches"], settings["steps"], settings["stages"]) < 1 or args.warmup < 0:

@@ -195,3 +195,31 @@ def test_micro_batch_shape_follows_the_recipe():
     assert validate(ppo, world_size=2).micro_batch_shape() == (2, 160)
     config = prepare_config(AutoConfig.from_pretrained(REPO / "configs" / "tiny-llama"))
     assert memory_settings(validate({**raw, "stage": "dpo"}, world_size=2), config).chunked_head
+
+
+def test_ppo_actor_counts_its_rollout_generation():
+    """PPO's actor generates every row of its replica's rollout with a KV cache: K and V per block for
+    rows x (prompt + answer) tokens, or, when larger, the prompts' cache and one micro-batch's prefill; the
+    part beyond the training activations is the stage's "generation" (bench/memory.py --generate: within
+    3% of the measured CPU peak, docs/benchmarks.md). The critic and the frozen models generate nothing."""
+    from models.pipeline import pipe_layer_names
+
+    raw = {"stage": "ppo", "actor_path": "a", "critic_path": "c", "save_path": "s", "data_path": "d.json", "train_steps": 1,
+           "train_batch_size": 8, "train_micro_batch_size_per_gpu": 1, "max_seq_len": 96,
+           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 2]}, "parts": [4, 3]},
+           "ppo": {"max_new_tokens": 32, "rollout_batch_size": 16, "n_samples_per_prompt": 4}}
+    cfg = validate(raw, world_size=4)
+    config = prepare_config(AutoConfig.from_pretrained(REPO / "configs" / "tiny-llama"))
+    actor = memory_settings(cfg, config, generates=True)
+    assert (actor.generation_rows, actor.generation_prompt, actor.generation_new) == (32, 96, 32)  # 16 x 4 / D = 2
+    assert memory_settings(cfg, config).generation_rows == 0 and memory_settings(cfg, config, frozen=True).generation_rows == 0
+    names = pipe_layer_names(config, "lm")
+    counts = [1] * len(names)
+    parts = stage_memory(config, names, counts, False, 0, 4, 0, actor)
+    blocks, act = 3, 4  # stage 0: the embedding and 3 blocks, fp32
+    kv_heads, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    full_cache = blocks * 32 * (96 + 32) * 2 * kv_heads * head_dim * act
+    prefill = blocks * 32 * 96 * 2 * kv_heads * head_dim * act + 16 * 96 * (4 * config.hidden_size + 2 * config.intermediate_size) * act
+    assert parts["generation"] == pytest.approx(max(full_cache, prefill) - parts["activations"] - parts["head"])
+    without = stage_memory(config, names, counts, False, 0, 4, 0, memory_settings(cfg, config))
+    assert "generation" not in without and {k: v for k, v in parts.items() if k != "generation"} == without
