@@ -19,7 +19,7 @@ from conftest import CONFIGS
 from convert.hg_to_pp import hg_to_pp
 from convert.pp_to_hg import pp_to_hg
 from models.heads import last_token_index, sequence_scores
-from models.pipeline import SequentialPipe, build_layers, prepare_config
+from models.pipeline import build_layers, prepare_config
 from models.registry import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_architecture
 from test_convert import hf_tensors, load_pipe as load_pipe_dir
 from test_models import load_pipe, right_padded_batch
