@@ -76,3 +76,31 @@ def test_hub_download_command_is_installed():
     assert "hf download ORG/NAME --local-dir NAME" in README and "huggingface-cli" not in README.replace(
         "no longer installs `huggingface-cli`", "")
     assert "huggingface-cli" not in (REPO / "convert" / "hg_to_pp.py").read_text()
+
+
+def modes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)) or ".": p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
+
+
+def test_exports_and_caches_honour_the_umask(tiny_hf, tmp_path):
+    """Point 10: hg_to_pp / pp_to_hg folders and the dataset cache get the umask's modes (0755/0644
+    under 022, 0750/0640 under 027), not mkdtemp's 0700 / mkstemp's 0600."""
+    from convert.hg_to_pp import hg_to_pp
+    from convert.pp_to_hg import pp_to_hg
+    from data.cache import load_or_build
+
+    src = tiny_hf("llama")
+    for umask, folder_mode, file_mode in ((0o022, 0o755, 0o644), (0o027, 0o750, 0o640)):
+        old = os.umask(umask)
+        try:
+            pp = hg_to_pp(src, tmp_path / f"pp-{umask:o}", progress=False)
+            hf = pp_to_hg(pp, tmp_path / f"hf-{umask:o}", progress=False)
+            load_or_build(str(tmp_path / f"cache-{umask:o}"), "k", lambda: {"x": 1})
+        finally:
+            os.umask(old)
+        for folder in (pp, hf):
+            got = modes(Path(folder))
+            assert got.pop(".") == folder_mode, folder
+            # files written here get the umask's mode; tokenizer files copied from the source keep theirs (0644)
+            assert set(got.values()) <= {file_mode, 0o644} and file_mode in got.values(), (folder, got)
+        assert (tmp_path / f"cache-{umask:o}" / "k.pt").stat().st_mode & 0o777 == file_mode
