@@ -30,5 +30,6 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not multirank"
 
+# only what the make targets made: runs/ also holds the README's real checkpoints (runs/llama-7b-sft, ...)
 clean:
-	rm -rf runs .pytest_cache data/.cache
+	rm -rf runs/quickstart runs/rlhf-quickstart .pytest_cache data/.cache

@@ -10,6 +10,7 @@ setup(
     name="pipetune",
     version="0.1.0",
     description="Pipeline-parallel full fine-tuning (SFT, reward model, PPO) of BLOOM and LLaMA on DeepSpeed",
+    license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["models", "models.*", "data", "data.*", "trainer", "trainer.*", "convert", "convert.*",
                                     "compat", "compat.*", "inference", "inference.*"]),

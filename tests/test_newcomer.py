@@ -104,3 +104,25 @@ def test_exports_and_caches_honour_the_umask(tiny_hf, tmp_path):
             # files written here get the umask's mode; tokenizer files copied from the source keep theirs (0644)
             assert set(got.values()) <= {file_mode, 0o644} and file_mode in got.values(), (folder, got)
         assert (tmp_path / f"cache-{umask:o}" / "k.pt").stat().st_mode & 0o777 == file_mode
+
+
+def test_make_clean_keeps_user_runs(tmp_path):
+    """Point 9: `make clean` removes the quickstarts' outputs and caches, not other runs (the README's
+    examples keep real checkpoints in runs/)."""
+    (tmp_path / "Makefile").write_text((REPO / "Makefile").read_text())
+    for d in ("runs/quickstart/ckpt", "runs/rlhf-quickstart/sft", "runs/llama-7b-sft/global_step10", "data/.cache", ".pytest_cache"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "runs/llama-7b-sft/latest").write_text("global_step10")
+    proc = subprocess.run(["make", "clean"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "runs/llama-7b-sft/latest").read_text() == "global_step10"
+    for gone in ("runs/quickstart", "runs/rlhf-quickstart", "data/.cache", ".pytest_cache"):
+        assert not (tmp_path / gone).exists(), gone
+
+
+def test_license_is_apache_2():
+    """Point 15: a LICENSE (Apache-2.0, as DeepSpeed and transformers), named in setup.py and README."""
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    assert 'license="Apache-2.0"' in (REPO / "setup.py").read_text()
+    assert "Apache-2.0 (`LICENSE`)" in README
