@@ -126,3 +126,23 @@ def test_license_is_apache_2():
     assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
     assert 'license="Apache-2.0"' in (REPO / "setup.py").read_text()
     assert "Apache-2.0 (`LICENSE`)" in README
+
+
+def test_demo_refuses_a_sequence_classification_export(tmp_path):
+    """Point 3: a *ForSequenceClassification export (rlhf.py's rm/hf, ppo/critic_hf) is refused with one
+    error line and status 2, instead of generating with a random LM head and exiting 0."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(REPO / "configs" / "tiny-llama")
+    config.num_labels = 1
+    rm = tmp_path / "rm-hf"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(rm)
+    AutoTokenizer.from_pretrained(REPO / "configs" / "tiny-llama").save_pretrained(rm)
+    proc = subprocess.run([sys.executable, str(REPO / "demo.py"), "--model-path", str(rm), "--prompt", "Hello", "--max-new-tokens", "4"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == (
+        f"error: --model-path {rm}: config.json's architectures ['LlamaForSequenceClassification'] have no LM head to generate "
+        "with (a reward/value model export, e.g. rlhf.py's rm/hf or ppo/critic_hf); give a *ForCausalLM export (sft/hf, ppo/hf) "
+        "or load it with AutoModelForSequenceClassification to score text")
+    assert "Traceback" not in proc.stderr
