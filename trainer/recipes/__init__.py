@@ -22,6 +22,7 @@ default to `DEFAULT_HOOKS` (the model -> save_path/hf; nothing kept; no plot). c
 in its logic and reads every hook through `recipe_hook`.
 """
 import importlib
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -84,4 +85,42 @@ def load_config(path: str, world_size: Optional[int] = None, device_supports_fp1
     return validate_config(read_config_json(path), path, world_size, device_supports_fp16)
 
 
-__all__ = ["RECIPES", "ConfigError", "get_recipe", "load_config", "options_classes", "recipe_hook", "recipe_module", "validate_config"]
+# The config keys naming models a recipe starts from (besides model_path), and data files.
+MODEL_PATH_KEYS = ("actor_path", "critic_path", "ref_path", "reward_path")
+DATA_PATH_KEYS = ("data_path", "eval_data_path", "ptx_data_path")
+
+
+def missing_inputs(cfg: TrainConfig) -> list[str]:
+    """The models and data files cfg names that are not there, one line each naming the key: checked by
+    train_ds.py before the ranks meet, so a typo'd path is a config error (exit status 2), not a
+    preflight failure about nodes. (The chain checks its steps' inputs itself: trainer/chain.py.)"""
+    from data.sources import expand_paths
+
+    problems = []
+    if not os.path.exists(cfg.model_path):
+        problems.append(f"model_path {cfg.model_path} does not exist (give a hg_to_pp output, a training save_path or a "
+                        "global_stepN folder)")
+    for key in MODEL_PATH_KEYS:
+        path = getattr(cfg.options, key, None)
+        if path and path != cfg.model_path and not os.path.exists(path):
+            problems.append(f"{key} {path} does not exist")
+    for key in DATA_PATH_KEYS:
+        value = getattr(cfg, key, None) if hasattr(cfg, key) else getattr(cfg.options, key, None)
+        if value is not None:
+            problems += [f"{key}: {p}" for p in expand_paths(value)[1] if p.reason == "missing_file"]
+    return problems
+
+
+def load_checked_config(path: str, world_size: Optional[int] = None, device_supports_fp16: bool = True) -> TrainConfig:
+    """load_config, then its models and data files must exist (ConfigError naming the keys). On a
+    multi-node job only the first node checks here (DeepSpeed's CROSS_RANK): the other nodes meet
+    rank 0 and the preflight names the node that cannot see a path."""
+    cfg = load_config(path, world_size, device_supports_fp16)
+    if os.environ.get("CROSS_RANK", "0") == "0":
+        problems = missing_inputs(cfg)
+        if problems:
+            raise ConfigError(path, problems)
+    return cfg
+
+
+__all__ = ["RECIPES", "ConfigError", "get_recipe", "load_checked_config", "load_config", "missing_inputs", "options_classes", "recipe_hook", "recipe_module", "validate_config"]
