@@ -1,6 +1,7 @@
 """A newcomer's path through README.md (issue 23): the commands it gives work in a fresh shell with
 its activation line, the suite's duration and fast subset are there, the hub download command is one
 the pinned packages install, `make clean` keeps checkpoints, the licence is there. No launch: seconds."""
+import json
 import os
 import re
 import subprocess
@@ -146,3 +147,64 @@ def test_demo_refuses_a_sequence_classification_export(tmp_path):
         "with (a reward/value model export, e.g. rlhf.py's rm/hf or ppo/critic_hf); give a *ForCausalLM export (sft/hf, ppo/hf) "
         "or load it with AutoModelForSequenceClassification to score text")
     assert "Traceback" not in proc.stderr
+
+
+def config_with(**over) -> dict:
+    raw = json.loads((REPO / "configs" / "quickstart.json").read_text())
+    raw.update(over)
+    return raw
+
+
+def nested_problems(**over) -> list[str]:
+    from trainer.recipes import ConfigError, validate_config
+
+    try:
+        validate_config(config_with(**over), "cfg.json", world_size=2)
+    except ConfigError as e:
+        return e.problems
+    return []
+
+
+def test_deepspeed_nested_params_typos_are_caught_before_launch():
+    """Point 8: optimizer.params / scheduler.params against what the class DeepSpeed builds for the
+    type accepts, one line with the closest key; DeepSpeed's own config-only keys pass."""
+    adamw = {"type": "AdamW", "params": {"lr": 1e-3, "weight_decy": 0.01, "torch_adam": True}}
+    assert nested_problems(optimizer=adamw) == [
+        "optimizer.params: unknown key 'weight_decy' for optimizer type 'AdamW' (torch.optim.adamw.AdamW): did you mean 'weight_decay'?"]
+    fused = {"type": "Adam", "params": {"lr": 1e-3, "betas": [0.9, 0.95], "adam_w_mode": False, "fp32_optimizer_states": True}}
+    assert nested_problems(optimizer=fused) == []
+    offload = {"type": "AdamW", "params": {"lr": 1e-3, "ams_grad": True}}
+    assert nested_problems(optimizer=offload, zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}}) == [
+        "optimizer.params: unknown key 'ams_grad' for optimizer type 'AdamW' (deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam): "
+        "did you mean 'amsgrad'?"]
+    assert nested_problems(optimizer={"type": "SGD", "params": {"lr": 0.1, "momentun": 0.9}}) == [
+        "optimizer.params: unknown key 'momentun' for optimizer type 'SGD' (torch.optim.sgd.SGD): did you mean 'momentum'?"]
+    assert nested_problems(optimizer={"type": "LionPytorch", "params": {"lr": 1e-4, "use_trition": True}}) == [
+        "optimizer.params: unknown key 'use_trition' for optimizer type 'LionPytorch' (lion_pytorch.Lion): did you mean 'use_triton'?"]
+    scheduler = {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 1e-3, "warmup_num_step": 10}}
+    assert nested_problems(scheduler=scheduler) == [
+        "scheduler.params: unknown key 'warmup_num_step' for scheduler type 'WarmupDecayLR' "
+        "(deepspeed.runtime.lr_schedules.WarmupDecayLR): did you mean 'warmup_num_steps'?"]
+    assert nested_problems(scheduler={"type": "WarmupDecay", "params": {}}) == [
+        "scheduler type 'WarmupDecay' is neither one of DeepSpeed's (WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle, "
+        "LRRangeTest) nor a torch.optim.lr_scheduler class"]
+    for name in ("quickstart.json", "ds_config_pp.json", "ds_config_rm.json", "ppo_tiny.json", "dpo_tiny.json"):
+        raw = json.loads((REPO / "configs" / name).read_text())
+        from trainer.recipes import validate_config
+        validate_config(raw, name)  # the shipped configs pass
+
+
+def test_ppo_critic_optimizer_params_are_checked_too():
+    """Point 8: the critic's own optimizer (ppo.critic.optimizer replaces the actor's) is checked as well."""
+    from trainer.recipes import ConfigError, load_config, validate_config
+
+    raw = json.loads((REPO / "configs" / "ppo_tiny.json").read_text())
+    raw["ppo"]["critic"] = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.95], "eps_": 1e-8, "torch_adam": True}}}
+    try:
+        validate_config(raw, "ppo.json", world_size=2)
+    except ConfigError as e:
+        assert e.problems == ["ppo.critic.optimizer.params: unknown key 'eps_' for optimizer type 'AdamW' "
+                              "(torch.optim.adamw.AdamW): did you mean 'eps'?"]
+    else:
+        raise AssertionError("no problem found")
+    load_config(str(REPO / "configs" / "ds_config_ppo.json"), world_size=8)
