@@ -4,6 +4,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# DeepSpeed's JIT-built ops go into the venv (trainer/op_cache.py), not ~/.cache/torch_extensions where
+# other venvs and clones rebuild them; a TORCH_EXTENSIONS_DIR set by the user wins.
+TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+export TORCH_EXTENSIONS_DIR
 
 .PHONY: quickstart rlhf-quickstart test test-fast install clean
 

@@ -9,6 +9,10 @@ layer, not for the model.
 import argparse
 import sys
 
+from trainer.op_cache import venv_op_cache
+
+venv_op_cache()  # DeepSpeed's ops built once per venv (trainer/op_cache.py)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -31,6 +31,9 @@ from typing import IO
 
 from inference.errors import InferenceError
 from inference.loading import DEFAULT_CONTEXT
+from trainer.op_cache import venv_op_cache
+
+venv_op_cache()  # DeepSpeed's ops built once per venv (trainer/op_cache.py)
 
 EXIT_USER_ERROR = 2
 

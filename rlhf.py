@@ -51,6 +51,10 @@ import argparse
 import os
 import sys
 
+from trainer.op_cache import venv_op_cache
+
+venv_op_cache()  # DeepSpeed's ops built once per venv (trainer/op_cache.py)
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -43,7 +43,7 @@ def test_readme_activation_line_makes_the_later_commands_work(tmp_path):
     line = activation_line()
     assert line == "source .venv/bin/activate"
     inspect = next(l for b in bash_blocks(README) for l in b.splitlines() if l.startswith("python -m data.inspect data/samples/mixed.json"))
-    without = fresh_shell(f"python3 -c 'import torch' 2>&1 || echo NO_TORCH; command -v deepspeed || echo NO_DEEPSPEED", tmp_path)
+    without = fresh_shell("python3 -c 'import torch' 2>&1 || echo NO_TORCH; command -v deepspeed || echo NO_DEEPSPEED", tmp_path)
     assert "NO_DEEPSPEED" in without.stdout
     proc = fresh_shell(f"set -e\n{line}\n{inspect}\ncommand -v deepspeed\nhf download --help >/dev/null\n", tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -208,3 +208,23 @@ def test_ppo_critic_optimizer_params_are_checked_too():
     else:
         raise AssertionError("no problem found")
     load_config(str(REPO / "configs" / "ds_config_ppo.json"), world_size=8)
+
+
+def test_op_cache_is_per_venv_unless_the_user_set_one(tmp_path):
+    """Point 7: every entry point (and the Makefile) points TORCH_EXTENSIONS_DIR into the venv, so two
+    venvs or clones do not rebuild each other's ops in ~/.cache/torch_extensions; a set one wins."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    probe = "import os, sys, {m}; print(os.environ.get('TORCH_EXTENSIONS_DIR'))"
+    for module in ("train_ds", "rlhf", "demo", "convert_model"):
+        proc = subprocess.run([sys.executable, "-c", probe.format(m=module)], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.stdout.strip() == str(Path(sys.prefix) / "torch_extensions"), (module, proc.stderr[-1000:])
+        proc = subprocess.run([sys.executable, "-c", probe.format(m=module)], cwd=REPO, capture_output=True, text=True,
+                              timeout=120, env={**env, "TORCH_EXTENSIONS_DIR": str(tmp_path / "mine")})
+        assert proc.stdout.strip() == str(tmp_path / "mine"), module
+    (tmp_path / "Makefile").write_text((REPO / "Makefile").read_text() + "\nshow:\n\t@echo $$TORCH_EXTENSIONS_DIR\n")
+    make = subprocess.run(["make", "-s", "show"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert make.stdout.strip() == str(tmp_path / ".venv" / "torch_extensions")
+    make = subprocess.run(["make", "-s", "show"], cwd=tmp_path, env={**env, "TORCH_EXTENSIONS_DIR": "/x"}, capture_output=True,
+                          text=True, timeout=60)
+    assert make.stdout.strip() == "/x"
