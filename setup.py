@@ -1,6 +1,6 @@
 """pipetune: pipeline-parallel full fine-tuning of BLOOM and LLaMA on DeepSpeed.
 
-Versions are pinned to the ones tested together (CPU: torch 2.13.0+cpu; see README for GPUs).
+Versions are pinned to the ones tested together (CPU: torch 2.13.0+cpu; README "GPUs" says how to install the CUDA build).
 """
 from setuptools import find_packages, setup
 

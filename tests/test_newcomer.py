@@ -228,3 +228,21 @@ def test_op_cache_is_per_venv_unless_the_user_set_one(tmp_path):
     make = subprocess.run(["make", "-s", "show"], cwd=tmp_path, env={**env, "TORCH_EXTENSIONS_DIR": "/x"}, capture_output=True,
                           text=True, timeout=60)
     assert make.stdout.strip() == "/x"
+
+
+def test_readme_gpu_section_matches_the_pins():
+    """Point 2: a "GPUs" section with the pins setup.py has, the wheel index, the build flags, what
+    needs a compiler, flash-attn and the TORCH_CUDA_ARCH_LIST workaround, saying it was not checked on
+    a GPU; setup.py points to it."""
+    gpus = README.split("\n## GPUs\n", 1)[1].split("\n## ", 1)[0]
+    setup = (REPO / "setup.py").read_text()
+    torch_pin = re.search(r'"torch==([\d.]+)"', setup).group(1)
+    ds_pin = re.search(r'"deepspeed==([\d.]+)"', setup).group(1)
+    assert f"pip install torch=={torch_pin} --index-url https://download.pytorch.org/whl/cu" in gpus
+    assert f"deepspeed=={ds_pin}" in gpus and "DS_BUILD_OPS=0 pip install -e '.[test]'" in gpus
+    for needed in ("C++ compiler", "nvcc", "`TORCH_CUDA_ARCH_LIST=9.0a`", "export TORCH_CUDA_ARCH_LIST=9.0",
+                   "pip install flash-attn --no-build-isolation", '"torch_adam": true', "no GPU was lent"):
+        assert needed in gpus, needed
+    # the flash-attn command is the one the run's own message gives
+    assert "pip install flash-attn --no-build-isolation" in (REPO / "models" / "stage_io.py").read_text()
+    assert 'README "GPUs"' in setup
