@@ -246,3 +246,23 @@ def test_readme_gpu_section_matches_the_pins():
     # the flash-attn command is the one the run's own message gives
     assert "pip install flash-attn --no-build-isolation" in (REPO / "models" / "stage_io.py").read_text()
     assert 'README "GPUs"' in setup
+
+
+def test_data_inspect_reads_a_training_config(tmp_path, capsys):
+    """Point 11: --max-seq-len defaults to the trainer's 512 (not 2048), and --config inspects what a
+    training config trains (its data, tokenizer, max_seq_len, stage kind), command-line options winning."""
+    from data.inspect import main
+
+    mixed = str(REPO / "data" / "samples" / "mixed.json")
+    assert main([mixed, "--tokenizer-path", str(REPO / "configs" / "tiny-llama")]) == 0
+    assert "kind: lm  max_seq_len: 512\n" in capsys.readouterr().out
+    cfg = config_with(model_path=str(REPO / "configs" / "tiny-llama"), data_path=mixed, eval_fraction=0, pack=True)
+    (tmp_path / "sft.json").write_text(json.dumps(cfg))
+    assert main(["--config", str(tmp_path / "sft.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"kind: lm  max_seq_len: 128  pack: True  (from {tmp_path / 'sft.json'})" in out
+    assert "rows: 18  " in out and "padding efficiency: 0.932" in out  # 31 records packed into 128-token rows
+    (tmp_path / "rm.json").write_text(json.dumps({**cfg, "stage": "rm", "pack": False}))
+    assert main(["--config", str(tmp_path / "rm.json"), "--max-seq-len", "64"]) == 0
+    assert "kind: ranked  max_seq_len: 64  (from" in capsys.readouterr().out
+    assert main(["--config", str(tmp_path / "missing.json")]) == 2
