@@ -266,3 +266,35 @@ def test_data_inspect_reads_a_training_config(tmp_path, capsys):
     assert main(["--config", str(tmp_path / "rm.json"), "--max-seq-len", "64"]) == 0
     assert "kind: ranked  max_seq_len: 64  (from" in capsys.readouterr().out
     assert main(["--config", str(tmp_path / "missing.json")]) == 2
+
+
+def test_data_errors_point_at_the_fault(tmp_path, monkeypatch, capsys):
+    """Point 12: a JSONL line missing its `}` is reported at its end (column 58, as Python says), not
+    column 1; a typo'd record field gets "did you mean"; a missing data file is not told to set
+    skip_bad_records (bad records still are)."""
+    from data.errors import DataError, Problem
+    from data.records import load_records
+    from trainer import launch
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"type": "pretrain", "text": "hello"}\n{"type": "instruct", "instruct": "Say hi", "output": "hi"\n'
+                    '{"type": "instruct", "instrcut": "x", "output": "y"}\n')
+    lines = [str(p) for p in load_records([str(path)]).problems]
+    assert lines[0] == f"{path}: record 1 (line 2): invalid JSON: Expecting ',' delimiter (column 58)"
+    assert lines[1] == (f"{path}: record 2 (line 3): field 'instrcut': unknown field for type 'instruct': did you mean "
+                        "'instruct'? (allowed: id, input, instruct, meta, output)")
+
+    import trainer.engine.topology as topology
+    import trainer.recipes as recipes
+
+    monkeypatch.setattr(topology.Topology, "from_config", staticmethod(lambda cfg, rank, world: None))
+    for problems, hint in (([Problem("d.jsonl", "no such file", reason="missing_file")], False),
+                           ([Problem("d.jsonl", "bad", record=0, reason="invalid_json")], True)):
+        def fail(*args, problems=problems):
+            raise DataError(problems)
+        monkeypatch.setattr(recipes, "get_recipe", lambda stage, fail=fail: fail)
+        status, _ = launch.run_recipe(type("Cfg", (), {"stage": "sft"})(), launch.Rank(0, 1, "cpu"))
+        err = capsys.readouterr().err
+        assert status == 2 and ("skip_bad_records" in err) == hint, err
+        assert err.splitlines()[0] == ("error: the training data has problems (fix them or set \"skip_bad_records\": true):"
+                                       if hint else "error: the training data has problems:")
