@@ -25,12 +25,12 @@ def main(argv=None) -> int:
     """Every rank: start (trainer.launch), run the recipe of the config's "stage", exit status 0/1/2."""
     args = parse_args(argv)
     from trainer import launch
-    from trainer.recipes import load_checked_config
+    from trainer.recipes import done_line, load_checked_config
 
     def train(cfg, where: launch.Rank) -> int:
         status, summary = launch.run_recipe(cfg, where)
         if status == 0 and where.rank == 0:
-            print(f"done: {summary['step']} steps, final loss {summary['history'][-1][1]:.4f}; checkpoints in {cfg.save_path}")
+            print(done_line(cfg, summary))
         return status
 
     return launch.launch(lambda world_size, fp16: load_checked_config(args.config, world_size=world_size, device_supports_fp16=fp16),

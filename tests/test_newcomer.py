@@ -298,3 +298,49 @@ def test_data_errors_point_at_the_fault(tmp_path, monkeypatch, capsys):
         assert status == 2 and ("skip_bad_records" in err) == hint, err
         assert err.splitlines()[0] == ("error: the training data has problems (fix them or set \"skip_bad_records\": true):"
                                        if hint else "error: the training data has problems:")
+
+
+def saved_figures(monkeypatch) -> list:
+    import matplotlib.figure
+
+    figures = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, *a, **k: (figures.append(fig), real(fig, path, *a, **k)))
+    return figures
+
+
+def test_plots_and_endings_say_what_they_show(tmp_path, monkeypatch):
+    """Point 13: the RM/DPO loss curves say they average pairs; PPO's reward curve puts KL on its own
+    axis with readable names; a standalone PPO run ends with its reward start -> end and writes the
+    reward curve; a rerun of a finished config says how to train further."""
+    from types import SimpleNamespace
+
+    from trainer.recipes import done_line, rm
+    from trainer.recipes.common import finish
+
+    figures = saved_figures(monkeypatch)
+    cfg = SimpleNamespace(stage="ppo", save_path=str(tmp_path), options=SimpleNamespace(ema_decay=None))
+    curve = [[s, -1.0 + s * 0.1, -0.9 + s * 0.1, 0.01 * s] for s in range(1, 21)]
+    summary = {"step": 20, "start_step": 0, "history": [[s, 0.5] for s in range(1, 21)], "evals": [],
+               "train_metrics": [[s, {"PPO/reward_mean": r, "PPO/score_mean": c, "PPO/kl": k}] for s, r, c, k in curve]}
+    line = done_line(cfg, summary)
+    assert line == (f"done: 20 steps, final train loss 0.5; reward -0.7 -> 0.8 (means of the first / last 5 steps; RM score "
+                    f"-0.6 -> 0.9), KL 0.18; curve {tmp_path / 'reward_curve.png'}; checkpoints in {tmp_path}")
+    assert (tmp_path / "reward_curve.png").is_file()
+    left, right = figures[-1].axes
+    assert [l.get_label() for l in left.get_lines()] == ["reward (RM score - KL penalty)", "RM score"]
+    assert [l.get_label() for l in right.get_lines()] == ["KL to the reference"]
+    assert right.get_ylabel() == "KL (nats per answer)" and "reward" in left.get_ylabel()
+
+    rerun = done_line(SimpleNamespace(stage="sft", save_path="runs/x"), {**summary, "start_step": 20})
+    assert rerun.startswith("done: nothing to train: runs/x already holds step 20") and "raise train_steps or n_epochs" in rerun
+
+    state = SimpleNamespace(step=3, evals=[], history=[[1, 0.7], [2, 0.6], [3, 0.5]])
+    job = SimpleNamespace(data=SimpleNamespace(n_eval_rows=0), plan=SimpleNamespace(hf_config=SimpleNamespace(model_type="llama")))
+    meter = SimpleNamespace(close=lambda: None, start_step=0)
+    out = finish(SimpleNamespace(save_path=str(tmp_path)), SimpleNamespace(rank=0), job, None, state, meter, None, 3,
+                 None, "rm", loss_label=rm.LOSS_LABEL)
+    assert out["start_step"] == 0 and figures[-1].axes[0].get_ylabel() == rm.LOSS_LABEL
+    assert "pairs" in rm.LOSS_LABEL and "target tokens" not in rm.LOSS_LABEL
+    import inspect
+    assert "loss_label=LOSS_LABEL" in inspect.getsource(rm.run)

@@ -59,7 +59,8 @@ def default_exports(cfg) -> list:
     return [(save, save / "hf")]
 
 
-DEFAULT_HOOKS = {"exports": default_exports, "state_result": lambda summary: {}, "write_plots": lambda result, headline: None}
+DEFAULT_HOOKS = {"exports": default_exports, "state_result": lambda summary: {}, "write_plots": lambda result, headline: None,
+                 "headline": lambda result, cfg: {}, "headline_text": lambda numbers: ""}
 
 
 def recipe_hook(name: str, hook: str):
@@ -83,6 +84,24 @@ def validate_config(raw: dict, path: str = "<config>", world_size: Optional[int]
 def load_config(path: str, world_size: Optional[int] = None, device_supports_fp16: bool = True) -> TrainConfig:
     """Read and validate a config file; ConfigError listing every problem found."""
     return validate_config(read_config_json(path), path, world_size, device_supports_fp16)
+
+
+def done_line(cfg, summary: dict) -> str:
+    """train_ds.py's last line (rank 0), in the words of the RLHF summary: the recipe's headline
+    (SFT eval loss, RM accuracy, PPO reward start -> end, DPO eval rewards) besides the final train
+    loss, after writing the recipe's plots (PPO's reward curve); a run that found its config already
+    trained says so and how to train further."""
+    from trainer.chain import step_result
+    from trainer.metrics import format_number
+
+    if summary.get("start_step") is not None and summary["step"] == summary["start_step"]:
+        return (f"done: nothing to train: {cfg.save_path} already holds step {summary['step']}, the end of this config "
+                "(resume \"auto\"); to train further raise train_steps or n_epochs, or give another save_path to start over")
+    result = step_result(cfg.stage, summary)
+    numbers = recipe_hook(cfg.stage, "headline")(result, cfg)
+    recipe_hook(cfg.stage, "write_plots")(result, numbers)
+    return (f"done: {summary['step']} steps, final train loss {format_number(result['train_loss_last'])}; "
+            f"{recipe_hook(cfg.stage, 'headline_text')(numbers)}; checkpoints in {cfg.save_path}")
 
 
 # The config keys naming models a recipe starts from (besides model_path), and data files.

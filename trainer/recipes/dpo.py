@@ -95,7 +95,7 @@ def run(cfg, topo, device_name: str) -> dict:
             checkpoint.save_training(engine, cfg.save_path, state, batches, cfg.keep_last)
             last_saved = step
     return finish(cfg, topo, job, engine, state, meter, batches, last_saved, evaluate_and_log, f"dpo ({opts.loss_type})",
-                  extra={"train_metrics": train_metrics})
+                  extra={"train_metrics": train_metrics}, loss_label=f"DPO loss ({opts.loss_type}, mean over pairs)")
 
 
 def evaluate(engine, cfg, data, ref, opts, topo) -> dict:
