@@ -10,8 +10,10 @@ import argparse
 import sys
 
 from trainer.op_cache import venv_op_cache
+from trainer.quiet import quiet_deepspeed
 
 venv_op_cache()  # DeepSpeed's ops built once per venv (trainer/op_cache.py)
+quiet_deepspeed()  # no CPU-alarming DeepSpeed lines (trainer/quiet.py)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,8 +32,10 @@ from typing import IO
 from inference.errors import InferenceError
 from inference.loading import DEFAULT_CONTEXT
 from trainer.op_cache import venv_op_cache
+from trainer.quiet import quiet_deepspeed
 
 venv_op_cache()  # DeepSpeed's ops built once per venv (trainer/op_cache.py)
+quiet_deepspeed()  # no CPU-alarming DeepSpeed lines (trainer/quiet.py)
 
 EXIT_USER_ERROR = 2
 

@@ -344,3 +344,30 @@ def test_plots_and_endings_say_what_they_show(tmp_path, monkeypatch):
     assert "pairs" in rm.LOSS_LABEL and "target tokens" not in rm.LOSS_LABEL
     import inspect
     assert "loss_label=LOSS_LABEL" in inspect.getsource(rm.run)
+
+
+def test_deepspeed_noise_is_dropped(capsys):
+    """Point 14: DeepSpeed's CPU-alarming lines are filtered from its logger (set up before DeepSpeed
+    configures it), other lines pass; the quickstarts run the deepspeed runner with --quiet."""
+    import logging
+
+    from trainer.quiet import quiet_deepspeed
+
+    quiet_deepspeed()
+    quiet_deepspeed()
+    ds_logger = logging.getLogger("DeepSpeed")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    ds_logger.addHandler(handler)
+    try:
+        for message in ("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",
+                        "Unable to find hostfile, will proceed with training with local resources only.",
+                        "Setting CUDA_VISIBLE_DEVICES=0,1", "Attempting to get learning rate from scheduler before it has started",
+                        "a real warning"):
+            ds_logger.warning(message)
+    finally:
+        ds_logger.removeHandler(handler)
+    assert seen == ["a real warning"]
+    for script in ("tools/quickstart.sh", "tools/rlhf_quickstart.sh"):
+        assert "deepspeed --quiet --num_gpus 2" in (REPO / script).read_text()

@@ -50,6 +50,7 @@ def test_missing_model_and_data_paths_are_config_errors(tmp_path):
     rc, out = run_one_rank(tmp_path, model_path=str(tmp_path / "no-model"), data_path=[str(tmp_path / "no-data.jsonl")])
     assert rc == 2, out
     assert "Traceback" not in out and "terminate called" not in out and "every node" not in out
+    assert "Setting accelerator to CPU" not in out  # issue 23.14: trainer/quiet.py
     assert (f"error: {tmp_path / 'config.json'}: 2 problem(s) in the training config:\n"
             f"  - model_path {tmp_path / 'no-model'} does not exist (give a hg_to_pp output, a training save_path or a "
             "global_stepN folder)\n"

@@ -10,7 +10,7 @@ rm -rf "$OUT"
 
 python -m models.random_init --config-dir configs/tiny-llama --out "$OUT/base-hf" --seed 0
 python convert_model.py hg_to_pp --input-path "$OUT/base-hf" --save-path "$OUT/pp" --quiet
-deepspeed --num_gpus 2 --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29500}" train_ds.py --config configs/quickstart.json
+deepspeed --quiet --num_gpus 2 --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29500}" train_ds.py --config configs/quickstart.json
 python convert_model.py pp_to_hg --input-path "$OUT/ckpt" --save-path "$OUT/hf" --quiet
 python demo.py --model-path "$OUT/hf" --prompt "What is the capital of France?" --max-new-tokens 24 --greedy
 

@@ -11,7 +11,7 @@ rm -rf "$OUT"
 
 python -m models.random_init --config-dir configs/tiny-llama --out "$OUT/base-hf" --seed 0
 python convert_model.py hg_to_pp --input-path "$OUT/base-hf" --save-path "$OUT/base-pp" --quiet
-deepspeed --num_gpus 2 --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29500}" rlhf.py --config configs/rlhf_quickstart.json
+deepspeed --quiet --num_gpus 2 --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29500}" rlhf.py --config configs/rlhf_quickstart.json
 for step in sft ppo; do  # the same prompt, greedy: the SFT model's usual answer, then the PPO actor's
   echo "--- $step:"
   python demo.py --model-path "$OUT/$step/hf" --prompt "Tell me about river garden music." --max-new-tokens 24 --greedy
