@@ -108,6 +108,9 @@ def _apply_config(args) -> Optional[int]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    from trainer.quiet import quiet_deepspeed
+
+    quiet_deepspeed()  # --config's validation imports DeepSpeed: no accelerator line
     status = _apply_config(args)
     if status is not None:
         return status

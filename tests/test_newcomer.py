@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 README = (REPO / "README.md").read_text()
@@ -370,4 +371,47 @@ def test_deepspeed_noise_is_dropped(capsys):
         ds_logger.removeHandler(handler)
     assert seen == ["a real warning"]
     for script in ("tools/quickstart.sh", "tools/rlhf_quickstart.sh"):
-        assert "deepspeed --quiet --num_gpus 2" in (REPO / script).read_text()
+        text = (REPO / script).read_text()
+        assert "deepspeed --quiet --num_gpus 2" in text and "command -v nvidia-smi >/dev/null || export DS_ACCELERATOR=cpu" in text
+
+
+POINT_14_LINES = ("Setting accelerator to CPU", "Unable to find hostfile", "Setting CUDA_VISIBLE_DEVICES", "stage=0 layers=",
+                  "Attempting to get learning rate from scheduler", "SEED_LAYERS=")
+
+
+@pytest.mark.multirank
+def test_your_own_model_walkthrough_runs_as_written(tmp_path):
+    """README "Your own model", its commands as written, in a fresh shell with the activation line, in a
+    copy of the repo: a local HF folder (models.random_init) in place of `hf download` (no hub here);
+    hg_to_pp, the derived config ("parts": "auto"), data.inspect --config, a 2-rank launch, pp_to_hg,
+    demo.py. No launch line of issue 23.14 is printed."""
+    import shutil
+
+    from conftest import free_port
+
+    section = README.split("\n## Your own model\n", 1)[1].split("\n## ", 1)[0]
+    script = bash_blocks(section)[0]
+    download = next(line for line in script.splitlines() if line.startswith("hf download "))
+    local_dir = download.split("--local-dir ")[1].split()[0]
+    script = script.replace(download, f"python -m models.random_init --config-dir configs/tiny-llama --out {local_dir} --seed 0")
+    script = script.replace("deepspeed --quiet --num_gpus 2 ", f"deepspeed --quiet --num_gpus 2 --master_port {free_port()} ")
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "checkpoints", "__pycache__", ".pytest_cache",
+                                                               ".cache", "*.egg-info"))
+    venv = Path(sys.prefix)
+    activate = activation_line().replace(".venv/", f"{venv}/")
+    env = {"HOME": str(tmp_path), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(venv / "torch_extensions"))}
+    proc = subprocess.run(["bash", "-c", f"set -e\n{activate}\n{script}"], cwd=clone, env=env, capture_output=True, text=True,
+                          timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "kind: lm  max_seq_len: 128  (from configs/my-model.json)" in out
+    assert "done: " in out and "checkpoints in runs/my-model/ckpt" in out
+    config = json.loads((clone / "configs" / "my-model.json").read_text())
+    assert config["model_topo"]["parts"] == "auto" and config["model_path"] == "checkpoints/my-model-pp"
+    hf = clone / "runs" / "my-model" / "hf"
+    assert (hf / "config.json").is_file() and list(hf.glob("*.safetensors"))
+    assert proc.stdout.strip().splitlines()[-1].strip()  # demo.py's reply
+    for line in POINT_14_LINES:
+        assert line not in out, line

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=runs/quickstart
 export OMP_NUM_THREADS=1
+command -v nvidia-smi >/dev/null || export DS_ACCELERATOR=cpu  # no GPU: DeepSpeed's runner then does not warn about it
 rm -rf "$OUT"
 
 python -m models.random_init --config-dir configs/tiny-llama --out "$OUT/base-hf" --seed 0
