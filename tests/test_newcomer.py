@@ -415,3 +415,36 @@ def test_your_own_model_walkthrough_runs_as_written(tmp_path):
     assert proc.stdout.strip().splitlines()[-1].strip()  # demo.py's reply
     for line in POINT_14_LINES:
         assert line not in out, line
+
+
+def test_dpo_progress_bar_keeps_one_field_set():
+    """Point 14: DPO's bar showed loss/lr/tok_s at each update and only then had acc/margin appended, so
+    its fields flipped between two sets; now every update shows one set, acc and margin included."""
+    import inspect
+    from types import SimpleNamespace
+
+    from trainer.metrics import StepMeter
+    from trainer.recipes import dpo
+
+    shown_at_update = []
+
+    class Bar:
+        postfix = ""
+
+        def set_postfix(self, d):
+            self.postfix = ", ".join(f"{k}={v}" for k, v in d.items())
+
+        def set_postfix_str(self, s):
+            self.postfix = s
+
+        def update(self, n):
+            shown_at_update.append(self.postfix)
+
+    meter = object.__new__(StepMeter)
+    meter.rank, meter.world_size, meter.flops_token, meter.peak, meter.last_eval = 0, 1, 1.0, None, {}
+    meter.engine = SimpleNamespace(get_lr=lambda: [1e-3], get_global_grad_norm=lambda: None, monitor=None)
+    meter.bar = Bar()
+    for step in (1, 2):
+        meter.log_step(step, 0.69, 100, 1.0, shown={"acc": 0.5, "margin": 0.01})
+    assert shown_at_update == ["loss=0.6900, lr=1.00e-03, tok_s=100, acc=0.5, margin=0.01"] * 2
+    assert "set_postfix" not in inspect.getsource(dpo)

@@ -141,7 +141,10 @@ class StepMeter:
                         dynamic_ncols=True)
         self.last_eval = {}
 
-    def log_step(self, step: int, loss: float, real_tokens: int, seconds: float) -> None:
+    def log_step(self, step: int, loss: float, real_tokens: int, seconds: float, shown: Optional[dict] = None) -> None:
+        """The step's loss, lr, throughput (and MFU) to the monitors and the bar; `shown` ({label: value}):
+        a recipe's own step numbers on the bar in the same refresh (DPO's accuracy and margin), so
+        its fields never flip between two sets."""
         if self.rank != 0:
             return
         tokens_s = real_tokens / seconds
@@ -157,6 +160,7 @@ class StepMeter:
         postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tokens_s:.0f}"}
         if util is not None:
             postfix["mfu"] = f"{util:.1%}"
+        postfix.update({k: f"{v:.3g}" for k, v in (shown or {}).items()})
         postfix.update({k: f"{v:.3g}" for k, v in self.last_eval.items()})
         self.bar.set_postfix(postfix)
         self.bar.update(1)
