@@ -30,7 +30,7 @@ rlhf-quickstart: install
 test: install
 	$(PY) -m pytest
 
-# the suite without the tests that launch DeepSpeed ranks (marked multirank): ~2 minutes instead of ~15
+# the suite without the tests that launch DeepSpeed ranks (marked multirank): ~2 minutes instead of ~17
 test-fast: install
 	$(PY) -m pytest -m "not multirank"
 
