@@ -12,9 +12,6 @@ import sys
 from trainer.op_cache import venv_op_cache
 from trainer.quiet import quiet_deepspeed
 
-venv_op_cache()  # DeepSpeed's ops built once per venv (trainer/op_cache.py)
-quiet_deepspeed()  # no CPU-alarming DeepSpeed lines (trainer/quiet.py)
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,6 +22,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     """Every rank: start (trainer.launch), run the recipe of the config's "stage", exit status 0/1/2."""
+    venv_op_cache()  # DeepSpeed's ops built once per venv (trainer/op_cache.py)
+    quiet_deepspeed()  # before DeepSpeed is imported: no CPU-alarming lines (trainer/quiet.py)
     args = parse_args(argv)
     from trainer import launch
     from trainer.recipes import done_line, load_checked_config

@@ -215,7 +215,9 @@ def test_op_cache_is_per_venv_unless_the_user_set_one(tmp_path):
     """Point 7: every entry point (and the Makefile) points TORCH_EXTENSIONS_DIR into the venv, so two
     venvs or clones do not rebuild each other's ops in ~/.cache/torch_extensions; a set one wins."""
     env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
-    probe = "import os, sys, {m}; print(os.environ.get('TORCH_EXTENSIONS_DIR'))"
+    # main() sets it (no work at import time); --help stops right after
+    probe = ("import contextlib, io, os, {m}\nwith contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+             "    {m}.main(['--help'])\nprint(os.environ.get('TORCH_EXTENSIONS_DIR'))")
     for module in ("train_ds", "rlhf", "demo", "convert_model"):
         proc = subprocess.run([sys.executable, "-c", probe.format(m=module)], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=120)
