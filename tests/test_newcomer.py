@@ -450,3 +450,26 @@ def test_dpo_progress_bar_keeps_one_field_set():
         meter.log_step(step, 0.69, 100, 1.0, shown={"acc": 0.5, "margin": 0.01})
     assert shown_at_update == ["loss=0.6900, lr=1.00e-03, tok_s=100, acc=0.5, margin=0.01"] * 2
     assert "set_postfix" not in inspect.getsource(dpo)
+
+
+def test_input_check_runs_on_the_first_node_only(tmp_path, monkeypatch):
+    """Point 4: missing model/data paths are config errors on the first node; the other nodes of a
+    multi-node job leave them to the preflight, which names the node (a node stopping alone would
+    leave rank 0 waiting)."""
+    from trainer.recipes import ConfigError, load_checked_config
+
+    cfg = config_with(model_path=str(tmp_path / "no-model"), data_path=str(tmp_path / "no.jsonl"))
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    monkeypatch.delenv("GROUP_RANK", raising=False)
+    for env, raises in (({"CROSS_RANK": "0"}, True), ({"CROSS_RANK": "1"}, False), ({"GROUP_RANK": "2"}, False), ({}, True)):
+        monkeypatch.delenv("CROSS_RANK", raising=False)
+        monkeypatch.delenv("GROUP_RANK", raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        try:
+            load_checked_config(str(tmp_path / "c.json"), world_size=2)
+        except ConfigError as e:
+            assert raises and e.problems[0].startswith(f"model_path {tmp_path / 'no-model'} does not exist")
+            assert e.problems[1].startswith(f"data_path: {tmp_path / 'no.jsonl'}: no such file")
+        else:
+            assert not raises, env

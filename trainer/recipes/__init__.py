@@ -132,10 +132,11 @@ def missing_inputs(cfg: TrainConfig) -> list[str]:
 
 def load_checked_config(path: str, world_size: Optional[int] = None, device_supports_fp16: bool = True) -> TrainConfig:
     """load_config, then its models and data files must exist (ConfigError naming the keys). On a
-    multi-node job only the first node checks here (DeepSpeed's CROSS_RANK): the other nodes meet
-    rank 0 and the preflight names the node that cannot see a path."""
+    multi-node job only the first node checks here (its node rank: DeepSpeed's CROSS_RANK, torchrun's
+    GROUP_RANK): the other nodes meet rank 0, and the preflight names the node that cannot see a path
+    (a node that stopped here would leave rank 0 waiting for it)."""
     cfg = load_config(path, world_size, device_supports_fp16)
-    if os.environ.get("CROSS_RANK", "0") == "0":
+    if os.environ.get("CROSS_RANK", os.environ.get("GROUP_RANK", "0")) == "0":
         problems = missing_inputs(cfg)
         if problems:
             raise ConfigError(path, problems)
