@@ -29,5 +29,5 @@ rlhf quickstart done:
   exports (Hugging Face):         $OUT/sft/hf  $OUT/rm/hf  $OUT/ppo/hf  $OUT/ppo/critic_hf
   rerun only the chain (finished steps are skipped, the running one resumes), in a shell with
   the venv activated (source .venv/bin/activate):
-    deepspeed --num_gpus 2 --master_addr 127.0.0.1 --master_port 29500 rlhf.py --config configs/rlhf_quickstart.json
+    deepspeed --quiet --num_gpus 2 --master_addr 127.0.0.1 --master_port 29500 rlhf.py --config configs/rlhf_quickstart.json
 MSG
