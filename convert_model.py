@@ -9,6 +9,9 @@ layer, not for the model.
 import argparse
 import sys
 
+from trainer.op_cache import venv_op_cache
+from trainer.quiet import quiet_deepspeed
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    venv_op_cache()  # DeepSpeed's ops built once per venv (trainer/op_cache.py)
+    quiet_deepspeed()  # before DeepSpeed is imported: no CPU-alarming lines (trainer/quiet.py)
     args = build_parser().parse_args(argv)
     from convert.errors import ConversionError
     from models.registry import UnsupportedModelError

@@ -31,6 +31,8 @@ from typing import IO
 
 from inference.errors import InferenceError
 from inference.loading import DEFAULT_CONTEXT
+from trainer.op_cache import venv_op_cache
+from trainer.quiet import quiet_deepspeed
 
 EXIT_USER_ERROR = 2
 
@@ -158,6 +160,8 @@ def run(args, stdin: IO[str], stdout: IO[str], stderr: IO[str]) -> int:
 
 
 def main(argv=None, stdin: IO[str] = None, stdout: IO[str] = None, stderr: IO[str] = None) -> int:
+    venv_op_cache()  # DeepSpeed's ops built once per venv (trainer/op_cache.py)
+    quiet_deepspeed()  # before DeepSpeed is imported: no CPU-alarming lines (trainer/quiet.py)
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     args = build_parser().parse_args(argv)
     try:

@@ -51,6 +51,9 @@ import argparse
 import os
 import sys
 
+from trainer.op_cache import venv_op_cache
+from trainer.quiet import quiet_deepspeed
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +65,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     """Every rank: the chain of trainer/chain.py; exit status 0, 1 (a step failed) or 2 (the config,
     the inputs or the data)."""
+    venv_op_cache()  # DeepSpeed's ops built once per venv (trainer/op_cache.py)
+    quiet_deepspeed()  # before DeepSpeed is imported: no CPU-alarming lines (trainer/quiet.py)
     args = parse_args(argv)
     from trainer import chain
 

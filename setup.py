@@ -1,6 +1,6 @@
 """pipetune: pipeline-parallel full fine-tuning of BLOOM and LLaMA on DeepSpeed.
 
-Versions are pinned to the ones tested together (CPU: torch 2.13.0+cpu; see README for GPUs).
+Versions are pinned to the ones tested together (CPU: torch 2.13.0+cpu; README "GPUs" says how to install the CUDA build).
 """
 from setuptools import find_packages, setup
 
@@ -10,6 +10,7 @@ setup(
     name="pipetune",
     version="0.1.0",
     description="Pipeline-parallel full fine-tuning (SFT, reward model, PPO) of BLOOM and LLaMA on DeepSpeed",
+    license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["models", "models.*", "data", "data.*", "trainer", "trainer.*", "convert", "convert.*",
                                     "compat", "compat.*", "inference", "inference.*"]),

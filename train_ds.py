@@ -9,6 +9,9 @@ import argparse
 import os
 import sys
 
+from trainer.op_cache import venv_op_cache
+from trainer.quiet import quiet_deepspeed
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -19,17 +22,19 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     """Every rank: start (trainer.launch), run the recipe of the config's "stage", exit status 0/1/2."""
+    venv_op_cache()  # DeepSpeed's ops built once per venv (trainer/op_cache.py)
+    quiet_deepspeed()  # before DeepSpeed is imported: no CPU-alarming lines (trainer/quiet.py)
     args = parse_args(argv)
     from trainer import launch
-    from trainer.recipes import load_config
+    from trainer.recipes import done_line, load_checked_config
 
     def train(cfg, where: launch.Rank) -> int:
         status, summary = launch.run_recipe(cfg, where)
         if status == 0 and where.rank == 0:
-            print(f"done: {summary['step']} steps, final loss {summary['history'][-1][1]:.4f}; checkpoints in {cfg.save_path}")
+            print(done_line(cfg, summary))
         return status
 
-    return launch.launch(lambda world_size, fp16: load_config(args.config, world_size=world_size, device_supports_fp16=fp16),
+    return launch.launch(lambda world_size, fp16: load_checked_config(args.config, world_size=world_size, device_supports_fp16=fp16),
                          lambda cfg: cfg.warnings, train)
 
 

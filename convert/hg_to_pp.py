@@ -25,7 +25,7 @@ def check_local_dir(path: Path, what: str) -> None:
     if not path.is_dir():
         raise ConversionError(
             f"{what} {str(path)!r} is not a local directory. Download the model first, e.g. "
-            f"`huggingface-cli download {path} --local-dir ./{path.name}` on a machine with hub access, then pass that folder"
+            f"`hf download {path} --local-dir ./{path.name}` on a machine with hub access, then pass that folder"
         )
 
 

@@ -3,11 +3,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from data.cache import readable_as_umask
+
 from .errors import ConversionError
 
 
 def temp_dir_beside(dest: Path) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    """mkdtemp's folder (0700), given the mode the umask gives a new folder: the renamed result is
+    readable by others as HF's save_pretrained folders are (0755 under umask 022)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    readable_as_umask(tmp, directory=True)
+    return tmp
 
 
 def check_dest(dest: Path, overwrite: bool) -> None:

@@ -30,6 +30,27 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status), else
+    by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def readable_as_umask(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file made by tempfile.mkstemp (0600) or a folder made by mkdtemp (0700) the mode an
+    ordinary open()/mkdir gives (0644 / 0755 under umask 022), as HF's tools leave their files: an
+    export or a cache is then readable by a serving container or a teammate running as another user."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of what decides the tokenizer's output: its serialized model, special tokens, BOS use."""
     h = hashlib.sha256()
@@ -81,6 +102,7 @@ def load_or_build(cache_dir: str, key: str, build: Callable[[], Dict[str, Any]])
         payload = dict(build(), format=CACHE_FORMAT)
         tmp_fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}.", suffix=".tmp")
         try:
+            readable_as_umask(tmp)
             with os.fdopen(tmp_fd, "wb") as fh:
                 torch.save(payload, fh)
                 fh.flush()

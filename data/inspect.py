@@ -1,4 +1,4 @@
-"""``python -m data.inspect PATH... [--format FORMAT] [--tokenizer-path DIR] [--template pipetune|model]
+"""``python -m data.inspect [PATH...] [--config TRAINING_CONFIG] [--format FORMAT] [--tokenizer-path DIR] [--template pipetune|model]
 [--max-seq-len N] [--show K] [--skip-bad] [--kind lm|pairwise|ranked|prompt] [--overflow truncate|drop|chunk] [--pack]
 [--pad-token TOKEN]``
 
@@ -10,6 +10,11 @@ With ``--tokenizer-path`` it also tokenizes: per-type counts, token-length stati
 would be truncated or dropped at ``--max-seq-len``, and K rendered samples with the trained (unmasked)
 tokens marked ⟦like this⟧ (green when the output is a terminal), so you see exactly what is learned,
 with pipetune's template or (``--template model``) the tokenizer's own chat template.
+
+``--config`` inspects what a training config trains: its data_path (unless PATHs are given), the
+tokenizer of its model_path, and its max_seq_len, pack, overflow, pad_token, template,
+skip_bad_records and split, with the kind of its stage (sft lm, rm ranked, dpo pairwise, ppo prompt);
+options given on the command line win. Without a config, --max-seq-len defaults to the trainer's 512.
 """
 from __future__ import annotations
 
@@ -28,20 +33,22 @@ from data.schema import FORMATS
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data.inspect", description=__doc__.split("\n\n")[1])
-    p.add_argument("paths", nargs="+", help=".json/.jsonl/.parquet files, save_to_disk folders, globs or folders")
+    p.add_argument("paths", nargs="*", help=".json/.jsonl/.parquet files, save_to_disk folders, globs or folders "
+                   "(default with --config: its data_path)")
+    p.add_argument("--config", help="a train_ds.py config: inspect its data as that run trains it")
     p.add_argument("--format", choices=("auto",) + FORMATS, default="auto",
                    help="the record format of every path (default: detected per file)")
-    p.add_argument("--template", choices=TEMPLATES, default="pipetune",
+    p.add_argument("--template", choices=TEMPLATES, default=None,
                    help="pipetune's prompt template, or the tokenizer's own chat template (model)")
     p.add_argument("--tokenizer-path", help="HF tokenizer directory (enables token statistics and --show)")
-    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--max-seq-len", type=int, default=None, help="row length (default: the config's, else the trainer's 512)")
     p.add_argument("--show", type=int, default=0, metavar="K", help="render K samples with the trained part marked")
     p.add_argument("--skip-bad", action="store_true", help="drop bad records and count them instead of failing")
-    p.add_argument("--kind", choices=("lm", "pairwise", "ranked", "prompt"), default="lm",
+    p.add_argument("--kind", choices=("lm", "pairwise", "ranked", "prompt"), default=None,
                    help="what a stage builds: lm (SFT), pairwise (DPO), ranked (RM: pairwise and ranked records), "
                    "prompt (PPO)")
-    p.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="truncate")
-    p.add_argument("--pack", action="store_true")
+    p.add_argument("--overflow", choices=OVERFLOW_POLICIES, default=None)
+    p.add_argument("--pack", action="store_true", default=None)
     p.add_argument("--pad-token", help="token to pad rows with (default: the tokenizer's pad, unk, a spare "
                    "special token or BOS; never EOS)")
     return p
@@ -59,9 +66,55 @@ def mark_trained(tokenizer, ids, trained, color: bool = False) -> str:
     return "".join(out)
 
 
+# The record kind each training stage builds (trainer/recipes/*: prepare(..., kind=...)).
+STAGE_KINDS = {"sft": "lm", "rm": "ranked", "dpo": "pairwise", "ppo": "prompt"}
+DEFAULTS = {"max_seq_len": 512, "kind": "lm", "overflow": "truncate", "pack": False, "template": "pipetune"}
+
+
+def _apply_config(args) -> Optional[int]:
+    """Fill the options the command line left unset from the training config (--config), then the
+    defaults; an exit status when the config cannot be read."""
+    extra = {}
+    if args.config:
+        from trainer.recipes import ConfigError, load_config
+
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if not args.paths:
+            args.paths = cfg.data_path if isinstance(cfg.data_path, list) else [cfg.data_path]
+        found = {"max_seq_len": cfg.max_seq_len, "kind": STAGE_KINDS.get(cfg.stage, "lm"), "overflow": cfg.overflow,
+                 "pack": cfg.pack, "template": cfg.template}
+        for key, value in found.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        args.tokenizer_path = args.tokenizer_path or (cfg.options.actor_path if cfg.stage == "ppo" else cfg.model_path)
+        args.pad_token = args.pad_token if args.pad_token is not None else cfg.pad_token
+        args.skip_bad = args.skip_bad or cfg.skip_bad_records
+        extra = {"eval_paths": cfg.eval_data_path, "eval_fraction": cfg.eval_fraction, "seed": cfg.seed,
+                 "data_split": cfg.data_split, "split_index": cfg.split_index}
+    for key, value in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.pack = args.pack and args.kind == "lm"  # as the trainer: packing is SFT's
+    args.split = extra
+    if not args.paths:
+        print("error: give data files (PATH...) or --config", file=sys.stderr)
+        return 2
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    paths = args.paths if args.format == "auto" else [{"path": p, "format": args.format} for p in args.paths]
+    from trainer.quiet import quiet_deepspeed
+
+    quiet_deepspeed()  # --config's validation imports DeepSpeed: no accelerator line
+    status = _apply_config(args)
+    if status is not None:
+        return status
+    paths = [p if isinstance(p, dict) or args.format == "auto" else {"path": p, "format": args.format} for p in args.paths]
     if args.tokenizer_path is None:
         loaded = load_records(paths)
         if loaded.problems and not args.skip_bad:
@@ -84,7 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         built = build_dataset(paths, tokenizer, args.max_seq_len, kind=args.kind, pack=args.pack,
                               overflow=args.overflow, strict=not args.skip_bad, pad_token=args.pad_token,
-                              template=args.template)
+                              template=args.template, **args.split)
     except TokenizerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -95,7 +148,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     st, tr = built.stats, built.stats["train"]
     print(f"files: {len(st['files'])}  valid records: {st['records']}  kind: {args.kind}  "
-          f"max_seq_len: {args.max_seq_len}")
+          f"max_seq_len: {args.max_seq_len}" + (f"  pack: {args.pack}" if args.pack else "")
+          + (f"  (from {args.config})" if args.config else ""))
     _print_formats(st["formats"])
     _print_template(st["template"], tokenizer)
     print("types used:", json.dumps(tr["types"], ensure_ascii=False))

@@ -25,6 +25,7 @@ count them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -172,8 +173,10 @@ def validate_record(obj: Any, file: str, index: int, line: Optional[int] = None
             problems.extend(_check_responses(obj["responses"], bad))
     for key in obj:
         if key not in allowed:
-            problems.append(bad(key, f"unknown field for type {rtype!r}; allowed: "
-                                f"{', '.join(sorted(allowed - {'type'}))}", "unknown_field"))
+            close = difflib.get_close_matches(key, sorted(allowed - {"type"}), n=1, cutoff=0.6)
+            allowed_list = ", ".join(sorted(allowed - {"type"}))
+            problems.append(bad(key, f"unknown field for type {rtype!r}: did you mean {close[0]!r}? (allowed: {allowed_list})"
+                                if close else f"unknown field for type {rtype!r}; allowed: {allowed_list}", "unknown_field"))
     for key in required:
         if key not in obj:
             problems.append(bad(key, f"missing (required for type {rtype!r})", "missing_field"))

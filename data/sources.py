@@ -213,8 +213,8 @@ def _lines(path: str, lines) -> Iterator[Raw]:
             return
         if not line.strip():
             continue
-        try:
-            yield index, lineno, json.loads(line), None
+        try:  # without its newline: a line missing its closing brace is reported at its end, not at column 1
+            yield index, lineno, json.loads(line.rstrip("\r\n")), None
         except json.JSONDecodeError as e:
             yield index, lineno, None, Problem(path, f"invalid JSON: {e.msg} (column {e.colno})", record=index,
                                                line=lineno, reason="invalid_json")

@@ -81,12 +81,29 @@ def load_hf_folder(path: Path, dtype: str):
     if not (path / "config.json").is_file():
         raise InferenceError(f"--model-path {path}: no config.json and no pipeline layer files: give a Hugging Face folder "
                              "(convert_model.py pp_to_hg output) or a pipeline checkpoint (hg_to_pp output, training save_path, global_stepN)")
+    generating_head_problem(path)
     tokenizer = load_tokenizer(path, training_template=False)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype == "auto" else torch_dtype(dtype))
     except (OSError, ValueError, KeyError) as e:
         raise InferenceError(f"--model-path {path}: cannot load the model ({first_line(e)})") from None
     return model, tokenizer
+
+
+def generating_head_problem(path: Path) -> None:
+    """InferenceError for an HF folder whose config.json names only architectures without an LM head
+    (the RM export `*ForSequenceClassification`, PPO's critic_hf): AutoModelForCausalLM would load its
+    body under a random LM head and generate garbage."""
+    import json
+
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures):
+        raise InferenceError(f"--model-path {path}: config.json's architectures {architectures} have no LM head to generate "
+                             "with (a reward/value model export, e.g. rlhf.py's rm/hf or ppo/critic_hf); give a *ForCausalLM "
+                             "export (sft/hf, ppo/hf) or load it with AutoModelForSequenceClassification to score text")
 
 
 def load_pipeline_checkpoint(path: Path, dtype: str):

@@ -12,6 +12,10 @@ CONFIGS = {name: REPO / "configs" / f"tiny-{name}" for name in ("llama", "bloom"
 
 # One torch thread: tests run beside DeepSpeed ranks on a 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# DeepSpeed's ops built once per venv, as the entry points do (the multirank scripts here are not entry points).
+from trainer.op_cache import venv_op_cache
+
+venv_op_cache()
 
 
 def pytest_configure(config):

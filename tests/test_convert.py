@@ -306,7 +306,8 @@ def assert_nothing_written(dest: Path):
 
 def test_error_input_not_local_dir(capsys, tmp_path):
     code, err = run_cli(capsys, "hg_to_pp", "--input-path", "meta-llama/Llama-2-7b-hf", "--save-path", str(tmp_path / "out"))
-    assert code == 2 and "is not a local directory" in err and "huggingface-cli download" in err
+    assert code == 2 and "is not a local directory" in err
+    assert "`hf download meta-llama/Llama-2-7b-hf --local-dir ./Llama-2-7b-hf`" in err
     assert_nothing_written(tmp_path / "out")
 
 

@@ -42,3 +42,17 @@ def test_bad_resume_path_is_one_error_line(tmp_path):
     rc, out = run_one_rank(tmp_path, from_scratch=True, resume=str(tmp_path / "nowhere"))
     assert rc == 1 and "Traceback" not in out
     assert f"error: resume: {tmp_path / 'nowhere'} is neither a save_path with a 'latest' file nor a global_stepN folder" in out
+
+
+def test_missing_model_and_data_paths_are_config_errors(tmp_path):
+    """Issue 23.4: a model_path or data_path that is not there is a config error naming the key, found
+    before the ranks meet: exit status 2, no multi-node wording, no abort line, no traceback."""
+    rc, out = run_one_rank(tmp_path, model_path=str(tmp_path / "no-model"), data_path=[str(tmp_path / "no-data.jsonl")])
+    assert rc == 2, out
+    assert "Traceback" not in out and "terminate called" not in out and "every node" not in out
+    assert "Setting accelerator to CPU" not in out  # issue 23.14: trainer/quiet.py
+    assert (f"error: {tmp_path / 'config.json'}: 2 problem(s) in the training config:\n"
+            f"  - model_path {tmp_path / 'no-model'} does not exist (give a hg_to_pp output, a training save_path or a "
+            "global_stepN folder)\n"
+            f"  - data_path: {tmp_path / 'no-data.jsonl'}: no such file (or the glob/folder matched no .json, .jsonl or "
+            ".parquet file and no save_to_disk folder)\n") in out

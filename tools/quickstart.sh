@@ -8,11 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=runs/quickstart
 export OMP_NUM_THREADS=1
+command -v nvidia-smi >/dev/null || export DS_ACCELERATOR=cpu  # no GPU: DeepSpeed's runner then does not warn about it
 rm -rf "$OUT"
 
 python -m models.random_init --config-dir "${TINY_MODEL:-configs/tiny-llama}" --out "$OUT/base-hf" --seed 0
 python convert_model.py hg_to_pp --input-path "$OUT/base-hf" --save-path "$OUT/pp" --quiet
-deepspeed --num_gpus 2 --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29500}" train_ds.py --config configs/quickstart.json
+deepspeed --quiet --num_gpus 2 --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29500}" train_ds.py --config configs/quickstart.json
 python convert_model.py pp_to_hg --input-path "$OUT/ckpt" --save-path "$OUT/hf" --quiet
 python demo.py --model-path "$OUT/hf" --prompt "What is the capital of France?" --max-new-tokens 24 --greedy
 
@@ -24,4 +25,7 @@ quickstart done:
   training checkpoints:          $OUT/ckpt   (latest, global_stepN/, loss_curve.png, train_config.json)
   training logs (CSV monitor):   $OUT/logs
   exported Hugging Face model:   $OUT/hf
+
+In a new shell, activate the venv before any other command (README "Set-up"):
+  source .venv/bin/activate
 MSG

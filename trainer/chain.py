@@ -17,7 +17,7 @@ from pathlib import Path
 
 from trainer.config import ConfigError, TrainConfig, read_config_json
 from trainer.launch import Rank, launch, run_recipe
-from trainer.recipes import recipe_hook, validate_config
+from trainer.recipes import recipe_hook, step_result, validate_config
 
 logger = logging.getLogger("pipetune")
 
@@ -335,18 +335,6 @@ def warn_if_changed(step: Step, done: dict) -> None:
     if done.get("config_sha256") != config_sha(step):
         logger.warning("rlhf: step %s is marked done but its config changed since; it is not rerun. To redo it, remove "
                        "%s, its entry in %s and the steps after it", step.name, step.cfg.save_path, STATE_FILE)
-
-
-def step_result(name: str, summary: dict) -> dict:
-    """What the summary needs from a recipe's summary: steps, first/last train loss, the last eval,
-    and what the recipe keeps besides (its state_result: PPO's reward curve, DPO's last train metrics)."""
-    history = summary["history"]
-    result = {"steps": summary["step"], "train_loss_first": history[0][1] if history else None,
-              "train_loss_last": history[-1][1] if history else None}
-    if summary["evals"]:
-        result["eval_step"], result["eval"] = summary["evals"][-1]
-    result.update(recipe_hook(name, "state_result")(summary))
-    return result
 
 
 def chain_summary(steps: list[Step], state: dict, root: Path) -> dict:

@@ -59,7 +59,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from trainer.engine.deepspeed_config import DEEPSPEED_KEYS, batch_problems, deepspeed_warnings, precision_and_zero_problems
+from trainer.engine.deepspeed_config import (
+    DEEPSPEED_KEYS,
+    batch_problems,
+    deepspeed_warnings,
+    nested_params_problems,
+    precision_and_zero_problems,
+)
 
 DEFAULT_NO_DECAY = ("bias", "norm.weight", "layernorm.weight", "ln_f.weight")
 
@@ -227,6 +233,8 @@ def validate(raw: dict, path: str, world_size: Optional[int], device_supports_fp
     _validate_values(project, recipes, problems)
     batch_problems(ds, topo.data if topo else None, problems)
     precision_and_zero_problems(ds, device_supports_fp16, problems)
+    if not any(p.startswith(("optimizer must be", "scheduler must be", "zero_optimization must be")) for p in problems):
+        nested_params_problems(ds, problems)
     _validate_compile(project, problems)
     problems.extend(_misplaced_recipe_keys(raw, stage, own_class, owner, recipes))
     if own_class is not None:

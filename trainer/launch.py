@@ -71,6 +71,10 @@ def launch(load: Callable[[int, bool], Any], warnings: Callable[[Any], list[str]
     return status
 
 
+# Problems of a data file as a whole, which skip_bad_records (it drops bad records) does not answer.
+FILE_PROBLEMS = ("missing_file", "bad_path", "bad_extension", "missing_dependency", "not_utf8", "empty_file")
+
+
 def run_recipe(cfg, where: Rank, step: Optional[str] = None) -> tuple[int, Optional[dict]]:
     """Collective: the recipe of cfg.stage on every rank. (0, its summary), or (exit status, None)
     with the error printed by rank 0 (the module docstring's table); `step` names the chain's step in
@@ -92,8 +96,9 @@ def run_recipe(cfg, where: Rank, step: Optional[str] = None) -> tuple[int, Optio
         status, lines = 2, [f"error: {tag}{e}"]
     except DataError as e:
         where_to_set = " in the section" if step else ""
-        status, lines = 2, [f"error: {tag}the training data has problems (fix them or set \"skip_bad_records\": "
-                            f"true{where_to_set}):", *e.lines]
+        skip_hint = (f" (fix them or set \"skip_bad_records\": true{where_to_set})"
+                     if not e.problems or any(p.reason not in FILE_PROBLEMS for p in e.problems) else "")
+        status, lines = 2, [f"error: {tag}the training data has problems{skip_hint}:", *e.lines]
     except BaseException as e:  # noqa: BLE001 - logged with the rank, then re-raised through the exit code
         report_crash(where.rank, e)
         return 1, None

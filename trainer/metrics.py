@@ -52,7 +52,13 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 50 else float("inf")
 
 
-def write_loss_curve(path: str, train: list[tuple[int, float]], evals: list[tuple[int, float]], title: str) -> None:
+LOSS_LABEL = "loss (mean over target tokens)"
+
+
+def write_loss_curve(path: str, train: list[tuple[int, float]], evals: list[tuple[int, float]], title: str,
+                     ylabel: str = LOSS_LABEL) -> None:
+    """The train and eval loss per step; `ylabel` says what the recipe's loss averages (SFT: target
+    tokens; RM and DPO: pairs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,7 +70,7 @@ def write_loss_curve(path: str, train: list[tuple[int, float]], evals: list[tupl
     if evals:
         ax.plot([s for s, _ in evals], [l for _, l in evals], "o-", label="eval loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean over target tokens)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -73,9 +79,10 @@ def write_loss_curve(path: str, train: list[tuple[int, float]], evals: list[tupl
     plt.close(fig)
 
 
-def write_metric_curves(path: str, series: dict, xlabel: str, ylabel: str, title: str) -> None:
-    """One PNG with a line per entry of `series` {label: [(x, y), ...]} (e.g. the RLHF command's PPO
-    reward, RM score and KL per PPO step)."""
+def write_metric_curves(path: str, series: dict, xlabel: str, ylabel: str, title: str,
+                        right: Optional[dict] = None, right_ylabel: str = "") -> None:
+    """One PNG with a line per entry of `series` {label: [(x, y), ...]} (e.g. PPO's reward and RM score
+    per step), and the entries of `right` on an axis of their own (PPO's KL, in other units)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +96,16 @@ def write_metric_curves(path: str, series: dict, xlabel: str, ylabel: str, title
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if right:
+        twin = ax.twinx()
+        for label, points in right.items():
+            if points:
+                twin.plot([x for x, _ in points], [y for _, y in points], "--", color="tab:red", label=label, linewidth=1.2)
+        twin.set_ylabel(right_ylabel)
+        more = twin.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -120,11 +136,15 @@ class StepMeter:
         self.engine, self.rank, self.world_size = engine, topo.rank, topo.world_size
         self.flops_token = flops_per_token(plan.n_matmul_params, plan.n_blocks, plan.model_config.hidden_size, cfg.max_seq_len)
         self.peak = peak_flops(device_name, cfg.precision)
+        self.start_step, self.total_steps = start_step, total_steps
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", disable=self.rank != 0,
                         dynamic_ncols=True)
         self.last_eval = {}
 
-    def log_step(self, step: int, loss: float, real_tokens: int, seconds: float) -> None:
+    def log_step(self, step: int, loss: float, real_tokens: int, seconds: float, shown: Optional[dict] = None) -> None:
+        """The step's loss, lr, throughput (and MFU) to the monitors and the bar; `shown` ({label: value}):
+        a recipe's own step numbers on the bar in the same refresh (DPO's accuracy and margin), so
+        its fields never flip between two sets."""
         if self.rank != 0:
             return
         tokens_s = real_tokens / seconds
@@ -140,6 +160,7 @@ class StepMeter:
         postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tokens_s:.0f}"}
         if util is not None:
             postfix["mfu"] = f"{util:.1%}"
+        postfix.update({k: f"{v:.3g}" for k, v in (shown or {}).items()})
         postfix.update({k: f"{v:.3g}" for k, v in self.last_eval.items()})
         self.bar.set_postfix(postfix)
         self.bar.update(1)

@@ -7,6 +7,7 @@ silently undone in bf16: the optimizer's fp32 master weights overwrite the modul
 import contextlib
 import copy
 import gc
+import io
 import logging
 
 import torch
@@ -34,15 +35,16 @@ def build_pipeline_module(plan: ModelPlan, topo: Topology, loss_fn=None, grad_ck
     compile: True or torch.compile options: each block of the stage is compiled on its own
     (`nn.Module.compile`, in place), so DeepSpeed's schedule and checkpoint files are unchanged."""
     arch = get_architecture(plan.model_config.model_type)
-    module = partitioned_pipeline_module_class()(
-        build_layer_specs(plan.model_config, plan.head),
-        boundaries=plan.boundaries,
-        topology=topo.deepspeed_topology(),
-        loss_fn=loss_fn,
-        activation_checkpoint_interval=1 if grad_ckpt else 0,
-        # Only blocks: checkpointing the embedding fails (its input needs no grad).
-        checkpointable_layers=[arch.block.__name__] if grad_ckpt else None,
-    )
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints every stage's layers on each rank (log_plan says it once)
+        module = partitioned_pipeline_module_class()(
+            build_layer_specs(plan.model_config, plan.head),
+            boundaries=plan.boundaries,
+            topology=topo.deepspeed_topology(),
+            loss_fn=loss_fn,
+            activation_checkpoint_interval=1 if grad_ckpt else 0,
+            # Only blocks: checkpointing the embedding fails (its input needs no grad).
+            checkpointable_layers=[arch.block.__name__] if grad_ckpt else None,
+        )
     if compile:
         compile_blocks(module, arch.block, {} if compile is True else dict(compile))
     return module

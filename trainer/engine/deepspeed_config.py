@@ -125,3 +125,109 @@ def _accumulates_in_fp32(ds: dict) -> bool:
     """data_types.grad_accum_dtype names fp32 (DeepSpeed's spellings of it)."""
     data_types = ds.get("data_types")
     return isinstance(data_types, dict) and str(data_types.get("grad_accum_dtype", "")).lower() in ("fp32", "float32", "float")
+
+
+# Keys DeepSpeed itself takes out of optimizer.params for Adam/AdamW before building the optimizer
+# (deepspeed/runtime/engine.py get_optimizer_configuration), and the arguments it passes itself.
+_ADAM_CONFIG_KEYS = ("torch_adam", "adam_w_mode", "fp32_optimizer_states")
+_PASSED_BY_DEEPSPEED = ("self", "params", "model_params", "optimizer", "adamw_mode")
+# lion-pytorch's Lion, built by trainer/engine/optim.py (use_triton is taken there).
+_LION_PYTORCH_KEYS = ("lr", "betas", "weight_decay", "use_triton", "decoupled_weight_decay")
+
+
+def _optimizer_class(ds: dict):
+    """(the class DeepSpeed 0.19 builds for the config's optimizer, the config-only keys it also
+    takes), as engine._configure_basic_optimizer chooses it; (None, ()) where it cannot be told or
+    is not checked here (MuP, Muon, a type DeepSpeed does not know: DeepSpeed names that itself)."""
+    import torch
+
+    optimizer = ds.get("optimizer") or {}
+    name = str(optimizer.get("type", "AdamW"))
+    kind = name.lower()
+    params = optimizer.get("params") if isinstance(optimizer.get("params"), dict) else {}
+    zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
+    offload = (zero.get("stage", 0) > 0 and ((zero.get("offload_optimizer") or {}).get("device") == "cpu"))
+    if kind in ("adam", "adamw"):
+        if params.get("torch_adam"):
+            adam_w = kind == "adamw" or params.get("adam_w_mode", True)
+            return (torch.optim.AdamW if adam_w else torch.optim.Adam), _ADAM_CONFIG_KEYS + ("foreach",)
+        if offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            return DeepSpeedCPUAdam, _ADAM_CONFIG_KEYS
+        from deepspeed.ops.adam import FusedAdam
+        return FusedAdam, _ADAM_CONFIG_KEYS
+    if kind == "adagrad":
+        if offload:
+            from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
+            return DeepSpeedCPUAdagrad, ()
+        return torch.optim.Adagrad, ()
+    if kind == "lamb":
+        from deepspeed.ops.lamb import FusedLamb
+        return FusedLamb, ()
+    if kind == "lion":
+        from deepspeed.ops.lion import DeepSpeedCPULion, FusedLion
+        return (DeepSpeedCPULion if offload else FusedLion), ()
+    if kind in ("muadam", "muadamw", "musgd", "muon") or kind.startswith("onebit") or kind.replace("-", "_") in (
+            "lionpytorch", "lion_pytorch"):
+        return None, ()
+    return getattr(torch.optim, name, None), ()
+
+
+def _scheduler_class(ds: dict):
+    """The class DeepSpeed builds for the config's scheduler: DeepSpeed's lr_schedules, else torch's."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    name = str((ds.get("scheduler") or {}).get("type"))
+    return getattr(lr_schedules, name, None) or getattr(torch.optim.lr_scheduler, name, None)
+
+
+def _accepted(cls, extra=()) -> Optional[list]:
+    """The keyword arguments cls(...) takes besides what DeepSpeed passes; None: anything (**kwargs)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return sorted({n for n in params if n not in _PASSED_BY_DEEPSPEED} | set(extra))
+
+
+def nested_params_problems(ds: dict, problems: list[str]) -> None:
+    """optimizer.params and scheduler.params against what the class DeepSpeed builds for the chosen
+    type accepts: a typo (`weight_decy`) is one line with the closest valid key before launch, not a
+    TypeError per rank after it."""
+    import difflib
+
+    checks = []
+    optimizer = ds.get("optimizer")
+    if isinstance(optimizer, dict) and optimizer.get("params") is not None:
+        kind = str(optimizer.get("type", "AdamW"))
+        if kind.lower().replace("-", "_") in ("lionpytorch", "lion_pytorch"):
+            checks.append(("optimizer", kind, "lion_pytorch.Lion", sorted(_LION_PYTORCH_KEYS)))
+        else:
+            cls, extra = _optimizer_class(ds)
+            unchecked = kind.lower() in ("muadam", "muadamw", "musgd", "muon") or kind.lower().startswith("onebit")
+            if cls is None and not unchecked:
+                problems.append(f"optimizer type {kind!r} is not one DeepSpeed knows (AdamW, Adam, Adagrad, Lamb, Lion, "
+                                "LionPytorch, or a torch.optim class name such as SGD)")
+            elif cls is not None:
+                checks.append(("optimizer", kind, f"{cls.__module__}.{cls.__name__}", _accepted(cls, extra)))
+    scheduler = ds.get("scheduler")
+    if isinstance(scheduler, dict) and "type" in scheduler:
+        cls = _scheduler_class(ds)
+        if cls is None:
+            problems.append(f"scheduler type {scheduler['type']!r} is neither one of DeepSpeed's (WarmupLR, WarmupDecayLR, "
+                            "WarmupCosineLR, OneCycle, LRRangeTest) nor a torch.optim.lr_scheduler class")
+        elif scheduler.get("params") is not None:
+            checks.append(("scheduler", scheduler["type"], f"{cls.__module__}.{cls.__name__}", _accepted(cls)))
+    for section, kind, where, accepted in checks:
+        params = ds[section].get("params")
+        if not isinstance(params, dict):
+            problems.append(f"{section}.params must be an object, got {json.dumps(params)}")
+            continue
+        if accepted is None:
+            continue
+        for key in sorted(set(params) - set(accepted)):
+            close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+            hint = f": did you mean {close[0]!r}?" if close else f" (it takes {', '.join(accepted)})"
+            problems.append(f"{section}.params: unknown key {key!r} for {section} type {kind!r} ({where}){hint}")

@@ -22,6 +22,7 @@ default to `DEFAULT_HOOKS` (the model -> save_path/hf; nothing kept; no plot). c
 in its logic and reads every hook through `recipe_hook`.
 """
 import importlib
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -58,7 +59,8 @@ def default_exports(cfg) -> list:
     return [(save, save / "hf")]
 
 
-DEFAULT_HOOKS = {"exports": default_exports, "state_result": lambda summary: {}, "write_plots": lambda result, headline: None}
+DEFAULT_HOOKS = {"exports": default_exports, "state_result": lambda summary: {}, "write_plots": lambda result, headline: None,
+                 "headline": lambda result, cfg: {}, "headline_text": lambda numbers: ""}
 
 
 def recipe_hook(name: str, hook: str):
@@ -84,4 +86,72 @@ def load_config(path: str, world_size: Optional[int] = None, device_supports_fp1
     return validate_config(read_config_json(path), path, world_size, device_supports_fp16)
 
 
-__all__ = ["RECIPES", "ConfigError", "get_recipe", "load_config", "options_classes", "recipe_hook", "recipe_module", "validate_config"]
+def step_result(name: str, summary: dict) -> dict:
+    """What the summary needs from a recipe's summary: steps, first/last train loss, the last eval,
+    and what the recipe keeps besides (its state_result: PPO's reward curve, DPO's last train metrics)."""
+    history = summary["history"]
+    result = {"steps": summary["step"], "train_loss_first": history[0][1] if history else None,
+              "train_loss_last": history[-1][1] if history else None}
+    if summary["evals"]:
+        result["eval_step"], result["eval"] = summary["evals"][-1]
+    result.update(recipe_hook(name, "state_result")(summary))
+    return result
+
+
+def done_line(cfg, summary: dict) -> str:
+    """train_ds.py's last line (rank 0), in the words of the RLHF summary: the recipe's headline
+    (SFT eval loss, RM accuracy, PPO reward start -> end, DPO eval rewards) besides the final train
+    loss, after writing the recipe's plots (PPO's reward curve); a run that found its config already
+    trained says so and how to train further."""
+    from trainer.metrics import format_number
+
+    if summary.get("start_step") is not None and summary["step"] == summary["start_step"]:
+        return (f"done: nothing to train: {cfg.save_path} already holds step {summary['step']}, the end of this config "
+                "(resume \"auto\"); to train further raise train_steps or n_epochs, or give another save_path to start over")
+    result = step_result(cfg.stage, summary)
+    numbers = recipe_hook(cfg.stage, "headline")(result, cfg)
+    recipe_hook(cfg.stage, "write_plots")(result, numbers)
+    return (f"done: {summary['step']} steps, final train loss {format_number(result['train_loss_last'])}; "
+            f"{recipe_hook(cfg.stage, 'headline_text')(numbers)}; checkpoints in {cfg.save_path}")
+
+
+# The config keys naming models a recipe starts from (besides model_path), and data files.
+MODEL_PATH_KEYS = ("actor_path", "critic_path", "ref_path", "reward_path")
+DATA_PATH_KEYS = ("data_path", "eval_data_path", "ptx_data_path")
+
+
+def missing_inputs(cfg: TrainConfig) -> list[str]:
+    """The models and data files cfg names that are not there, one line each naming the key: checked by
+    train_ds.py before the ranks meet, so a typo'd path is a config error (exit status 2), not a
+    preflight failure about nodes. (The chain checks its steps' inputs itself: trainer/chain.py.)"""
+    from data.sources import expand_paths
+
+    problems = []
+    if not os.path.exists(cfg.model_path):
+        problems.append(f"model_path {cfg.model_path} does not exist (give a hg_to_pp output, a training save_path or a "
+                        "global_stepN folder)")
+    for key in MODEL_PATH_KEYS:
+        path = getattr(cfg.options, key, None)
+        if path and path != cfg.model_path and not os.path.exists(path):
+            problems.append(f"{key} {path} does not exist")
+    for key in DATA_PATH_KEYS:
+        value = getattr(cfg, key, None) if hasattr(cfg, key) else getattr(cfg.options, key, None)
+        if value is not None:
+            problems += [f"{key}: {p}" for p in expand_paths(value)[1] if p.reason == "missing_file"]
+    return problems
+
+
+def load_checked_config(path: str, world_size: Optional[int] = None, device_supports_fp16: bool = True) -> TrainConfig:
+    """load_config, then its models and data files must exist (ConfigError naming the keys). On a
+    multi-node job only the first node checks here (its node rank: DeepSpeed's CROSS_RANK, torchrun's
+    GROUP_RANK): the other nodes meet rank 0, and the preflight names the node that cannot see a path
+    (a node that stopped here would leave rank 0 waiting for it)."""
+    cfg = load_config(path, world_size, device_supports_fp16)
+    if os.environ.get("CROSS_RANK", os.environ.get("GROUP_RANK", "0")) == "0":
+        problems = missing_inputs(cfg)
+        if problems:
+            raise ConfigError(path, problems)
+    return cfg
+
+
+__all__ = ["RECIPES", "ConfigError", "get_recipe", "load_checked_config", "load_config", "missing_inputs", "options_classes", "recipe_hook", "recipe_module", "step_result", "validate_config"]

@@ -17,7 +17,7 @@ from trainer.engine import checkpoint
 from trainer.engine.guards import check_finite_loss
 from trainer.engine.plan import plan_model
 from trainer.engine.preflight import preflight
-from trainer.metrics import StepMeter, log_plan, write_loss_curve
+from trainer.metrics import LOSS_LABEL, StepMeter, log_plan, write_loss_curve
 
 
 @dataclass
@@ -68,9 +68,10 @@ def train_step(engine, feed, step: int) -> tuple[float, float]:
 
 
 def finish(cfg, topo, job: Prepared, engine, state, meter, batches, last_saved: Optional[int],
-           evaluate: Callable[[int], dict], title: str, extra: Optional[dict] = None) -> dict:
+           evaluate: Callable[[int], dict], title: str, extra: Optional[dict] = None, loss_label: Optional[str] = None) -> dict:
     """Collective: the last evaluation (unless the loop just made it), the last save (unless the loop
-    just saved), the loss curve; returns the recipe's summary {"step", "history", "evals", **extra}.
+    just saved), the loss curve (its y axis: `loss_label`, what the loss averages); returns the recipe's
+    summary {"step", "start_step" (where this run started), "history", "evals", **extra}.
     evaluate(step) -> its metrics, logged (the recipe's own evaluation)."""
     meter.close()
     if job.data.n_eval_rows and (not state.evals or state.evals[-1][0] != state.step):
@@ -79,5 +80,6 @@ def finish(cfg, topo, job: Prepared, engine, state, meter, batches, last_saved: 
         checkpoint.save_training(engine, cfg.save_path, state, batches, cfg.keep_last)
     if topo.rank == 0:
         write_loss_curve(str(Path(cfg.save_path) / "loss_curve.png"), state.history,
-                         [(s, e["loss"]) for s, e in state.evals], f"{job.plan.hf_config.model_type} {title}")
-    return {"step": state.step, "history": state.history, "evals": state.evals, **(extra or {})}
+                         [(s, e["loss"]) for s, e in state.evals], f"{job.plan.hf_config.model_type} {title}",
+                         loss_label or LOSS_LABEL)
+    return {"step": state.step, "start_step": meter.start_step, "history": state.history, "evals": state.evals, **(extra or {})}

@@ -89,15 +89,16 @@ def run(cfg, topo, device_name: str) -> dict:
         state.step = step
         state.history.append([step, loss])
         train_metrics.append([step, metrics])
-        meter.log_step(step, loss, real_tokens, seconds)
-        show_train_metrics(meter, engine, topo, step, metrics)
+        meter.log_step(step, loss, real_tokens, seconds,
+                       shown={"acc": metrics["rewards/accuracies"], "margin": metrics["rewards/margins"]})
+        write_train_metrics(engine, topo, step, metrics)
         if cfg.eval_interval and step % cfg.eval_interval == 0 and data.n_eval_rows:
             state.evals.append([step, evaluate_and_log(step)])
         if cfg.save_interval and step % cfg.save_interval == 0:
             checkpoint.save_training(engine, cfg.save_path, state, batches, cfg.keep_last)
             last_saved = step
     return finish(cfg, topo, job, engine, state, meter, batches, last_saved, evaluate_and_log, f"dpo ({opts.loss_type})",
-                  extra={"train_metrics": train_metrics})
+                  extra={"train_metrics": train_metrics}, loss_label=f"DPO loss ({opts.loss_type}, mean over pairs)")
 
 
 def evaluate(engine, cfg, data, ref, opts, topo) -> dict:
@@ -117,14 +118,12 @@ def evaluate(engine, cfg, data, ref, opts, topo) -> dict:
     return metrics_from_stats(all_reduce_sum(sums), opts.sft_coef)
 
 
-def show_train_metrics(meter, engine, topo, step: int, metrics: dict) -> None:
-    """Train/rewards/..., Train/logps/... to the monitor (the meter wrote Train/loss); accuracy and
-    margin on the progress bar."""
+def write_train_metrics(engine, topo, step: int, metrics: dict) -> None:
+    """Train/rewards/..., Train/logps/... to the monitor (the meter wrote Train/loss and put accuracy
+    and margin on the progress bar)."""
     if topo.rank != 0:
         return
     write_events(engine, [(f"Train/{k}", float(v), step) for k, v in metrics.items() if k != "loss"])
-    meter.bar.set_postfix_str(f"{meter.bar.postfix}, acc={metrics['rewards/accuracies']:.3g}, "
-                              f"margin={metrics['rewards/margins']:.3g}")
 
 
 class ChosenTokenBatches(GlobalBatches):

@@ -176,7 +176,8 @@ def run(cfg, topo, device_name: str) -> dict:
         meter.close()
         if last_saved != state.step:
             save(actor, cfg, state, sampler, companions, train_metrics, ptx, topo)
-    return {"step": state.step, "history": state.history, "evals": state.evals, "train_metrics": train_metrics}
+    return {"step": state.step, "start_step": meter.start_step, "history": state.history, "evals": state.evals,
+            "train_metrics": train_metrics}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +322,8 @@ def write_plots(result: dict, numbers: dict) -> None:
     from trainer.metrics import write_metric_curves
 
     curve = result["curve"]
-    write_metric_curves(numbers["reward_curve"], {"PPO/reward_mean": [(s, r) for s, r, _, _ in curve],
-                                                  "PPO/score_mean (raw RM)": [(s, c) for s, _, c, _ in curve],
-                                                  "PPO/kl": [(s, k) for s, _, _, k in curve]},
-                        "PPO step", "per answer (mean over the rollout)", "PPO reward")
+    write_metric_curves(numbers["reward_curve"], {"reward (RM score - KL penalty)": [(s, r) for s, r, _, _ in curve],
+                                                  "RM score": [(s, c) for s, _, c, _ in curve]},
+                        "PPO step", "reward per answer (mean over the rollout)", "PPO reward",
+                        right={"KL to the reference": [(s, k) for s, _, _, k in curve]},
+                        right_ylabel="KL (nats per answer)")

@@ -41,6 +41,8 @@ from trainer.engine.build import build_engine
 from trainer.engine.distributed import all_reduce_sum
 from trainer.recipes.common import finish, prepare, start, train_step
 
+LOSS_LABEL = "pairwise loss -log sigmoid(chosen - rejected) (mean over records of their pairs)"
+
 
 def run(cfg, topo, device_name: str) -> dict:
     """Train; returns {"step", "history", "evals"} on every rank. Collective: every rank calls it."""
@@ -67,7 +69,8 @@ def run(cfg, topo, device_name: str) -> dict:
         if cfg.save_interval and step % cfg.save_interval == 0:
             checkpoint.save_training(engine, cfg.save_path, state, data.batches, cfg.keep_last)
             last_saved = step
-    return finish(cfg, topo, job, engine, state, meter, data.batches, last_saved, evaluate_and_log, "rm")
+    return finish(cfg, topo, job, engine, state, meter, data.batches, last_saved, evaluate_and_log, "rm",
+                  loss_label=LOSS_LABEL)
 
 
 def pair_scores(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -188,6 +188,13 @@ def problems(keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[s
             out.append(f'{name} must be a list of layer counts (one per stage) or "auto", got {json.dumps(parts)}')
         elif pipe is not None and len(parts) != pipe:
             out.append(f"{name} has {len(parts)} entries but model_topo says {pipe} pipeline stages")
+    if isinstance(critic, dict) and any(isinstance(critic.get(k), dict) for k in ("optimizer", "scheduler")):
+        from trainer.engine.deepspeed_config import nested_params_problems
+
+        found: list[str] = []  # the critic's engine takes these in place of the actor's (ppo_models.critic_config)
+        nested_params_problems({**ds, **{k: critic[k] for k in ("optimizer", "scheduler") if isinstance(critic.get(k), dict)}},
+                               found)
+        out += [f"ppo.critic.{p}" for p in found if p.startswith(tuple(k for k in ("optimizer", "scheduler") if k in critic))]
     if out:
         return out
     opts = PPOOptions.from_keys(keys)

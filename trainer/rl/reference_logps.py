@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.batching import collate_pairs
+from data.cache import readable_as_umask
 from models.pipe_dir import find_layer_files, resolve_checkpoint_dir
 from trainer.batches import forward_eval_rows
 from trainer.engine.distributed import all_reduce_sum, broadcast_object
@@ -149,6 +150,7 @@ class ReferenceLogps:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".ref_logps.", suffix=".tmp")
         try:
+            readable_as_umask(tmp)
             with os.fdopen(fd, "wb") as f:
                 torch.save({"key": json.dumps(self.key_parts, sort_keys=True), "train": self.train, "eval": self.eval}, f)
                 f.flush()
