@@ -2,8 +2,9 @@
 the published formulas (verl core_algos.py, TRL grpo_trainer.py), the loss aggregations and the clipped
 loss on fixed logits (trainer/rl/grpo_losses.py), the reward functions (trainer/rl/rewards.py), the
 prompt records' columns (data/), and the config checks (trainer/rl/grpo_options.py)."""
-import math
 import json
+import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +13,8 @@ import torch
 
 from trainer.rl import advantages as adv
 from trainer.rl.grpo_losses import GRPOLoss, clipped_surrogate, loss_weights
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def opts(**kw):
@@ -324,3 +327,22 @@ def test_k1_allowed_in_the_reward_of_reinforce_pp(tmp_path):
 
     o = validate_config(grpo_config(tmp_path, advantage="reinforce++", kl_coef=0.1, kl_estimator="k1")).options
     assert o.kl_in_reward and not o.kl_in_loss and o.needs_reference
+
+
+def test_chain_sft_then_grpo(tmp_path):
+    """rlhf.py's ["sft", "grpo"]: the actor (and model_path) is the SFT step's result; the GRPO section validates."""
+    from trainer import chain
+    from trainer.config import ConfigError
+
+    raw = json.loads((REPO / "configs" / "rlhf_quickstart.json").read_text())
+    raw.update(pipeline=["sft", "grpo"], save_path=str(tmp_path / "out"))
+    raw["grpo"] = {"data_path": "data/samples/rlhf_prompts.jsonl", "train_steps": 4,
+                   "grpo": {"rollout_batch_size": 2, "n_samples_per_prompt": 4, "reward_funcs": ["format"]}}
+    steps = chain.load_steps_from(raw, world_size=2)
+    grpo = steps[1]
+    assert [s.name for s in steps] == ["sft", "grpo"] and grpo.cfg.stage == "grpo"
+    assert grpo.raw["actor_path"] == grpo.raw["model_path"] == str(tmp_path / "out" / "sft")
+    assert grpo.exports == [(tmp_path / "out" / "grpo", tmp_path / "out" / "grpo" / "hf")]
+    raw["grpo"]["actor_path"] = "elsewhere"
+    with pytest.raises(ConfigError, match="actor_path is set by the RLHF command"):
+        chain.load_steps_from(raw, world_size=2)
