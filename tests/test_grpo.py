@@ -346,3 +346,24 @@ def test_chain_sft_then_grpo(tmp_path):
     raw["grpo"]["actor_path"] = "elsewhere"
     with pytest.raises(ConfigError, match="actor_path is set by the RLHF command"):
         chain.load_steps_from(raw, world_size=2)
+
+
+@pytest.mark.parametrize("mask_truncated,filter_groups", [(False, False), (True, False), (False, True), (True, True)])
+def test_loss_mask_drops_truncated_answers_and_equal_reward_groups(mask_truncated, filter_groups):
+    from trainer.rl.grpo_options import GRPOOptions
+    from trainer.rl.grpo_rollout import make_experience
+
+    answer = answer_mask([2, 1, 3, 2, 1, 1, 1, 1], width=5)
+    ended = torch.tensor([True, False, True, True, False, True, True, True])
+    ro = SimpleNamespace(answer=answer, ended=ended)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0], dtype=torch.float64)  # group 2: all equal
+    o = GRPOOptions(actor_path="x", n_samples_per_prompt=4, mask_truncated_completions=mask_truncated,
+                    filter_zero_std_groups=filter_groups)
+    exp = make_experience(ro, [torch.zeros(8, 5)], None, rewards, torch.zeros(8, 0), None, o, adv.local_sum)
+    keep = torch.ones(8, dtype=torch.bool)
+    if mask_truncated:
+        keep &= ended
+    if filter_groups:
+        keep[4:] = False
+    assert torch.equal(exp.loss_mask, answer * keep[:, None].float())
+    assert torch.equal(exp.advantages[4:], torch.zeros(4, 5))  # equal rewards: advantage 0 either way

@@ -123,3 +123,48 @@ def test_the_recipe_step_equals_the_grpo_formulas(tmp_path):
     m = loss_mask[minibatch_rows]
     want = (per_token[minibatch_rows] * m).sum() / m.sum()  # DAPO: the token mean over both replicas' minibatch rows
     assert sum(losses) / 2 == pytest.approx(want, rel=1e-5)
+
+
+FAILING_FILE = """
+def picky(prompts, completions, target, **kw):
+    if any(t == "boom" for t in target):
+        raise ValueError("cannot parse " + completions[0])
+    return [0.0] * len(completions)
+"""
+
+
+def _failing_replica(rank: int, init_file: str, reward_file: str, out: str) -> None:
+    """Replica 1's rows make the reward function raise; both replicas must stop with its message."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    from types import SimpleNamespace
+
+    from trainer.recipes.grpo import score_rewards
+    from trainer.rl.grpo_options import GRPOOptions
+    from trainer.rl.rewards import RewardError, load_reward_functions
+    from trainer.rl.rollout import Rollout
+
+    ids, mask, answer, ended, n_new, records, *_ = global_rollout()
+    ro = Rollout(ids[:4], mask[:4], ids[:4, 1:], answer[:4], ended[:4], n_new[:4], None)
+    opts = GRPOOptions(actor_path="x", n_samples_per_prompt=GROUP, reward_funcs=(f"{reward_file}:picky",))
+    mine = [{**r, "target": "boom" if rank == 1 else "1"} for r in records[:4]]
+    try:
+        score_rewards(ro, mine, None, load_reward_functions(opts), DigitTokenizer(), SimpleNamespace(max_seq_len=PROMPT),
+                      opts, SimpleNamespace(is_last_stage=True))
+        message = None
+    except RewardError as e:
+        message = str(e)
+    torch.save({"message": message}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_reward_function_failure_on_one_replica_stops_both(tmp_path):
+    reward_file = tmp_path / "picky.py"
+    reward_file.write_text(FAILING_FILE)
+    out = str(tmp_path / "result")
+    mp.start_processes(_failing_replica, args=(str(tmp_path / "init"), f"{reward_file}", out), nprocs=2, join=True,
+                       start_method="spawn")
+    for rank in range(2):
+        message = torch.load(f"{out}.{rank}", weights_only=True)["message"]
+        assert message.startswith("reward function ") and ":picky' raised ValueError: cannot parse " in message, message
+        assert "\n" not in message

@@ -23,6 +23,9 @@ global_stepN folder):
   loss_type            ("dapo") the aggregation: "grpo", "bnpo" / "dapo", "dr_grpo" (trainer/rl/grpo_losses.py)
   epsilon (0.2), epsilon_high (epsilon; DAPO's clip-higher: e.g. 0.28): the ratio's clip range
   mask_truncated_completions  (false) answers that hit max_new_tokens without a stop token get no loss
+  filter_zero_std_groups  (false) DAPO's dynamic sampling, as a filter: the groups whose rewards are all equal
+                       (advantage 0 under grpo, dr_grpo, rloo) get no loss tokens, so they do not dilute the
+                       token normalisation nor pull through the KL term (no resampling: the minibatch is smaller)
   kl_coef              (0.0, TRL's beta) > 0 builds the reference: kl_coef x KL as a loss term (grpo, dr_grpo,
                        rloo) or -kl_coef x KL_t in the token rewards (reinforce++, reinforce++_baseline)
   kl_estimator         ("k3") "k2" or "k3" as a loss term ("k1" is refused there: its gradient is zero in
@@ -72,6 +75,7 @@ class GRPOOptions(RecipeOptions):
     epsilon: float = 0.2
     epsilon_high: Optional[float] = None
     mask_truncated_completions: bool = False
+    filter_zero_std_groups: bool = False
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     reward_funcs: tuple = ()
@@ -139,7 +143,7 @@ class GRPOOptions(RecipeOptions):
 
 _NUMBERS = ("temperature", "top_p", "repetition_penalty", "epsilon", "epsilon_high", "kl_coef", "reward_model_weight")
 _INTEGERS = ("rollout_batch_size", "n_samples_per_prompt", "max_new_tokens", "top_k", "num_iterations")
-_BOOLS = ("mask_truncated_completions", "disable_dropout", "frozen_bf16")
+_BOOLS = ("mask_truncated_completions", "filter_zero_std_groups", "disable_dropout", "frozen_bf16")
 KEYS = _NUMBERS + _INTEGERS + _BOOLS + ("advantage", "scale_rewards", "loss_type", "kl_estimator", "reward_funcs",
                                         "reward_weights", "reward_kwargs", "ref_parts", "reward_parts")
 

@@ -15,7 +15,7 @@ import torch
 
 from trainer.engine.distributed import broadcast_object
 from trainer.generation.token_sampling import row_seeds
-from trainer.rl.advantages import ESTIMATORS
+from trainer.rl.advantages import ESTIMATORS, zero_std_groups
 from trainer.rl.grpo_losses import loss_weights
 from trainer.rl.ppo_math import kl_estimate
 from trainer.rl.rewards import RewardError, call_reward_functions, weighted_sum
@@ -69,7 +69,8 @@ class GroupExperience:
     """A scored GRPO rollout on the last stage of its replica. Per token float32[R,S-1] (0 off the answer):
     old_logps (the training forward's, at the sampling temperature), ref_logps (zeros without a reference),
     kl (the estimate of kl_estimator, 0 without a reference), advantages, loss_mask (1 on the answer tokens
-    that get a loss); per row: rewards float64[R], per_function float64[R,F], rm_scores float32[R] or None."""
+    that get a loss: not those of truncated answers with mask_truncated_completions, nor of groups with
+    equal rewards with filter_zero_std_groups); per row: rewards float64[R], per_function float64[R,F], rm_scores float32[R] or None."""
     old_logps: torch.Tensor
     ref_logps: torch.Tensor
     kl: torch.Tensor
@@ -95,6 +96,8 @@ def make_experience(ro, old_logps: Optional[list], ref_logps: Optional[list], re
     kl_for_rewards = kl if opts.kl_in_reward else torch.zeros_like(kl)
     advantages = ESTIMATORS[opts.advantage](rewards, ro.answer, kl_for_rewards, opts, reduce_sum)
     keep = ro.ended | (not opts.mask_truncated_completions)
+    if opts.filter_zero_std_groups:  # DAPO: groups without a reward signal leave the update
+        keep = keep & ~zero_std_groups(rewards, opts.n_samples_per_prompt).repeat_interleave(opts.n_samples_per_prompt)
     return GroupExperience(old, ref, kl, rewards, per_function, rm_scores, advantages, ro.answer * keep[:, None].float())
 
 
