@@ -5,11 +5,14 @@ actor samples for a few percent of its answer tokens, and a reward function from
 token in `completion_ids`. The columns reach the function through the whole data path (unified prompt
 records -> PromptDataset.record -> the rank-0 broadcast -> the replica's share), the reference is built
 (kl_coef > 0) and starts equal to the actor (KL 0, the generator's and the training forward's log-probs
-equal), and the reward rises."""
+equal), and the reward rises. In the same launch, one step of 1 stage x 2 replicas and one of 2 stages
+x 1 replica on a rollout that is one minibatch: the same rewards, losses and updated weights (groups stay
+whole on a replica; the DAPO token normalisation spans both replicas)."""
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
 from conftest import launch_ranks as launch
 
@@ -52,11 +55,20 @@ def grpo_run(tmp_path_factory):
         "grpo": {"rollout_batch_size": 4, "n_samples_per_prompt": 8, "max_new_tokens": NEW, "kl_coef": 0.02,
                  "epsilon_high": 0.28, "reward_funcs": [f"{tmp / 'toy_rewards.py'}:marker_count"]},
     }
-    config = tmp / "grpo.json"
-    config.write_text(json.dumps(cfg, indent=1))
+    one_step = {**cfg, "train_steps": 1, "csv_monitor": {"enabled": False},
+                "grpo": {**cfg["grpo"], "rollout_batch_size": 2, "num_iterations": 2}}  # 2 prompts x 8 = 16 rows: one
+    # minibatch, trained twice: the second pass has ratios != 1, so a non-zero loss and clipping to compare
+    layouts = {"toy": cfg,
+               "two_stages": {**one_step, "save_path": str(tmp / "two_stages")},
+               "two_replicas": {**one_step, "save_path": str(tmp / "two_replicas"), "gradient_accumulation_steps": 1,
+                                "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}, "parts": [7]}}}
+    configs = []
+    for name, c in layouts.items():
+        configs += ["--config", str(tmp / f"{name}.json")]
+        (tmp / f"{name}.json").write_text(json.dumps(c, indent=1))
     out = tmp / "results.jsonl"
-    launch(str(REPO / "tests" / "multirank" / "train_runs.py"), "--config", str(config), "--out", str(out))
-    return json.loads(out.read_text().splitlines()[0]), tmp
+    launch(str(REPO / "tests" / "multirank" / "train_runs.py"), *configs, "--out", str(out))
+    return dict(zip(layouts, (json.loads(line) for line in out.read_text().splitlines()))), tmp
 
 
 def metric(summary, name: str) -> list[float]:
@@ -65,7 +77,8 @@ def metric(summary, name: str) -> list[float]:
 
 @pytest.mark.multirank
 def test_grpo_toy_reward_rises(grpo_run):
-    summary, tmp = grpo_run
+    runs, tmp = grpo_run
+    summary = runs["toy"]
     assert summary["step"] == STEPS and summary["tags"] == [f"global_step{STEPS}"]
     rewards = metric(summary, "GRPO/reward_mean")
     start, end = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
@@ -76,3 +89,17 @@ def test_grpo_toy_reward_rises(grpo_run):
     assert 0 < metric(summary, "GRPO/kl")[-1] < 2.0
     written = {p.stem for p in Path(tmp / "logs" / "grpo").glob("*.csv")}
     assert {"GRPO_reward_mean", "GRPO_frac_reward_zero_std", "GRPO_clip_ratio_region_mean"} <= written, written
+
+
+@pytest.mark.multirank
+def test_two_replicas_take_the_same_first_step_as_two_stages(grpo_run):
+    runs, tmp = grpo_run
+    a, b = runs["two_stages"]["train_metrics"][0][1], runs["two_replicas"]["train_metrics"][0][1]
+    assert a["GRPO/completions/mean_length"] == b["GRPO/completions/mean_length"]
+    assert a["GRPO/reward_mean"] == b["GRPO/reward_mean"] and a["GRPO/frac_reward_zero_std"] < 1
+    for key in ("GRPO/reward_std", "GRPO/loss", "GRPO/policy_loss", "GRPO/entropy", "GRPO/clip_ratio/region_mean"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    # gradients summed over replicas in another order: AdamW's first step amplifies the rounding (tests/test_ppo.py)
+    for f in sorted((tmp / "two_stages" / "global_step1").glob("layer_*-model_states.pt")):
+        x, y = torch.load(f, weights_only=True), torch.load(tmp / "two_replicas" / "global_step1" / f.name, weights_only=True)
+        assert max((x[k] - y[k]).abs().max().item() for k in x) <= 2e-5, f.name
