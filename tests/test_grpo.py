@@ -312,6 +312,8 @@ def test_config_defaults(tmp_path):
     ({"epsilon_high": 0.1}, "epsilon_high 0.1 must be >= epsilon"),
     ({"rollout_batch_size": 3}, "is not a multiple of train_batch_size"),
     ({"num_iteration": 2}, "grpo: unknown keys ['num_iteration']"),
+    ({"reward_timeout_s": 0}, "grpo.reward_timeout_s must be positive"),
+    ({"reward_funcs": ["math_answer"], "reward_kwargs": {"overlong": {"max_length": 8}}}, "'overlong' is not a built-in reward function in grpo.reward_funcs"),
 ])
 def test_config_problems(tmp_path, grpo, message):
     from trainer.config import ConfigError
@@ -367,3 +369,18 @@ def test_loss_mask_drops_truncated_answers_and_equal_reward_groups(mask_truncate
         keep[4:] = False
     assert torch.equal(exp.loss_mask, answer * keep[:, None].float())
     assert torch.equal(exp.advantages[4:], torch.zeros(4, 5))  # equal rewards: advantage 0 either way
+
+
+def test_a_reward_function_over_its_time_limit_is_one_line(tmp_path):
+    import time
+
+    from trainer.rl.rewards import RewardError, call_reward_functions, load_reward_function
+
+    fn = load_reward_function(f"{write_module(tmp_path, 'import time' + chr(10) + 'def slow(p, c, **kw):' + chr(10) + '    time.sleep(5)')}:slow", {}, 8)
+    start = time.perf_counter()
+    with pytest.raises(RewardError, match=r"'slow' took longer than reward_timeout_s = 0.2 s on 2 completions"):
+        call_reward_functions([("slow", fn, 1.0)], ["p", "q"], ["a", "b"], {}, timeout_s=0.2)
+    assert time.perf_counter() - start < 2
+    quick = load_reward_function("exact_match", {}, 8)  # within the limit: the alarm is cancelled after the call
+    assert call_reward_functions([("e", quick, 1.0)], ["p"], ["a"], {"answer": ["a"]}, timeout_s=0.2).tolist() == [[1.0]]
+    time.sleep(0.3)

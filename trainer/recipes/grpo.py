@@ -66,7 +66,7 @@ def run(cfg, topo, device_name: str) -> dict:
     plans = plan_co_resident(specs, memory_budget(), "grpo: the actor, reference and reward model")
     actor_plan = plans["actor_path"]
     tokenizer = AutoTokenizer.from_pretrained(actor_plan.side_dir)
-    check_models(cfg, opts, tokenizer, plans)
+    check_models(cfg, opts, tokenizer, plans, label="GRPO")
     funcs = load_reward_functions(opts)
 
     data = build_data_rank0_first(cfg, tokenizer, "prompt", topo, build_here=False)
@@ -179,7 +179,8 @@ def score_rewards(ro, records, rm_scores, funcs, tokenizer, cfg, opts, topo) -> 
     out, message = (None, None), None
     if topo.is_last_stage:
         try:
-            out = row_rewards(ro, records, rm_scores, funcs, tokenizer, cfg.max_seq_len, opts.reward_model_weight)
+            out = row_rewards(ro, records, rm_scores, funcs, tokenizer, cfg.max_seq_len, opts.reward_model_weight,
+                              opts.reward_timeout_s)
         except RewardError as e:
             message = str(e)
     stop_all_ranks_on(message)

@@ -35,6 +35,8 @@ global_stepN folder):
                        working directory or PYTHONPATH, or "path/to/file.py:function"); TRL's interface
   reward_weights       (1.0 each) one weight per reward function
   reward_model_weight  (1.0) the reward model's score's weight in the sum (with reward_path)
+  reward_timeout_s     (null: no limit) the longest one reward function's call on a replica's rows may take;
+                       longer stops every rank with one line naming the function
   reward_kwargs        ({}) built-in options: {"format": {"pattern": ...}, "overlong": {"max_length": ...,
                        "buffer": ...}, "math_answer": {...}} (trainer/rl/rewards.py)
   disable_dropout      (true) no dropout in the actor while training (TRL's default)
@@ -81,6 +83,7 @@ class GRPOOptions(RecipeOptions):
     reward_funcs: tuple = ()
     reward_weights: Optional[tuple] = None
     reward_model_weight: float = 1.0
+    reward_timeout_s: Optional[float] = None
     reward_kwargs: dict = field(default_factory=dict)
     disable_dropout: bool = True
     frozen_bf16: bool = False
@@ -141,7 +144,8 @@ class GRPOOptions(RecipeOptions):
         return self.reward_weights or (1.0,) * len(self.reward_funcs)
 
 
-_NUMBERS = ("temperature", "top_p", "repetition_penalty", "epsilon", "epsilon_high", "kl_coef", "reward_model_weight")
+_NUMBERS = ("temperature", "top_p", "repetition_penalty", "epsilon", "epsilon_high", "kl_coef", "reward_model_weight",
+            "reward_timeout_s")
 _INTEGERS = ("rollout_batch_size", "n_samples_per_prompt", "max_new_tokens", "top_k", "num_iterations")
 _BOOLS = ("mask_truncated_completions", "filter_zero_std_groups", "disable_dropout", "frozen_bf16")
 KEYS = _NUMBERS + _INTEGERS + _BOOLS + ("advantage", "scale_rewards", "loss_type", "kl_estimator", "reward_funcs",
@@ -203,6 +207,8 @@ def problems(keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[s
         from trainer.rl.rewards import spec_problems
 
         out.extend(spec_problems(opts.reward_funcs, opts.reward_kwargs))
+    if opts.reward_timeout_s is not None and opts.reward_timeout_s <= 0:
+        out.append(f"grpo.reward_timeout_s must be positive (seconds) or null (no limit), got {opts.reward_timeout_s}")
     for key in ("epsilon", "temperature"):
         if getattr(opts, key) <= 0:
             out.append(f"grpo.{key} must be positive, got {getattr(opts, key)}")

@@ -41,11 +41,11 @@ def completions_of(ro, prompt_width: int) -> list[list[int]]:
 
 
 def row_rewards(ro, records: list, rm_scores: Optional[torch.Tensor], funcs: list, tokenizer, prompt_width: int,
-                rm_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+                rm_weight: float, timeout_s: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """This replica's rows -> (rewards float64[R], each function's rewards float64[R,F] (NaN: None)).
     Reward functions get the prompts as the records gave them (else the decoded prompt), the answers
     decoded without special tokens, every other record field as a column, and completion_ids. RewardError
-    names the function and the sample."""
+    names the function and the sample; a function's call may take at most timeout_s seconds (None: no limit)."""
     ids = completions_of(ro, prompt_width)
     completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
     prompts = [rec.get("prompt") if rec.get("prompt") is not None else
@@ -56,7 +56,7 @@ def row_rewards(ro, records: list, rm_scores: Optional[torch.Tensor], funcs: lis
     if "completion_ids" in columns:
         raise RewardError("a prompt record has a field 'completion_ids': the name is the answers' token ids "
                           "(TRL's); rename the field")
-    per_function = call_reward_functions(funcs, prompts, completions, {**columns, "completion_ids": ids}) if funcs \
+    per_function = call_reward_functions(funcs, prompts, completions, {**columns, "completion_ids": ids}, timeout_s) if funcs \
         else torch.zeros(len(ids), 0, dtype=torch.float64)
     rewards = weighted_sum(per_function, [w for _, _, w in funcs])
     if rm_scores is not None:

@@ -14,8 +14,9 @@ A reward function is named in grpo.reward_funcs as
     "my_rewards:exact_answer"                                 module:function, the module importable from
                                                               the working directory or PYTHONPATH
     "path/to/rewards.py:exact_answer"                         a file
-A function that raises, returns a list of the wrong length, a NaN or a non-number stops the run on every
-rank with one line (RewardError) naming the function and the sample.
+A function that raises, returns a list of the wrong length, a NaN or a non-number, or whose call takes
+longer than grpo.reward_timeout_s, stops the run on every rank with one line (RewardError) naming the
+function (and the sample).
 
 Built-ins:
     math_answer   1.0 when the completion's answer (its last \\boxed{...}, else its last number) equals the
@@ -32,7 +33,9 @@ import importlib
 import importlib.util
 import math
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -176,13 +179,40 @@ def load_reward_functions(opts) -> list[tuple[str, Callable, float]]:
 # ---------------------------------------------------------------------------------------------
 # Scoring a replica's rows.
 
-def call_reward_functions(funcs: list, prompts: list, completions: list, columns: dict) -> torch.Tensor:
+class _Timeout(Exception):
+    pass
+
+
+def _call_with_timeout(fn, timeout_s: Optional[float], *args, **kwargs):
+    """fn(*args, **kwargs), interrupted after timeout_s seconds (SIGALRM: the main thread of a Unix
+    process, where the recipe calls it; elsewhere no limit) with _Timeout."""
+    if not timeout_s or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        return fn(*args, **kwargs)
+
+    def expire(signum, frame):
+        raise _Timeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def call_reward_functions(funcs: list, prompts: list, completions: list, columns: dict,
+                          timeout_s: Optional[float] = None) -> torch.Tensor:
     """float64[R, F]: each function's reward per row, NaN where it returned None. RewardError naming the
-    function and the sample on an exception, a wrong length, a NaN or a non-number."""
+    function and the sample on an exception, a call longer than timeout_s, a wrong length, a NaN or a
+    non-number."""
     out = torch.full((len(completions), len(funcs)), math.nan, dtype=torch.float64)
     for f, (name, fn, _) in enumerate(funcs):
         try:
-            values = fn(prompts, completions, **columns)
+            values = _call_with_timeout(fn, timeout_s, prompts, completions, **columns)
+        except _Timeout:
+            raise RewardError(f"reward function {name!r} took longer than reward_timeout_s = {timeout_s} s on "
+                              f"{len(completions)} completions") from None
         except Exception as e:  # noqa: BLE001 - the user's code: reported in one line on every rank
             raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}") from None
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
