@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: quickstart rlhf-quickstart test install clean
+.PHONY: quickstart rlhf-quickstart grpo-quickstart test install clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ quickstart: install
 # SFT -> reward model -> PPO with rlhf.py on the tiny model (README "RLHF"); output in runs/rlhf-quickstart/
 rlhf-quickstart: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash tools/rlhf_quickstart.sh
+
+# SFT -> GRPO (a rule-checked reward) with rlhf.py on the tiny model (README "SFT -> GRPO"); output in runs/grpo-quickstart/
+grpo-quickstart: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash tools/grpo_quickstart.sh
 
 test: install
 	$(PY) -m pytest

@@ -384,3 +384,14 @@ def test_a_reward_function_over_its_time_limit_is_one_line(tmp_path):
     quick = load_reward_function("exact_match", {}, 8)  # within the limit: the alarm is cancelled after the call
     assert call_reward_functions([("e", quick, 1.0)], ["p"], ["a"], {"answer": ["a"]}, timeout_s=0.2).tolist() == [[1.0]]
     time.sleep(0.3)
+
+
+def test_shipped_grpo_configs_validate():
+    from trainer import chain
+    from trainer.recipes import load_config
+
+    cfg = load_config(str(REPO / "configs" / "grpo_tiny.json"), world_size=2)
+    assert cfg.stage == "grpo" and cfg.options.reward_funcs == ("format",)
+    steps = chain.load_steps(str(REPO / "configs" / "grpo_quickstart.json"), world_size=2)
+    assert [s.name for s in steps] == ["sft", "grpo"]
+    assert steps[1].cfg.options.actor_path == "runs/grpo-quickstart/sft" == cfg.options.actor_path
