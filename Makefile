@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export TORCH_EXTENSIONS_DIR
 
-.PHONY: quickstart rlhf-quickstart test test-fast install clean
+.PHONY: quickstart rlhf-quickstart grpo-quickstart test test-fast install clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ quickstart: install
 rlhf-quickstart: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash tools/rlhf_quickstart.sh
 
+# SFT -> GRPO (a rule-checked reward) with rlhf.py on the tiny model (README "SFT -> GRPO"); output in runs/grpo-quickstart/
+grpo-quickstart: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash tools/grpo_quickstart.sh
+
 test: install
 	$(PY) -m pytest
 
@@ -36,4 +40,4 @@ test-fast: install
 
 # only what the make targets made: runs/ also holds the README's real checkpoints (runs/llama-7b-sft, ...)
 clean:
-	rm -rf runs/quickstart runs/rlhf-quickstart .pytest_cache data/.cache
+	rm -rf runs/quickstart runs/rlhf-quickstart runs/grpo-quickstart .pytest_cache data/.cache

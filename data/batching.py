@@ -151,8 +151,16 @@ def collate_dpo(items: list) -> tuple:
 
 
 class PromptDataset(Dataset):
-    def __init__(self, samples: Samples, max_len: int, pad_id: int):
+    """columns: per item, {"prompt": the prompt as the record gave it, **a prompt record's other fields}
+    (``data.dataset.prompt_columns``); what GRPO's reward functions receive. None: not kept."""
+
+    def __init__(self, samples: Samples, max_len: int, pad_id: int, columns: list | None = None):
         self.samples, self.max_len, self.pad_id = samples, max_len, pad_id
+        self.columns = columns
+
+    def record(self, i: int) -> dict:
+        """Item i's prompt and other fields ({} when the dataset kept none)."""
+        return dict(self.columns[i]) if self.columns is not None else {}
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -12,7 +12,9 @@ kind="ranked" (reward model, K-wise): ``RankedDataset``, one item of K rows per 
     pipeline needs one row count per micro-batch), ``stats["max_responses"]``; a record with fewer
     responses gets filler rows (counted as ``filler_rows``).
 kind="prompt" (PPO rollouts): ``PromptDataset``, the prompt ending with the generation prompt
-    "Assistant:\\n". Uses prompt records and the prompts of pairwise and ranked records.
+    "Assistant:\\n". Uses prompt records and the prompts of pairwise and ranked records. Each item's
+    record (``PromptDataset.record(i)``: its prompt as given, a string or a list of {"role", "content"}
+    messages, and a prompt record's other fields) is kept for GRPO's reward functions.
 
 Pad id: ``data.tokenize.choose_pad`` (``pad_token`` when given, else the tokenizer's pad, unk, a spare
 special token or BOS; never EOS). Pads are -100 in labels and 0 in attention_mask.
@@ -56,7 +58,7 @@ from data.truncate import chunk, fit_context
 KINDS = ("lm", "pairwise", "ranked", "prompt")
 _USES = {"lm": ("pretrain", "instruct", "conversation", "ref_qa", "pairwise", "ranked"),
          "pairwise": ("pairwise",), "ranked": ("pairwise", "ranked"), "prompt": ("prompt", "pairwise", "ranked")}
-PAYLOAD_VERSION = 4  # in the cache key: 2 added pairwise margins, 3 the pad choice, 4 formats/template stats
+PAYLOAD_VERSION = 5  # in the cache key: 2 added pairwise margins, 3 the pad choice, 4 formats/template stats, 5 prompt columns
 
 
 class Built(NamedTuple):
@@ -151,7 +153,7 @@ def _make(payload: Dict[str, Any], split: str) -> Optional[Dataset]:
     if kind == "ranked":
         return RankedDataset(samples, T, pad, part["margins"].numpy(), part["n_responses"].numpy(),
                              payload["max_responses"])
-    return PromptDataset(samples, T, pad)
+    return PromptDataset(samples, T, pad, part.get("columns"))
 
 
 def _build(data_paths, eval_paths, tokenizer, *, kind, pack, overflow, strict, eval_fraction, data_split,
@@ -234,6 +236,7 @@ class _Outcomes:
         self.chunks = array.array("i")     # rows of a chunked pretrain document (0: not chunked)
         self.n_samples = array.array("i")  # samples kept (1; 2 for a pair; K for a ranking; k chunks)
         self.margin = array.array("f")     # pairwise margin (0 otherwise)
+        self.columns: List[Optional[dict]] = []  # kind="prompt": each record's prompt and other fields (prompt_columns)
         self.raw_len = array.array("q")    # token length of every tokenized side, before fitting
         self.raw_rec = array.array("q")    # ... and its record
         self.reasons: List[str] = []
@@ -247,7 +250,8 @@ class _Outcomes:
         return len(self.type)
 
     def add(self, type_: str, status: int, reason: Optional[str] = None, truncated: bool = False,
-            context_cut: bool = False, chunks: int = 0, fitted: Sequence = (), margin: float = 0.0) -> None:
+            context_cut: bool = False, chunks: int = 0, fitted: Sequence = (), margin: float = 0.0,
+            columns: Optional[dict] = None) -> None:
         if reason is not None and reason not in self.reasons:
             self.reasons.append(reason)
         self.type.append(_TYPE_CODE[type_])
@@ -258,6 +262,7 @@ class _Outcomes:
         self.chunks.append(chunks)
         self.n_samples.append(len(fitted))
         self.margin.append(margin)
+        self.columns.append(columns)
         self.pending.extend(fitted)
 
     def end_batch(self) -> None:
@@ -341,7 +346,8 @@ def _process(out: _Outcomes, records: List[Record], *, skip: bool, tokenizer, tp
             else:
                 out.add(rec.type, KEPT, truncated=cut, fitted=[res])
         elif max(len(ids) for ids, _ in sides) <= T:
-            out.add(rec.type, KEPT, fitted=list(sides), margin=float(rec.fields.get("margin", 0.0)))
+            out.add(rec.type, KEPT, fitted=list(sides), margin=float(rec.fields.get("margin", 0.0)),
+                    columns=prompt_columns(rec) if kind == "prompt" else None)
         elif overflow == "drop":
             out.add(rec.type, DROPPED, "too_long")
         else:  # pairwise / prompt: cut the context from the left, the answer / generation prompt stays whole
@@ -352,7 +358,19 @@ def _process(out: _Outcomes, records: List[Record], *, skip: bool, tokenizer, tp
                 out.add(rec.type, DROPPED, "answer_too_long" if kind in ("pairwise", "ranked") else "too_long")
             else:
                 out.add(rec.type, KEPT, truncated=True, context_cut=True, fitted=fitted,
-                        margin=float(rec.fields.get("margin", 0.0)))
+                        margin=float(rec.fields.get("margin", 0.0)), columns=prompt_columns(rec) if kind == "prompt" else None)
+
+
+def prompt_columns(rec: Record) -> dict:
+    """A prompt's record as the reward functions see it: {"prompt": the prompt as given (a string, or
+    {"role", "content"} messages for rounds), **the prompt record's other fields}."""
+    fields = rec.fields
+    if "prompt" in fields:
+        prompt = fields["prompt"]
+    else:
+        prompt = [{"role": "user" if role == "ask" else "assistant", "content": text} for role, text in fields["rounds"]]
+    other = {k: v for k, v in fields.items() if k not in ("prompt", "rounds")} if rec.type == "prompt" else {}
+    return {"prompt": prompt, **other}
 
 
 def _answer_sides(rec: Record) -> tuple[str, ...]:
@@ -407,6 +425,8 @@ def _part(out: _Outcomes, index: np.ndarray, kind: str, pack: bool, T: int) -> D
         part["margins"] = torch.from_numpy(out.margin[index][kept].astype(np.float32))
     if kind == "ranked":
         part["n_responses"] = torch.from_numpy(counts[kept].astype(np.int64))
+    if kind == "prompt":  # one sample per kept record, in the same order
+        part["columns"] = [out.columns[i] for i in index[kept]]
     if row_offsets is not None:
         part["row_offsets"], part["row_samples"] = torch.from_numpy(row_offsets), torch.from_numpy(row_samples)
     return part

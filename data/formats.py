@@ -27,7 +27,8 @@ exported data sets write them). Pairwise and prompt records have no system turn:
 
 Columns that a format does not use are ignored (data sets carry ids, scores, sources), except names
 close to the format's own keys ("inputs", "instrution", "conversation"): those are errors, so a typo
-does not silently drop a field.
+does not silently drop a field. A prompt-only record keeps its other columns (e.g. "answer": GRPO's
+reward functions read them).
 
 ``map_record`` returns the unified object plus a map from its field names to the source's, so that
 validation problems (``data.records.validate_record``) and tokenization problems name the user's
@@ -279,7 +280,8 @@ class _Mapper:
             if not self.need(obj, "prompt") or prompt is None:
                 return None
             _, prompt = self.split_system(prompt, "prompt", allowed=False)
-            return None if self.problems else self.prompt_fields({"type": "prompt"}, prompt, obj)
+            columns = {k: v for k, v in obj.items() if k not in KEYS["preference"] and k != "type"}
+            return None if self.problems else self.prompt_fields({"type": "prompt", **columns}, prompt, obj)
         if not (self.need(obj, "chosen") & self.need(obj, "rejected")):
             return None
         chosen, rejected = self.side(obj["chosen"], "chosen", "ans"), self.side(obj["rejected"], "rejected", "ans")

@@ -7,11 +7,12 @@ Record types (see docs/data_format.md):
     conversation  {"rounds": [["ask"|"ans", text], ...]}  at least one "ans"
     ref_qa        {"reference", "rounds"}
     pairwise      {"prompt" | "rounds", "chosen", "rejected", "margin"?}  (margin: a number, default 0)
-    prompt        {"prompt" | "rounds"}
+    prompt        {"prompt" | "rounds", ...}  (any other field is a column: GRPO's reward functions get it)
     ranked        {"prompt" | "rounds", "responses": [best, ..., worst]}  (K >= 2 distinct answers)
 
 Every record may also carry "id" and "meta" (ignored). Any other key is an error, so typos such as
-"inputs" are caught instead of silently dropping the input.
+"inputs" are caught instead of silently dropping the input; except in prompt records, whose other
+fields (e.g. "answer") are kept in ``fields`` for the reward functions.
 
 Files are read by ``data.sources`` (.json, .jsonl, .parquet, save_to_disk folders); records in the
 ecosystem's formats (messages, ShareGPT, Alpaca, preference, prompt/completion) are mapped to these
@@ -172,7 +173,7 @@ def validate_record(obj: Any, file: str, index: int, line: Optional[int] = None
         else:
             problems.extend(_check_responses(obj["responses"], bad))
     for key in obj:
-        if key not in allowed:
+        if key not in allowed and rtype != "prompt":  # a prompt record's other fields are columns (reward functions)
             close = difflib.get_close_matches(key, sorted(allowed - {"type"}), n=1, cutoff=0.6)
             allowed_list = ", ".join(sorted(allowed - {"type"}))
             problems.append(bad(key, f"unknown field for type {rtype!r}: did you mean {close[0]!r}? (allowed: {allowed_list})"

@@ -149,8 +149,8 @@ def test_problems_name_the_section_and_the_key():
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"pipeline": ["sft", "ppo"]}, 'pipeline must be ["sft", "rm", "ppo"] or ["sft", "dpo"], got ["sft", "ppo"]'),
-    ({"pipeline": "sft,dpo"}, 'pipeline must be ["sft", "rm", "ppo"] or ["sft", "dpo"], got "sft,dpo"'),
+    ({"pipeline": ["sft", "ppo"]}, 'pipeline must be ["sft", "rm", "ppo"] or ["sft", "dpo"] or ["sft", "grpo"], got ["sft", "ppo"]'),
+    ({"pipeline": "sft,dpo"}, 'pipeline must be ["sft", "rm", "ppo"] or ["sft", "dpo"] or ["sft", "grpo"], got "sft,dpo"'),
     ({"rm_init": "sfts"}, 'rm_init must be "sft"'),
     ({"rm": {"save_path": "x"}}, "section 'rm': save_path is set by the RLHF command"),
     ({"sft": {"stage": "rm"}}, "section 'sft': stage is set by the RLHF command"),

@@ -209,9 +209,9 @@ def test_eval_length_and_values():
     assert problems(cfg(n_epochs=0, train_steps=0)) == [
         "say how long to train: n_epochs and/or train_steps (train_steps wins when both are given)"]
     assert validate(cfg(drop=["n_epochs"], train_steps=5), world_size=4).train_steps == 5
-    assert problems(cfg(overflow="cut", stage="grpo", keep_last=0, max_seq_len=0, save_interval=-1)) == [
+    assert problems(cfg(overflow="cut", stage="kto", keep_last=0, max_seq_len=0, save_interval=-1)) == [
         "overflow must be \"truncate\", \"drop\" or \"chunk\", got 'cut'",
-        "stage 'grpo' is not available; use one of ['sft', 'rm', 'dpo', 'ppo']",
+        "stage 'kto' is not available; use one of ['sft', 'rm', 'dpo', 'ppo', 'grpo']",
         "max_seq_len must be at least 1",
         "keep_last must be at least 1",
         "save_interval must not be negative",

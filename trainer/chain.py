@@ -21,8 +21,8 @@ from trainer.recipes import recipe_hook, step_result, validate_config
 
 logger = logging.getLogger("pipetune")
 
-CHAINS = (("sft", "rm", "ppo"), ("sft", "dpo"))
-STEPS = ("sft", "rm", "ppo", "dpo")
+CHAINS = (("sft", "rm", "ppo"), ("sft", "dpo"), ("sft", "grpo"))
+STEPS = ("sft", "rm", "ppo", "dpo", "grpo")
 CHAIN_KEYS = ("pipeline", "rm_init")
 RM_INITS = ("sft", "base")
 
@@ -32,7 +32,8 @@ def hand_offs(rm_init: str = "sft") -> dict:
     save_path, a training save_path: every recipe follows its `latest`) or "base" (the shared
     model_path, the base model). rm_init chooses the RM's start."""
     return {"sft": {}, "rm": {"model_path": rm_init},
-            "ppo": {"model_path": "sft", "actor_path": "sft", "critic_path": "rm"}, "dpo": {"model_path": "sft"}}
+            "ppo": {"model_path": "sft", "actor_path": "sft", "critic_path": "rm"}, "dpo": {"model_path": "sft"},
+            "grpo": {"model_path": "sft", "actor_path": "sft"}}
 
 
 # Keys the chain sets in every step's config: giving them in the file is a mistake.
@@ -40,7 +41,7 @@ SET_BY_CHAIN = {
     "stage": "each step's stage is its section's name",
     "save_path": "each step saves to ROOT/<step>; give the root as the top-level save_path",
     "split_index": "each step takes the share of data_split at its position in the pipeline",
-    "actor_path": "PPO's actor is the SFT step's result",
+    "actor_path": "PPO's and GRPO's actor is the SFT step's result",
     "critic_path": "PPO's critic is the RM step's result",
 }
 MONITORS_WITH_JOB_NAME = ("csv_monitor", "tensorboard")
@@ -119,7 +120,7 @@ def plan_steps(raw: dict, path: str = "<config>") -> list[Step]:
             problems.append(f"{where}: {key} is set by the RLHF command ({SET_BY_CHAIN[key]}); remove it")
         if keys.get("resume", "auto") != "auto":
             problems.append(f"{where}: resume {json.dumps(keys['resume'])}: the RLHF command always resumes (\"auto\"); remove it")
-    handed = [n for n in STEPS if "model_path" in hand_offs()[n]]  # rm, ppo, dpo: they start from a result
+    handed = [n for n in STEPS if "model_path" in hand_offs()[n]]  # rm, ppo, dpo, grpo: they start from a result
     for name in handed:
         if "model_path" in sections[name]:
             problems.append(f"section {name!r}: model_path is set by the RLHF command (the hand-off from the step before; "

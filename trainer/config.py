@@ -42,12 +42,14 @@ Project keys (all optional unless marked):
   no_decay        parameter-name patterns without weight decay (default: biases and norm weights)
   stage           which recipe runs (trainer/recipes/__init__.py, the registry): "sft" (causal LM loss on the
                   trained tokens), "rm" (reward model: pairwise records, value head), "dpo" (pairwise
-                  records, LM head, preference loss against a frozen reference) or "ppo" (prompts; actor,
-                  critic, reference and reward model on the same ranks)
+                  records, LM head, preference loss against a frozen reference), "ppo" (prompts; actor,
+                  critic, reference and reward model on the same ranks) or "grpo" (prompts; critic-free
+                  group-relative RL with reward functions)
   recipe keys     each recipe owns its keys, documents them and checks them in its options class:
                   SFT's eval_samples (trainer/recipes/options.py), DPO's beta, loss_type, label_smoothing,
                   simpo_gamma, sft_coef, ref_path (trainer/rl/dpo.py), PPO's actor_path, critic_path,
-                  reward_path, ref_path and "ppo": {...} (trainer/rl/ppo_options.py). The validated
+                  reward_path, ref_path and "ppo": {...} (trainer/rl/ppo_options.py), GRPO's actor_path,
+                  ref_path, reward_path and "grpo": {...} (trainer/rl/grpo_options.py). The validated
                   options are cfg.options.
   cache_dir       tokenized-data cache (default: save_path/.data_cache)
 """

@@ -10,6 +10,7 @@ start the rank, run a recipe on it, turn the recipe's errors into the process's 
 run_recipe maps a recipe's errors to exit statuses, each printed by rank 0 as one message, no traceback:
 
     NonFiniteError, PreflightError, CheckpointError   1   (a run that went wrong, a bad checkpoint/resume)
+    RewardError                                       1   (a GRPO reward function failed: every rank stops)
     TokenizerError, DataError                         2   (the user's data or tokenizer)
     anything else                                     1   the traceback, logged with its rank (report_crash)
 """
@@ -86,11 +87,12 @@ def run_recipe(cfg, where: Rank, step: Optional[str] = None) -> tuple[int, Optio
     from trainer.engine.preflight import PreflightError
     from trainer.engine.topology import Topology
     from trainer.recipes import get_recipe
+    from trainer.rl.rewards import RewardError
 
     tag = f"[{step}] " if step else ""
     try:
         return 0, get_recipe(cfg.stage)(cfg, Topology.from_config(cfg, where.rank, where.world_size), where.device_name)
-    except (NonFiniteError, PreflightError, CheckpointError) as e:
+    except (NonFiniteError, PreflightError, CheckpointError, RewardError) as e:
         status, lines = 1, [f"error: {tag}{e}"]
     except TokenizerError as e:
         status, lines = 2, [f"error: {tag}{e}"]

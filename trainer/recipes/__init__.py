@@ -35,6 +35,7 @@ RECIPES = {
     "rm": ("trainer.recipes.rm", "trainer.recipes.options:RMOptions"),
     "dpo": ("trainer.recipes.dpo", "trainer.rl.dpo:DPOOptions"),
     "ppo": ("trainer.recipes.ppo", "trainer.rl.ppo_options:PPOOptions"),
+    "grpo": ("trainer.recipes.grpo", "trainer.rl.grpo_options:GRPOOptions"),
 }
 
 

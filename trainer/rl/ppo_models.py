@@ -59,8 +59,10 @@ def frozen_config(cfg, opts):
     return dataclasses.replace(cfg, ds_config={**ds, "bf16": {"enabled": True}})
 
 
-def check_models(cfg, opts, tokenizer, plans: dict) -> None:
-    """Before any engine exists: heads as PPO needs them, one vocabulary, and room for the answers."""
+def check_models(cfg, opts, tokenizer, plans: dict, label: str = "PPO") -> None:
+    """Before any engine exists: heads as PPO needs them, one vocabulary, and room for the answers
+    (`plans` keyed by config key: PPO's four, or GRPO's actor and its optional reference and reward model;
+    `label` names the recipe in the messages)."""
     from transformers import AutoTokenizer
 
     actor = plans["actor_path"]
@@ -76,11 +78,11 @@ def check_models(cfg, opts, tokenizer, plans: dict) -> None:
         if plan.model_config.vocab_size != actor.model_config.vocab_size:
             raise CheckpointError(f"{key} {plan.model_path} has a vocabulary of {plan.model_config.vocab_size} tokens, "
                                   f"actor_path {actor.model_path} has {actor.model_config.vocab_size}: "
-                                  "PPO scores the actor's token ids with every model, so all four need the same tokenizer")
+                                  f"{label} scores the actor's token ids with every model, so all need the same tokenizer")
         if plan.side_dir != actor.side_dir and AutoTokenizer.from_pretrained(plan.side_dir).get_vocab() != tokenizer.get_vocab():
-            raise CheckpointError(f"{key} {plan.model_path}: its tokenizer differs from actor_path's; PPO needs one "
-                                  "tokenizer for all four models (train them from the same base)")
+            raise CheckpointError(f"{key} {plan.model_path}: its tokenizer differs from actor_path's; {label} needs one "
+                                  "tokenizer for all its models (train them from the same base)")
     context = getattr(actor.model_config, "max_position_embeddings", None)
     if context and opts.rollout_width(cfg.max_seq_len) > context:
-        raise CheckpointError(f"max_seq_len {cfg.max_seq_len} (prompt tokens) + ppo.max_new_tokens {opts.max_new_tokens} > the "
+        raise CheckpointError(f"max_seq_len {cfg.max_seq_len} (prompt tokens) + {label.lower()}.max_new_tokens {opts.max_new_tokens} > the "
                               f"actor's {context} positions: lower either")

@@ -1,0 +1,105 @@
+"""A real GRPO run (trainer/recipes/grpo.py), one launch on 2 CPU ranks (gloo), 2 pipeline stages: a
+toy verifiable task. The actor is the random tiny LLaMA with a scaled LM head (tests/ppo_fixtures.py:
+its answers come from a few dozen likely tokens); a prompt record's `marker` column names a token the
+actor samples for a few percent of its answer tokens, and a reward function from a file counts that
+token in `completion_ids`. The columns reach the function through the whole data path (unified prompt
+records -> PromptDataset.record -> the rank-0 broadcast -> the replica's share), the reference is built
+(kl_coef > 0) and starts equal to the actor (KL 0, the generator's and the training forward's log-probs
+equal), and the reward rises. In the same launch, one step of 1 stage x 2 replicas and one of 2 stages
+x 1 replica on a rollout that is one minibatch: the same rewards, losses and updated weights (groups stay
+whole on a replica; the DAPO token normalisation spans both replicas)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from conftest import launch_ranks as launch
+
+SEQ, NEW, STEPS = 48, 16, 8
+ADAMW = {"type": "AdamW", "params": {"lr": 3e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0, "torch_adam": True}}
+REWARD_FILE = """
+def marker_count(prompts, completions, completion_ids, marker, **kwargs):
+    return [float(sum(1 for t in ids if t == int(m))) for ids, m in zip(completion_ids, marker)]
+"""
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    from ppo_fixtures import choose_marker, peaked_actor_hf
+    from transformers import AutoTokenizer
+
+    from convert.hg_to_pp import hg_to_pp
+    from data.dataset import build_dataset
+    from models.random_init import save_random_model
+
+    tmp = tmp_path_factory.mktemp("grpo")
+    base = save_random_model(REPO / "configs" / "tiny-llama", tmp / "base-hf", seed=0, tie_word_embeddings=False)
+    actor_hf = peaked_actor_hf(base, tmp / "actor-hf")
+    tok = AutoTokenizer.from_pretrained(actor_hf)
+    prompts_file = REPO / "data" / "samples" / "rlhf_prompts.jsonl"
+    built = build_dataset(str(prompts_file), tok, SEQ, kind="prompt")
+    prompts = [built.train[i][0][built.train[i][1].bool()].tolist() for i in range(16)]
+    marker, _ = choose_marker(actor_hf, prompts, {tok.eos_token_id, tok.bos_token_id}, NEW, share=0.05)
+    data = tmp / "prompts.jsonl"
+    data.write_text("".join(json.dumps({**json.loads(line), "marker": str(marker)}) + "\n"
+                            for line in prompts_file.read_text().splitlines()))
+    (tmp / "toy_rewards.py").write_text(REWARD_FILE)
+    cfg = {
+        "stage": "grpo", "actor_path": str(hg_to_pp(actor_hf, tmp / "actor-pp", progress=False)),
+        "save_path": str(tmp / "run"), "data_path": str(data), "max_seq_len": SEQ, "train_steps": STEPS, "seed": 3,
+        "resume": "never", "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [3, 4]},
+        "train_batch_size": 16, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2,
+        "gradient_clipping": 1.0, "steps_per_print": 10**6, "optimizer": ADAMW,
+        "csv_monitor": {"enabled": True, "output_path": str(tmp / "logs"), "job_name": "grpo"},
+        "grpo": {"rollout_batch_size": 4, "n_samples_per_prompt": 8, "max_new_tokens": NEW, "kl_coef": 0.02,
+                 "epsilon_high": 0.28, "reward_funcs": [f"{tmp / 'toy_rewards.py'}:marker_count"]},
+    }
+    one_step = {**cfg, "train_steps": 1, "csv_monitor": {"enabled": False},
+                "grpo": {**cfg["grpo"], "rollout_batch_size": 2, "num_iterations": 2}}  # 2 prompts x 8 = 16 rows: one
+    # minibatch, trained twice: the second pass has ratios != 1, so a non-zero loss and clipping to compare
+    layouts = {"toy": cfg,
+               "two_stages": {**one_step, "save_path": str(tmp / "two_stages")},
+               "two_replicas": {**one_step, "save_path": str(tmp / "two_replicas"), "gradient_accumulation_steps": 1,
+                                "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}, "parts": [7]}}}
+    configs = []
+    for name, c in layouts.items():
+        configs += ["--config", str(tmp / f"{name}.json")]
+        (tmp / f"{name}.json").write_text(json.dumps(c, indent=1))
+    out = tmp / "results.jsonl"
+    launch(str(REPO / "tests" / "multirank" / "train_runs.py"), *configs, "--out", str(out))
+    return dict(zip(layouts, (json.loads(line) for line in out.read_text().splitlines()))), tmp
+
+
+def metric(summary, name: str) -> list[float]:
+    return [m[name] for _, m in summary["train_metrics"]]
+
+
+@pytest.mark.multirank
+def test_grpo_toy_reward_rises(grpo_run):
+    runs, tmp = grpo_run
+    summary = runs["toy"]
+    assert summary["step"] == STEPS and summary["tags"] == [f"global_step{STEPS}"]
+    rewards = metric(summary, "GRPO/reward_mean")
+    start, end = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert end > start + 1.0 and end > 1.5 * start, rewards
+    assert rewards == metric(summary, "GRPO/rewards/marker_count/mean")  # one function, weight 1, always applies
+    assert metric(summary, "GRPO/kl")[0] == 0.0  # the reference is the actor's start
+    assert max(metric(summary, "GRPO/logprob_gap")) <= 1e-5  # generation and the training forward: the same weights
+    assert 0 < metric(summary, "GRPO/kl")[-1] < 2.0
+    written = {p.stem for p in Path(tmp / "logs" / "grpo").glob("*.csv")}
+    assert {"GRPO_reward_mean", "GRPO_frac_reward_zero_std", "GRPO_clip_ratio_region_mean"} <= written, written
+
+
+@pytest.mark.multirank
+def test_two_replicas_take_the_same_first_step_as_two_stages(grpo_run):
+    runs, tmp = grpo_run
+    a, b = runs["two_stages"]["train_metrics"][0][1], runs["two_replicas"]["train_metrics"][0][1]
+    assert a["GRPO/completions/mean_length"] == b["GRPO/completions/mean_length"]
+    assert a["GRPO/reward_mean"] == b["GRPO/reward_mean"] and a["GRPO/frac_reward_zero_std"] < 1
+    for key in ("GRPO/reward_std", "GRPO/loss", "GRPO/policy_loss", "GRPO/entropy", "GRPO/clip_ratio/region_mean"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    # gradients summed over replicas in another order: AdamW's first step amplifies the rounding (tests/test_ppo.py)
+    for f in sorted((tmp / "two_stages" / "global_step1").glob("layer_*-model_states.pt")):
+        x, y = torch.load(f, weights_only=True), torch.load(tmp / "two_replicas" / "global_step1" / f.name, weights_only=True)
+        assert max((x[k] - y[k]).abs().max().item() for k in x) <= 2e-5, f.name
