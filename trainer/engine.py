@@ -1,7 +1,7 @@
 """Build the DeepSpeed pipeline engine for a validated TrainConfig and a ModelPlan.
 
 Order matters: layers are built, weights are loaded strictly from the model path (DeepSpeed's own
-`load_state_dir`), and only then is `deepspeed.initialize` called. Loading after initialize is
+`load_state_dir`, reading each layer file with weights_only=True: compat.checkpoint_files), and only then is `deepspeed.initialize` called. Loading after initialize is
 silently undone in bf16: the optimizer's fp32 master weights overwrite the module at the first step.
 """
 import copy
@@ -10,11 +10,14 @@ import logging
 import torch
 from torch import nn
 
+from compat.checkpoint_files import load_state_dir_weights_only
 from compat.private_api import (clip_fp32_gradients_over_whole_pipeline, local_layers,
                                 partitioned_pipeline_module_class, synchronize_tied_weights)
 from models.pipe_dir import layer_file_name, read_metadata, resolve_checkpoint_dir
 from models.pipeline import build_layer_specs
 from models.registry import get_architecture
+from trainer.files import load_tensors
+from trainer.saving import on_every_rank
 
 from .config import TrainConfig
 from .model_plan import ModelPlan
@@ -57,22 +60,22 @@ def load_weights(module, plan: ModelPlan, seed: int) -> None:
     """Strictly from plan.model_path (a hg_to_pp folder, a training save_path or a global_stepN).
     A value-head pipeline (RM, PPO critic) loaded from an LM checkpoint takes every layer but the
     head, whose weights are then the seeded init; from a value-head checkpoint, every layer."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
     layer_dir, search = resolve_checkpoint_dir(plan.model_path)
     source_head = read_metadata(search).get("head", "lm")
     if source_head == plan.head:
-        module.load_state_dir(str(layer_dir), checkpoint_engine=TorchCheckpointEngine(), strict=True)
+        load_state_dir_weights_only(module, layer_dir)  # collective: a refused file stops every rank
         return
     init_head(module, plan.model_config, seed, plan.head_index)
-    engine = TorchCheckpointEngine()
-    for index, layer in local_layers(module):
-        if index == plan.head_index or not hasattr(layer, "load_state_dict"):
-            continue
-        path = layer_dir / layer_file_name(index)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing layer file for pipe layer {index} ({plan.layer_names[index]})")
-        layer.load_state_dict(engine.load(str(path), map_location="cpu"), strict=True)
+
+    def load_all_but_head():
+        for index, layer in local_layers(module):
+            if index == plan.head_index or not hasattr(layer, "load_state_dict"):
+                continue
+            path = layer_dir / layer_file_name(index)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing layer file for pipe layer {index} ({plan.layer_names[index]})")
+            layer.load_state_dict(load_tensors(path), strict=True)
+    on_every_rank(load_all_but_head)
     synchronize_tied_weights(module)
 
 
