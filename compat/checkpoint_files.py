@@ -16,7 +16,6 @@ write instead of raising it inside DeepSpeed's save.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 
 @contextlib.contextmanager
@@ -103,7 +102,3 @@ def recording_save_errors(*engines):
         for engine, inner in wrapped:
             engine.checkpoint_engine = inner
 
-
-def remove_partial(path) -> None:
-    """Remove what a failed save left of one file (its partial bytes hold space)."""
-    Path(path).unlink(missing_ok=True)

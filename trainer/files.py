@@ -179,6 +179,17 @@ def disk_full_message(what: str, where: Union[str, Path], needed: int, needed_ho
             f"{human(needed)}{needed_how}); {after}")
 
 
+def check_export_room(dest: Union[str, Path], needed: int) -> None:
+    """An export (pp_to_hg) of `needed` bytes that the free space next to `dest` cannot hold: one line."""
+    if free_bytes(Path(dest).parent) < needed:
+        raise export_disk_full(dest, needed, written=False)
+
+
+def export_disk_full(dest: Union[str, Path], needed: int, written: bool = True) -> DiskFullError:
+    after = ("the partial export was removed" if written else "nothing was written") + f"; {dest} is unchanged"
+    return DiskFullError(disk_full_message("exporting to", dest, needed, ", the size of the weights", after))
+
+
 def inject_enospc(path: Union[str, Path], write: Callable[[], None]) -> None:
     """Test hook: write, then (when PIPETUNE_TEST_ENOSPC_AT is part of `path`) cut the file to half
     its size and fail as a full disk does."""

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +36,7 @@ from torch.utils.data import Dataset
 
 from data.dataset import collate_pairs
 from models.pipe_dir import find_layer_files, resolve_checkpoint_dir
+from trainer.files import load_tensors, save_torch_atomic
 
 from .batches import eval_row_indices
 from .distributed import all_reduce_sum, broadcast_object
@@ -102,7 +102,7 @@ class ReferenceLogps:
             same = ref_plan.model_path == policy_plan.model_path or identity == reference_identity(cfg, policy_plan)
             train = evals = None
             if os.path.isfile(path):
-                saved = torch.load(path, weights_only=True)
+                saved = load_tensors(path)
                 if saved.get("key") == json.dumps(key_parts, sort_keys=True) and len(saved["train"]) == n_train:
                     train, evals = saved["train"], saved["eval"]
             answer = (key_parts, path, train, evals, same)
@@ -127,16 +127,7 @@ class ReferenceLogps:
         if int(os.environ.get("LOCAL_RANK", 0)) != 0 or os.path.isfile(self.path):
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".ref_logps.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save({"key": json.dumps(self.key_parts, sort_keys=True), "train": self.train, "eval": self.eval}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_torch_atomic({"key": json.dumps(self.key_parts, sort_keys=True), "train": self.train, "eval": self.eval}, self.path)
 
 
 def score_pairs(engine, pairs, n_rows: int, cfg, topo) -> torch.Tensor:
