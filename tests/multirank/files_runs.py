@@ -9,7 +9,7 @@ one launch (launching ranks costs ~10 s each time), each through its real entry 
                                                                          removes the files listed
   {"name", "do": "legacy_rng", "tag_dir"}                               rank 0 rewrites every rank's RNG
                                                                          files of tag_dir as the old pickled .pt
-Writes --out.rank<R>.json: [{"name", "status", "stderr"}, ...]. train_ds.main's final barrier +
+Writes --out.rank<R>.json: [{"name", "status", "stderr", "seconds"}, ...]. train_ds.main's final barrier +
 destroy_process_group runs once, at the end.
 """
 import argparse
@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -75,6 +76,7 @@ def main() -> None:
         saved_env = {k: os.environ.get(k) for k in step.get("env", {})}
         os.environ.update(step.get("env", {}))
         err = io.StringIO()
+        start = time.perf_counter()
         with contextlib.redirect_stderr(err):
             entry = train_ds.main if step["main"] == "train_ds" else lambda argv: demo.main(argv, stdout=io.StringIO(), stderr=err)
             status = entry(step["argv"])
@@ -83,7 +85,8 @@ def main() -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        results.append({"name": step["name"], "status": status, "stderr": err.getvalue()})
+        results.append({"name": step["name"], "status": status, "stderr": err.getvalue(),
+                        "seconds": round(time.perf_counter() - start, 1)})
         torch.distributed.barrier()
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(results, indent=1))
     real_finish()
