@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import load_tensors, refused, write_atomic, write_json_atomic
+from trainer.files import load_tensors, refused, write_atomic, write_json_atomic
 
 logger = logging.getLogger("pipetune")
 FORMAT = 1
