@@ -7,8 +7,9 @@ write instead of raising it inside DeepSpeed's save.
 - `load_state_dir_weights_only`: `PipelineModule.load_state_dir` with that engine. A refused file is
   on one rank (its stage's layers), while `load_state_dir` ends with the private
   `_synchronize_tied_weights`, a collective: the other ranks would wait there for ever. The tied
-  weights are synchronised only after every rank said its files loaded (`raise_on_every_rank`).
-- `recording_save_errors`: DeepSpeed's `save_checkpoint` writes through the engine's (private)
+  weights are synchronised only after every rank said its files loaded (`raise_on_every_rank`;
+  the deferral itself is compat.private_api.tied_weights_sync_deferred).
+- `recording_save_errors`: DeepSpeed's `save_checkpoint` writes through the engine's
   `checkpoint_engine` attribute and ends with a barrier. A write that raises there (a full disk)
   leaves the other ranks in that barrier; recording the first failure, skipping the rank's further
   writes and returning lets every rank reach the end of the save and agree on what happened.
@@ -17,14 +18,7 @@ from __future__ import annotations
 
 import contextlib
 
-
-@contextlib.contextmanager
-def _no_tied_sync(module):
-    module._synchronize_tied_weights = lambda: None
-    try:
-        yield
-    finally:
-        del module._synchronize_tied_weights  # back to the class's method
+from compat.private_api import synchronize_tied_weights, tied_weights_sync_deferred
 
 
 def weights_only_checkpoint_engine():
@@ -46,13 +40,13 @@ def load_state_dir_weights_only(module, layer_dir, strict: bool = True) -> None:
     from trainer.files import raise_on_every_rank
 
     error = None
-    with _no_tied_sync(module):
+    with tied_weights_sync_deferred(module):
         try:
             module.load_state_dir(str(layer_dir), checkpoint_engine=weights_only_checkpoint_engine(), strict=strict)
         except Exception as e:  # noqa: BLE001 - every rank learns of it before the collective below
             error = e
     raise_on_every_rank(error)
-    module._synchronize_tied_weights()
+    synchronize_tied_weights(module)
 
 
 class _RecordingEngine:
