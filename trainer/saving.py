@@ -58,7 +58,7 @@ class CheckpointWrite:
             try:
                 work()
             except Exception as e:  # noqa: BLE001 - turned into one line for every rank below
-                failures = [(str(self.save_path / self.tag), e)]
+                failures = [(getattr(e, "filename", None) or str(self.save_path / self.tag), e)]
         if failures:
             path, error = failures[0]
             if is_disk_full(error, self.save_path, self.previous_size):
