@@ -81,18 +81,34 @@ class _RecordingEngine:
 
 @contextlib.contextmanager
 def recording_save_errors(*engines):
-    """Within: every DeepSpeed engine in `engines` saves through a recorder; yields the list the
-    failures (path, exception) of this rank go to, in order."""
+    """Within: every DeepSpeed engine in `engines` saves through a recorder, and every other saver
+    with the engines' `save_checkpoint(save_dir, tag=...)` (trainer.ema.ActorEMA) records instead of
+    raising; yields the list this rank's failures (path, exception) go to, in order."""
     failures: list = []
-    wrapped = []
+    undo = []
     for engine in engines:
-        recorder = _RecordingEngine(engine.checkpoint_engine)
-        recorder.failures = failures
-        engine.checkpoint_engine = recorder
-        wrapped.append((engine, recorder._inner))
+        if hasattr(engine, "checkpoint_engine"):
+            recorder = _RecordingEngine(engine.checkpoint_engine)
+            recorder.failures = failures
+            engine.checkpoint_engine = recorder
+            undo.append(lambda engine=engine, inner=recorder._inner: setattr(engine, "checkpoint_engine", inner))
+        else:
+            engine.save_checkpoint = _recording_saver(engine.save_checkpoint, failures)
+            undo.append(lambda engine=engine: delattr(engine, "save_checkpoint"))  # back to the class's method
     try:
         yield failures
     finally:
-        for engine, inner in wrapped:
-            engine.checkpoint_engine = inner
+        for restore in undo:
+            restore()
 
+
+def _recording_saver(save_checkpoint, failures: list):
+    def save(save_dir, tag, **kwargs):
+        if failures:
+            return None
+        try:
+            return save_checkpoint(save_dir, tag=tag, **kwargs)
+        except (OSError, RuntimeError) as e:
+            failures.append((getattr(e, "filename", None) or f"{save_dir}/{tag}", e))
+            return None
+    return save
