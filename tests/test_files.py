@@ -155,7 +155,7 @@ def test_full_disk_before_and_during_a_save_is_one_line_latest_kept(tmp_path, mo
         CheckpointWrite(str(save), "global_step4", []).agree([(str(save / "x"), RuntimeError("unexpected pos 1 vs 2"))])
 
 
-def test_export_that_does_not_fit_is_one_line_and_writes_nothing(tiny_hf, tmp_path, monkeypatch):
+def test_exports_that_do_not_fit_are_one_line_and_write_nothing(tiny_hf, tmp_path, monkeypatch):
     from convert.pp_to_hg import pp_to_hg
 
     pp = hg_to_pp(tiny_hf("llama", False), tmp_path / "pp", progress=False)
@@ -163,6 +163,9 @@ def test_export_that_does_not_fit_is_one_line_and_writes_nothing(tiny_hf, tmp_pa
     with pytest.raises(DiskFullError, match="exporting to .*: no space left on device .*nothing was written"):
         pp_to_hg(pp, tmp_path / "hf", progress=False)
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.tmp-*"))
+    with pytest.raises(DiskFullError, match="exporting to .*pp2: no space left on device"):
+        hg_to_pp(tiny_hf("llama", False), tmp_path / "pp2", progress=False)
+    assert not (tmp_path / "pp2").exists() and not list(tmp_path.glob(".pp2.tmp-*"))
 
 
 # ---------------------------------------------------------------------------------------------
