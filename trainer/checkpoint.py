@@ -41,9 +41,9 @@ import torch
 from compat.checkpoint_files import recording_save_errors
 from compat.private_api import load_checkpoint_with_own_model_states
 from models.pipe_dir import CheckpointError, copy_side_files, write_metadata
-from trainer.files import fsync_tree, write_json_atomic as _write_json_atomic, write_text_atomic as _write_text_atomic
+from trainer.files import fsync_tree, on_every_rank, write_json_atomic as _write_json_atomic, write_text_atomic as _write_text_atomic
 from trainer.rng_files import load_rng_state, save_rng_state
-from trainer.saving import CheckpointWrite, on_every_rank
+from trainer.saving import CheckpointWrite
 
 from .distributed import broadcast_object
 from .guards import check_finite_weights

@@ -1,8 +1,9 @@
 """Build the DeepSpeed pipeline engine for a validated TrainConfig and a ModelPlan.
 
 Order matters: layers are built, weights are loaded strictly from the model path (DeepSpeed's own
-`load_state_dir`, reading each layer file with weights_only=True: compat.checkpoint_files), and only then is `deepspeed.initialize` called. Loading after initialize is
-silently undone in bf16: the optimizer's fp32 master weights overwrite the module at the first step.
+`load_state_dir`, each file read with weights_only=True: compat.checkpoint_files), and only then is
+`deepspeed.initialize` called. Loading after initialize is silently undone in bf16: the optimizer's
+fp32 master weights overwrite the module at the first step.
 """
 import copy
 import logging
@@ -16,8 +17,7 @@ from compat.private_api import (clip_fp32_gradients_over_whole_pipeline, local_l
 from models.pipe_dir import layer_file_name, read_metadata, resolve_checkpoint_dir
 from models.pipeline import build_layer_specs
 from models.registry import get_architecture
-from trainer.files import load_tensors
-from trainer.saving import on_every_rank
+from trainer.files import load_tensors, on_every_rank
 
 from .config import TrainConfig
 from .model_plan import ModelPlan

@@ -9,7 +9,7 @@ disk reported as one line.
   naming the file and the object it asked for.
 - `DiskFullError`: a save or an export that ran out of space, or that the free space cannot hold
   (checked before writing), in one line: where, how much is free, how much it needs, and what is left.
-- `raise_on_every_rank`: collective. A file problem found on one rank (its own stage's layer file,
+- `raise_on_every_rank`, `on_every_rank`: collective. A file problem found on one rank (its own stage's layer file,
   its own RNG file, its own write) stops every rank with the same one line, instead of a hang of
   the others on the next collective.
 """
@@ -226,3 +226,15 @@ def raise_on_every_rank(error: Optional[Exception]) -> None:
     rank, (kind, message, user_facing) = failed[0]
     cls = {c.__name__: c for c in (FileRefused, DiskFullError)}.get(kind, CheckpointError)
     raise cls(message if user_facing else f"rank {rank} failed: {kind}: {_first_line(message)}")
+
+
+def on_every_rank(work: Callable, *args):
+    """Collective: work(*args) on this rank; an exception on any rank is raised on every rank (the
+    message of the lowest rank that met one), instead of leaving the others in the next collective."""
+    error = result = None
+    try:
+        result = work(*args)
+    except Exception as e:  # noqa: BLE001 - raised again below, on every rank
+        error = e
+    raise_on_every_rank(error)
+    return result

@@ -20,18 +20,6 @@ from typing import Callable, Optional
 from trainer.files import DiskFullError, disk_full_message, free_bytes, is_disk_full, raise_on_every_rank, tree_size
 
 
-def on_every_rank(work: Callable, *args):
-    """Collective: work(*args) on this rank; an exception on any rank is raised on every rank (the
-    message of the lowest rank that met one), instead of leaving the others in the next collective."""
-    error = result = None
-    try:
-        result = work(*args)
-    except Exception as e:  # noqa: BLE001 - raised again below, on every rank
-        error = e
-    raise_on_every_rank(error)
-    return result
-
-
 class CheckpointWrite:
     def __init__(self, save_path: str, tag: str, companions: list[str]):
         self.save_path = Path(save_path)
