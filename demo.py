@@ -108,7 +108,7 @@ def run(args, stdin: IO[str], stdout: IO[str], stderr: IO[str]) -> int:
 
     from inference.batch import run_batch
     from inference.chat import run_repl, run_single
-    from inference.generation import ChatModel
+    from inference.hf_chat import ChatModel
     from inference.loading import context_length, load_model
     from inference.parallel import NullIO, init_ranks, pick_device, setup_engine
 
@@ -175,7 +175,7 @@ if __name__ == "__main__":
     try:
         status = main()
     finally:
-        from trainer.distributed import finish
+        from trainer.engine.distributed import finish
 
         finish()  # barrier + destroy_process_group: without it gloo ranks sometimes abort at exit
     sys.exit(status)

@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["models", "models.*", "data", "data.*", "trainer", "trainer.*", "convert", "convert.*",
                                     "compat", "compat.*", "inference", "inference.*"]),
-    py_modules=["train_ds", "convert_model", "demo"],
+    py_modules=["train_ds", "rlhf", "convert_model", "demo"],
     package_data={"data": ["samples/*.json", "samples/*.jsonl", "samples/*.parquet"]},
     install_requires=[
         "torch==2.13.0",

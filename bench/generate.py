@@ -13,11 +13,11 @@ weights and prompts:
      after the pipeline block (the fastest run of both is the reference; both are printed); then HF
      with one thread, a reference that a busy machine does not distort (an oversubscribed OpenMP pool
      can be many times slower than one thread);
-  2. pipelined, M = 1: `trainer.generation.generate` over `--stages` ranks (deepspeed launcher, one
+  2. pipelined, M = 1: `trainer.generation.decoding.generate` over `--stages` ranks (deepspeed launcher, one
      process per stage, threads-per-rank threads each), one micro-batch: one stage busy at a time;
   3. pipelined, M = P and M = 2P micro-batches in flight, round robin;
   4. no cache: the whole sequence recomputed at every token through DeepSpeed's engine
-     (`trainer.forward_only`, i.e. `engine.eval_batch`, M = P micro-batches; the ids broadcast back
+     (`trainer.engine.forward_only`, i.e. `engine.eval_batch`, M = P micro-batches; the ids broadcast back
      to stage 0 after each token), which is what generating with the engine alone amounts to.
 
 tokens/s = batch x new tokens / wall seconds (prefill included) of the fastest of `--repeats` timed
@@ -144,8 +144,8 @@ def worker(work: Path) -> int:
     import torch.distributed as dist
 
     from inference.pipeline import load_pipeline_module
-    from trainer.distributed import finish
-    from trainer.generation import generate
+    from trainer.engine.distributed import finish
+    from trainer.generation.decoding import generate
 
     settings = json.loads((work / "settings.json").read_text())
     torch.set_num_threads(settings["threads_per_rank"])
@@ -174,7 +174,7 @@ def engine_no_cache(module, plan, prompts, n: int, m: int, settings: dict) -> di
     import torch
     import torch.distributed as dist
 
-    from trainer.forward_only import forward_only
+    from trainer.engine.forward_only import forward_only
 
     rows = len(prompts)
     if rows % m:
@@ -253,16 +253,16 @@ def build_model(settings: dict, work: Path):
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "bench/generate.py", "trainer/generation.py"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "bench/generate.py", "trainer/generation/decoding.py"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + (" (bench/generate.py or trainer/generation.py modified)" if dirty else "")
+        return out.stdout.strip() + (" (bench/generate.py or trainer/generation/decoding.py modified)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    here = str(Path(__file__).resolve().parent)  # bench/data.py would shadow the `data` package
+    here = str(Path(__file__).resolve().parent)  # bench/data_pipeline.py would shadow the `data` package
     sys.path[:] = [str(REPO)] + [p for p in sys.path if p not in (str(REPO), here) and Path(p or ".").resolve() != Path(here)]
     if args.worker:
         return worker(Path(args.worker))

@@ -32,12 +32,12 @@ def free_port() -> int:
 
 def build_models(work: Path, max_seq_len: int, new_tokens: int) -> dict:
     sys.path[:0] = [str(REPO), str(REPO / "tests")]  # before bench/ (its convert.py would shadow the package)
+    from ppo_fixtures import choose_marker, marker_reward_hf, peaked_actor_hf
     from transformers import AutoTokenizer
 
     from convert.hg_to_pp import hg_to_pp
     from data.dataset import build_dataset
     from models.random_init import save_random_model
-    from ppo_fixtures import choose_marker, marker_reward_hf, peaked_actor_hf
 
     base = save_random_model(REPO / "configs" / "tiny-llama", work / "base-hf", seed=0, tie_word_embeddings=False)
     actor_hf = peaked_actor_hf(base, work / "actor-hf")

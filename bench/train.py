@@ -11,7 +11,7 @@ and the same synthetic batches (fixed-length random token ids, every position tr
   1. plain loop, block 1: AutoModelForCausalLM (sdpa) in this process; per step `--micro-batches`
      forward/backward passes accumulating gradients, clip_grad_norm_(1.0), torch AdamW step;
   2. pipeline: `python -m deepspeed.launcher.runner --num_gpus <stages> bench/train.py --worker DIR`,
-     each rank building the engine with trainer.config.validate + trainer.engine.build_engine
+     each rank building the engine with trainer.recipes.validate_config + trainer.engine.build.build_engine
      (weights="load", explicit "auto" stage split, global-token loss) and calling engine.train_batch;
   3. plain loop, block 2 (the same as 1 again, to show drift of the machine during the run).
 
@@ -75,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--threads-per-rank", type=int, default=1,
                    help="CPU only: torch threads per pipeline rank; the plain loop gets stages x this (1)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on both paths (off)")
+    p.add_argument("--compile", action="store_true", help="the pipeline's config \"compile\": true (torch.compile per block)")
+    p.add_argument("--full-logits", action="store_true", help="the pipeline's chunked_loss false (default: the chunked head loss)")
     p.add_argument("--torch-adam", action="store_true",
                    help="pipeline: torch.optim.AdamW instead of DeepSpeed's FusedAdam (for machines that cannot build it)")
     p.add_argument("--breakdown", action="store_true", help="per-rank time per pipeline instruction")
@@ -121,9 +123,9 @@ def make_batches(settings: dict, n_steps: int) -> list:
 
 
 def matmul_params(config) -> int:
-    """All parameters but the input embedding lookup (as trainer.model_plan.ModelPlan.n_matmul_params counts for MFU)."""
+    """All parameters but the input embedding lookup (as trainer.engine.plan.ModelPlan.n_matmul_params counts for MFU)."""
     from models.pipeline import prepare_config
-    from trainer.model_plan import layer_param_counts
+    from trainer.engine.plan import layer_param_counts
 
     return sum(layer_param_counts(prepare_config(config, "sdpa"))[1:])
 
@@ -162,11 +164,11 @@ def summarise(step_seconds: list[float], tokens_per_step: int) -> dict:
 
 def plain_block(settings: dict, hf_dir: Path, batches: list) -> dict:
     import torch
+    from transformers import AutoModelForCausalLM
 
     from trainer.config import DEFAULT_NO_DECAY
+    from trainer.engine.optim import param_groups
     from trainer.losses import global_token_mean_loss
-    from trainer.optim import param_groups
-    from transformers import AutoModelForCausalLM
 
     info = accel_info()
     device = torch.device("cpu") if info["accelerator"] == "cpu" else torch.device(info["accelerator"], 0)
@@ -215,11 +217,12 @@ def plain_block(settings: dict, hf_dir: Path, batches: list) -> dict:
 # Pipeline (one process per stage, started by the DeepSpeed launcher).
 
 def pipeline_config(settings: dict, work: Path) -> dict:
-    """The training config as a user would write it (validated by trainer.config.validate)."""
+    """The training config as a user would write it (validated by trainer.recipes.validate_config)."""
     cfg = {
         "model_path": str(work / "pp"), "save_path": str(work / "save"), "data_path": "synthetic (bench/train.py)",
         "max_seq_len": settings["seq_len"], "train_steps": settings["warmup"] + settings["steps"],
         "seed": settings["seed"], "resume": "never", "use_grad_ckpt": settings["grad_ckpt"],
+        "compile": settings.get("compile", False), "chunked_loss": settings.get("chunked_loss", True),
         "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [settings["stages"], 1]}, "parts": "auto"},
         "train_micro_batch_size_per_gpu": settings["micro_batch"],
         "gradient_accumulation_steps": settings["micro_batches"],
@@ -258,7 +261,7 @@ def worker(work: Path) -> int:
     import torch
 
     settings = json.loads((work / "settings.json").read_text())
-    from trainer.distributed import finish, report_crash, world
+    from trainer.engine.distributed import finish, report_crash, world
 
     rank, world_size, local_rank = world()
     import deepspeed
@@ -271,12 +274,13 @@ def worker(work: Path) -> int:
         accel.set_device(local_rank)
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     try:
+        from models.heads import set_defer_logits
         from trainer.batches import with_normaliser
-        from trainer.config import validate
-        from trainer.engine import build_engine
+        from trainer.engine.build import build_engine
+        from trainer.engine.plan import plan_model
+        from trainer.engine.topology import Topology
         from trainer.losses import global_token_mean_loss
-        from trainer.model_plan import plan_model
-        from trainer.topology import Topology
+        from trainer.recipes import validate_config as validate
 
         cfg = validate(pipeline_config(settings, work), str(work / "settings.json"), world_size=world_size,
                        device_supports_fp16=accel.is_fp16_supported())
@@ -284,6 +288,7 @@ def worker(work: Path) -> int:
         total_steps = settings["warmup"] + settings["steps"]
         engine = build_engine(cfg, plan, Topology.from_config(cfg, rank, world_size), total_steps, weights="load",
                               loss_fn=global_token_mean_loss)
+        set_defer_logits(engine.module, cfg.chunked_loss)  # as the SFT recipe does
         stage = engine.stage_id
         batches = make_batches(settings, total_steps)
         totals = instrument(engine) if settings["breakdown"] else None
@@ -330,7 +335,7 @@ def launch_pipeline(settings: dict, work: Path, log: Path) -> list:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if settings["accelerator"] == "cpu":
         env["OMP_NUM_THREADS"] = str(settings["threads_per_rank"])
-    from trainer.distributed import deepspeed_safe_cuda_arch_list
+    from trainer.engine.distributed import deepspeed_safe_cuda_arch_list
 
     before = env.get("TORCH_CUDA_ARCH_LIST")
     fixed = deepspeed_safe_cuda_arch_list(env)  # rewrites env in place
@@ -402,6 +407,7 @@ def main(argv=None) -> int:
         "micro_batches": args.micro_batches, "steps": args.steps, "warmup": args.warmup,
         "dtype": args.dtype or ("bf16" if info["accelerator"] == "cuda" else "fp32"), "stages": args.stages,
         "threads_per_rank": args.threads_per_rank, "grad_ckpt": args.grad_ckpt, "torch_adam": args.torch_adam,
+        "compile": args.compile, "chunked_loss": not args.full_logits,
         "breakdown": args.breakdown, "seed": args.seed, "accelerator": info["accelerator"],
     }
     if min(settings["seq_len"], settings["micro_batch"], settings["micro_batches"], settings["steps"], settings["stages"]) < 1 or args.warmup < 0:

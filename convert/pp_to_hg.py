@@ -25,7 +25,6 @@ from models.pipe_dir import copy_side_files, find_layer_files, find_side_file, r
 from .safetensors_stream import StreamingSafetensorsWriter, TensorSpec
 
 HF_CLASS_SUFFIX = {"lm": "ForCausalLM", "value": "ForSequenceClassification"}
-ARCH_CLASS_PREFIX = {"llama": "Llama", "bloom": "Bloom"}
 
 
 def load_layer(path: Path) -> dict[str, torch.Tensor]:
@@ -266,7 +265,8 @@ def _write_config(out: Path, config, specs: list[TensorSpec], head: str, pad_id:
     if len(float_dtypes) != 1:
         raise ConversionError(f"layer files mix dtypes {sorted(map(str, float_dtypes))}; convert them to one dtype first")
     config.dtype = next(iter(float_dtypes))
-    config.architectures = [ARCH_CLASS_PREFIX[config.model_type] + HF_CLASS_SUFFIX[head]]
+    arch = get_architecture(config.model_type)
+    config.architectures = [dict(arch.hf_class_names).get(head) or arch.hf_class_prefix + HF_CLASS_SUFFIX[head]]
     if head == "value":
         config.num_labels = 1
         if pad_id is not None:  # the pad training used (see _value_head_pad)

@@ -2,6 +2,8 @@
 
 Nothing is imported here (no import-time work); import the modules you need:
 
+- ``data.schema``    the unified record schema's names (``RECORD_TYPES``, ``ROLES``, ``FORMATS``) and ``json_type``,
+                     shared by sources, formats and records
 - ``data.sources``   data files -> raw records, streamed: ``.json``, ``.jsonl``, ``.parquet``, ``save_to_disk``
                      folders (``pyarrow``/``datasets`` imported only for those); ``{"path", "format"}`` paths
 - ``data.formats``   the ecosystem's record formats (messages, ShareGPT, Alpaca, preference, completion),
@@ -16,7 +18,8 @@ Nothing is imported here (no import-time work); import the modules you need:
                      the pad token (``choose_pad``, never EOS)
 - ``data.packing``   right-truncate/drop over-long samples, pack into ``max_seq_len`` rows
 - ``data.truncate``  left cut of pairwise/ranked/prompt context (answers keep their EOS), pretrain chunks
-- ``data.dataset``   ``build_dataset`` (the one builder) and the torch Datasets it returns
+- ``data.dataset``   ``build_dataset`` (the one builder)
+- ``data.batching``  the torch Datasets it returns (item shapes) and every collate (items -> micro-batch)
 - ``data.cache``     on-disk cache of built datasets, one builder per node (file lock); the key
                      covers the data code (``data_code_version``)
 - ``data.hashing``   ``file_sha256(path)``: the one file-hash helper

@@ -43,8 +43,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-# data/ modules that do not decide a built dataset's content (the CLI, the sampler over built datasets).
-NOT_IN_CODE_VERSION = ("inspect.py", "sampler.py")
+# data/ modules that do not decide a built dataset's content (the CLI, the sampler over built datasets, the
+# Datasets and collates that read a built payload).
+NOT_IN_CODE_VERSION = ("inspect.py", "sampler.py", "batching.py")
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,34 +1,18 @@
-"""``build_dataset``: record files -> fixed-shape torch Datasets for the SFT, RM and PPO stages.
+"""``build_dataset``: record files -> fixed-shape torch Datasets for the SFT, RM, DPO and PPO stages.
 
-Shapes (T = max_seq_len, every item padded on the right to T, all tensors int64):
+The records each kind uses, and the Dataset it returns (item shapes and the collates: ``data.batching``):
 
-kind="lm" (SFT / pretraining): ``LMDataset`` item = ``(inputs, labels)``, the DeepSpeed pipeline pair
-    inputs = (input_ids [T], attention_mask [T])                 pack=False
-    inputs = (input_ids [T], attention_mask [T], segment_ids [T]) pack=True
-    labels [T]: HF convention, unshifted: labels[i] = input_ids[i] where trained, else -100 (the loss
-    shifts). attention_mask is 1 on real tokens. segment_ids is 1..k for the k records of a packed row,
-    0 on padding; attention_mask == (segment_ids > 0). Positions restart at 0 in every segment and
-    attention must not cross segments (the model builds position ids and a block-diagonal causal mask
-    from segment_ids). Uses pretrain, instruct, conversation, ref_qa, pairwise (prompt + chosen) and
-    ranked (prompt + the best response) records; prompt records are counted as unused.
-kind="pairwise" (reward model): ``PairwiseDataset`` item = ``((input_ids [2, T], attention_mask [2, T]),
-    labels [2, T], margin float32 [])``, row 0 = prompt + chosen, row 1 = prompt + rejected, labels marking
-    each answer + EOS, margin the record's ``margin`` (0 when absent). ``collate_pairs`` turns B items into
-    ``[2B, T]`` tensors (+ margins [B]), the B chosen rows first, then the B rejected rows in the same
-    order, so one micro-batch always holds both sides of its pairs. The
-    reward is read at the last real token (the EOS): ``attention_mask.sum(-1) - 1``. Ranked records
-    are not used (DPO's kind).
-kind="ranked" (reward model, K-wise): ``RankedDataset`` item = ``((input_ids [K, T], attention_mask [K, T]),
-    labels [K, T], margin float32 [], n_responses int64 [])`` for pairwise and ranked records alike, row k =
-    prompt + response k (best first; a pairwise record is chosen, rejected). K is the most responses of any
-    kept record of the train and eval parts (the same K for both: the pipeline needs one row count per
-    micro-batch); a record with n < K responses fills rows n..K-1 with copies of its row 0 whose labels
-    are all -100 (filler: no pair uses them). ``collate_ranked`` turns B items into ``[K*B, T]`` tensors
-    (row k*B + b = response k of record b), margins [B] and n_responses [B]; with K = 2 (only pairs) the
-    first three equal ``collate_pairs``' output.
-kind="prompt" (PPO rollouts): ``PromptDataset`` item = ``(input_ids [T], attention_mask [T])`` LEFT-padded
-    (generation appends on the right), the prompt ending with the generation prompt "Assistant:\\n".
-    Uses prompt records and the prompts of pairwise and ranked records.
+kind="lm" (SFT / pretraining): ``LMDataset``, one row per sample, or several samples packed per row
+    (pack=True). Uses pretrain, instruct, conversation, ref_qa, pairwise (prompt + chosen) and ranked
+    (prompt + the best response) records; prompt records are counted as unused.
+kind="pairwise" (reward model, DPO): ``PairwiseDataset``, one item per pair (prompt + chosen, prompt +
+    rejected, the record's ``margin``, 0 when absent). Ranked records are not used (DPO's kind).
+kind="ranked" (reward model, K-wise): ``RankedDataset``, one item of K rows per pairwise or ranked record.
+    K is the most responses of any kept record of the train and eval parts (the same K for both: the
+    pipeline needs one row count per micro-batch), ``stats["max_responses"]``; a record with fewer
+    responses gets filler rows (counted as ``filler_rows``).
+kind="prompt" (PPO rollouts): ``PromptDataset``, the prompt ending with the generation prompt
+    "Assistant:\\n". Uses prompt records and the prompts of pairwise and ranked records.
 
 Pad id: ``data.tokenize.choose_pad`` (``pad_token`` when given, else the tokenizer's pad, unk, a spare
 special token or BOS; never EOS). Pads are -100 in labels and 0 in attention_mask.
@@ -56,11 +40,14 @@ import torch
 from torch.utils.data import Dataset
 
 from data import cache as cache_mod
+from data.batching import LMDataset, PairwiseDataset, PromptDataset, RankedDataset
+from data.chat_template import TEMPLATES, make_template
 from data.errors import DataError, Problem
 from data.hashing import file_sha256
-from data.chat_template import TEMPLATES, make_template
-from data.packing import OVERFLOW_POLICIES, SampleWriter, Samples, fit_length, pack as pack_rows, rows_to_arrays
-from data.records import RECORD_TYPES, PathsArg, Record, RecordStream, expand_sources
+from data.packing import OVERFLOW_POLICIES, Samples, SampleWriter, fit_length, rows_to_arrays
+from data.packing import pack as pack_rows
+from data.records import PathsArg, Record, RecordStream, expand_sources
+from data.schema import RECORD_TYPES
 from data.split import eval_split, split_shares
 from data.templates import TEMPLATE_VERSION, response_side
 from data.tokenize import choose_pad, special_token_check, tokenize_for_cut, tokenize_records
@@ -69,122 +56,7 @@ from data.truncate import chunk, fit_context
 KINDS = ("lm", "pairwise", "ranked", "prompt")
 _USES = {"lm": ("pretrain", "instruct", "conversation", "ref_qa", "pairwise", "ranked"),
          "pairwise": ("pairwise",), "ranked": ("pairwise", "ranked"), "prompt": ("prompt", "pairwise", "ranked")}
-IGNORE_INDEX = -100
 PAYLOAD_VERSION = 4  # in the cache key: 2 added pairwise margins, 3 the pad choice, 4 formats/template stats
-
-
-class LMDataset(Dataset):
-    def __init__(self, samples: Samples, row_offsets: np.ndarray, row_samples: np.ndarray, max_len: int,
-                 pad_id: int, packed: bool):
-        self.samples, self.row_offsets, self.row_samples = samples, row_offsets, row_samples
-        self.max_len, self.pad_id, self.packed = max_len, pad_id, packed
-
-    def __len__(self) -> int:
-        return len(self.row_offsets) - 1
-
-    def __getitem__(self, i: int):
-        T = self.max_len
-        ids = np.full(T, self.pad_id, dtype=np.int64)
-        labels = np.full(T, IGNORE_INDEX, dtype=np.int64)
-        seg = np.zeros(T, dtype=np.int64)
-        pos = 0
-        for k, s in enumerate(self.row_samples[self.row_offsets[i]:self.row_offsets[i + 1]], start=1):
-            tok, tgt = self.samples.get(s)
-            n = len(tok)
-            ids[pos:pos + n] = tok
-            labels[pos:pos + n] = np.where(tgt, tok, IGNORE_INDEX)
-            seg[pos:pos + n] = k
-            pos += n
-        ids, labels, seg = torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(seg)
-        mask = (seg > 0).long()
-        return ((ids, mask, seg) if self.packed else (ids, mask)), labels
-
-
-class PairwiseDataset(Dataset):
-    """Samples 2k (chosen) and 2k+1 (rejected) form pair k."""
-
-    def __init__(self, samples: Samples, max_len: int, pad_id: int, margins: np.ndarray):
-        self.samples, self.max_len, self.pad_id = samples, max_len, pad_id
-        self.margins = margins  # float32 [n pairs]
-
-    def __len__(self) -> int:
-        return len(self.samples) // 2
-
-    def __getitem__(self, i: int):
-        ids = np.full((2, self.max_len), self.pad_id, dtype=np.int64)
-        labels = np.full((2, self.max_len), IGNORE_INDEX, dtype=np.int64)
-        mask = np.zeros((2, self.max_len), dtype=np.int64)
-        for side in range(2):
-            tok, tgt = self.samples.get(2 * i + side)
-            ids[side, :len(tok)] = tok
-            labels[side, :len(tok)] = np.where(tgt, tok, IGNORE_INDEX)
-            mask[side, :len(tok)] = 1
-        margin = torch.tensor(float(self.margins[i]), dtype=torch.float32)
-        return (torch.from_numpy(ids), torch.from_numpy(mask)), torch.from_numpy(labels), margin
-
-
-def collate_pairs(batch):
-    """B pairwise items -> ((input_ids [2B, T], attention_mask [2B, T]), labels [2B, T], margins [B]);
-    chosen rows first. (Items of K rows give [K*B, T], response-major: ``collate_ranked``.)"""
-    ids = torch.stack([b[0][0] for b in batch])  # [B, 2, T]
-    mask = torch.stack([b[0][1] for b in batch])
-    labels = torch.stack([b[1] for b in batch])
-    margins = torch.stack([b[2] for b in batch])
-    flat = lambda x: x.transpose(0, 1).reshape(-1, x.shape[-1])  # [2, B, T] -> [2B, T]
-    return (flat(ids), flat(mask)), flat(labels), margins
-
-
-class RankedDataset(Dataset):
-    """Record i's responses are samples record_start[i] .. record_start[i + 1] - 1, best first."""
-
-    def __init__(self, samples: Samples, max_len: int, pad_id: int, margins: np.ndarray, n_responses: np.ndarray,
-                 max_responses: int):
-        self.samples, self.max_len, self.pad_id = samples, max_len, pad_id
-        self.margins = margins  # float32 [n records]: a pairwise record's margin, 0 for ranked records
-        self.n_responses = n_responses  # int64 [n records], each in 2..max_responses
-        self.max_responses = max_responses  # K: rows per item
-        self.record_start = np.concatenate([[0], np.cumsum(n_responses)]).astype(np.int64)
-
-    def __len__(self) -> int:
-        return len(self.n_responses)
-
-    def __getitem__(self, i: int):
-        K, T = self.max_responses, self.max_len
-        ids = np.full((K, T), self.pad_id, dtype=np.int64)
-        labels = np.full((K, T), IGNORE_INDEX, dtype=np.int64)
-        mask = np.zeros((K, T), dtype=np.int64)
-        n = int(self.n_responses[i])
-        for k in range(n):
-            tok, tgt = self.samples.get(int(self.record_start[i]) + k)
-            ids[k, :len(tok)] = tok
-            labels[k, :len(tok)] = np.where(tgt, tok, IGNORE_INDEX)
-            mask[k, :len(tok)] = 1
-        ids[n:], mask[n:] = ids[0], mask[0]  # filler rows: real tokens (no all-padding row), labels all -100
-        margin = torch.tensor(float(self.margins[i]), dtype=torch.float32)
-        return (torch.from_numpy(ids), torch.from_numpy(mask)), torch.from_numpy(labels), margin, torch.tensor(n)
-
-
-def collate_ranked(batch):
-    """B ranked items -> ((input_ids [K*B, T], attention_mask [K*B, T]), labels [K*B, T], margins [B],
-    n_responses [B]); row k*B + b is response k of item b (all best responses first)."""
-    (ids, mask), labels, margins = collate_pairs([b[:3] for b in batch])  # the same response-major layout
-    return (ids, mask), labels, margins, torch.stack([b[3] for b in batch])
-
-
-class PromptDataset(Dataset):
-    def __init__(self, samples: Samples, max_len: int, pad_id: int):
-        self.samples, self.max_len, self.pad_id = samples, max_len, pad_id
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        tok, _ = self.samples.get(i)
-        ids = np.full(self.max_len, self.pad_id, dtype=np.int64)
-        mask = np.zeros(self.max_len, dtype=np.int64)
-        ids[self.max_len - len(tok):] = tok  # left padding
-        mask[self.max_len - len(tok):] = 1
-        return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 class Built(NamedTuple):
@@ -204,7 +76,7 @@ def build_dataset(data_paths: PathsArg, tokenizer, max_seq_len: int, *, kind: st
         (.json, .jsonl, .parquet, save_to_disk folders; ``data.sources``), records in any format of
         ``data.formats`` (detected per file unless stated). Streamed: memory holds the tokenized samples
         and a few bytes per record, not the records (except .json arrays, which are parsed whole).
-    kind: "lm" | "pairwise" | "ranked" | "prompt" (see the module docstring for item shapes).
+    kind: "lm" | "pairwise" | "ranked" | "prompt" (the module docstring; item shapes: ``data.batching``).
     pack: pack several samples per row (kind="lm" only).
     overflow: "truncate" (default), "drop" or "chunk" samples longer than max_seq_len (module docstring).
     strict: raise ``DataError`` listing every bad record; else drop them and count by reason.

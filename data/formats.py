@@ -40,7 +40,8 @@ import json
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
-FORMATS = ("pipetune", "messages", "sharegpt", "alpaca", "preference", "completion")
+from data.schema import FORMATS, RECORD_TYPES, json_type
+
 # The keys each format reads; others are ignored unless they look like a typo of one of these.
 KEYS = {
     "messages": ("messages",),
@@ -61,8 +62,6 @@ BadList = List[Tuple[Optional[str], str, str]]  # (source field, message, reason
 
 def detect_format(obj: dict) -> Optional[str]:
     """The format of a record from its keys (None: none matches)."""
-    from data.records import RECORD_TYPES
-
     if obj.get("type") in RECORD_TYPES:
         return "pipetune"
     if "messages" in obj:
@@ -137,7 +136,7 @@ class _Mapper:
         """A list of message objects -> turns; None (with problems) when it is not one."""
         if not isinstance(value, list):
             self.bad(field, f"must be a list of messages ({{\"{role_key}\": ..., \"{text_key}\": ...}}), got a JSON "
-                     f"{_json_type(value)}")
+                     f"{json_type(value)}")
             return None
         if not value:
             self.bad(field, "is empty; give at least one message", "empty_text")
@@ -147,7 +146,7 @@ class _Mapper:
             where = f"{field}[{i}]"
             if not isinstance(msg, dict):
                 self.bad(where, f"must be a message object with \"{role_key}\" and \"{text_key}\", got a JSON "
-                         f"{_json_type(msg)}")
+                         f"{json_type(msg)}")
                 ok = False
                 continue
             role = msg.get(role_key)
@@ -270,7 +269,7 @@ class _Mapper:
             return hh_turns(value, field, drop_open_answer=field == "prompt")
         if isinstance(value, str):
             return [(plain_role, value, field)]
-        self.bad(field, f"must be a string or a list of messages, got a JSON {_json_type(value)}")
+        self.bad(field, f"must be a string or a list of messages, got a JSON {json_type(value)}")
         return None
 
     def preference(self, obj: dict) -> Optional[dict]:
@@ -337,9 +336,3 @@ def hh_turns(text: str, field: str, drop_open_answer: bool) -> List[Turn]:
 
 def _same(a: List[Turn], b: List[Turn]) -> bool:
     return [(r, t) for r, t, _ in a] == [(r, t) for r, t, _ in b]
-
-
-def _json_type(v: Any) -> str:
-    from data.sources import json_type
-
-    return json_type(v)

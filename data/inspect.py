@@ -21,9 +21,9 @@ from typing import List, Optional
 
 from data.chat_template import TEMPLATES
 from data.errors import DataError, TokenizerError
-from data.formats import FORMATS
 from data.packing import OVERFLOW_POLICIES
 from data.records import load_records
+from data.schema import FORMATS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,6 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     from transformers import AutoTokenizer  # heavy import only when tokenizing
+
     from data.dataset import build_dataset
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)

@@ -32,13 +32,12 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from data.errors import Problem
 from data.formats import detect_format, map_record, undetected_message
 from data.hashing import file_sha256
-from data.sources import PathsArg, data_path_problems, expand_paths, expand_sources, json_type, read_source
+from data.schema import IGNORED_KEYS, RECORD_TYPES, ROLES, json_type
+from data.sources import PathsArg, data_path_problems, expand_paths, expand_sources, read_source
 
 __all__ = ["Record", "LoadResult", "RecordStream", "load_records", "validate_record", "to_record", "expand_paths",
-           "expand_sources", "data_path_problems", "PathsArg", "RECORD_TYPES"]
+           "expand_sources", "data_path_problems", "PathsArg"]
 
-ROLES = ("ask", "ans")
-IGNORED_KEYS = ("id", "meta")
 # type -> (required string fields, optional string fields, answer fields that must be non-empty)
 _STRING_FIELDS = {
     "pretrain": (("text",), ()),
@@ -49,7 +48,7 @@ _STRING_FIELDS = {
     "prompt": ((), ()),
     "ranked": ((), ()),  # "responses" is a list, checked by _check_responses
 }
-RECORD_TYPES = tuple(_STRING_FIELDS)  # "ranked" last: the codes of the older types do not move
+assert tuple(_STRING_FIELDS) == RECORD_TYPES, "one entry per record type, in data.schema's order"
 _HAS_ROUNDS = {"conversation": "required", "ref_qa": "required", "pairwise": "prompt_or_rounds",
                "prompt": "prompt_or_rounds", "ranked": "prompt_or_rounds"}
 
@@ -136,9 +135,6 @@ def to_record(obj: Any, fmt: str, file: str, index: int, line: Optional[int] = N
     return rec, []
 
 
-_json_type = json_type
-
-
 def validate_record(obj: Any, file: str, index: int, line: Optional[int] = None
                     ) -> Tuple[Optional[Record], List[Problem]]:
     """Return (Record, []) for a valid record, else (None, problems) with every problem found."""
@@ -146,12 +142,12 @@ def validate_record(obj: Any, file: str, index: int, line: Optional[int] = None
         return Problem(file, message, record=index, line=line, field=field, reason=reason)
 
     if not isinstance(obj, dict):
-        return None, [bad(None, f"record is a JSON {_json_type(obj)}, expected an object", "not_an_object")]
+        return None, [bad(None, f"record is a JSON {json_type(obj)}, expected an object", "not_an_object")]
     rtype = obj.get("type")
     if "type" not in obj:
         return None, [bad("type", f"missing; use one of {', '.join(RECORD_TYPES)}", "missing_type")]
     if not isinstance(rtype, str):
-        return None, [bad("type", f"must be a string, got a JSON {_json_type(rtype)}", "bad_type")]
+        return None, [bad("type", f"must be a string, got a JSON {json_type(rtype)}", "bad_type")]
     if rtype not in _STRING_FIELDS:
         return None, [bad("type", f"unknown type {rtype!r}; use one of {', '.join(RECORD_TYPES)}", "unknown_type")]
 
@@ -209,7 +205,7 @@ def validate_record(obj: Any, file: str, index: int, line: Optional[int] = None
 
 def _check_text(value: Any, field: str, bad, absent_hint: bool = False) -> List[Problem]:
     if not isinstance(value, str):
-        return [bad(field, f"must be a string, got a JSON {_json_type(value)}", "bad_value")]
+        return [bad(field, f"must be a string, got a JSON {json_type(value)}", "bad_value")]
     if not value.strip():
         hint = "; omit the key instead" if absent_hint else ""
         return [bad(field, f"is empty{hint}", "empty_text")]
@@ -219,7 +215,7 @@ def _check_text(value: Any, field: str, bad, absent_hint: bool = False) -> List[
 def _check_responses(responses: Any, bad) -> list[Problem]:
     """A ranked record's answers: a list of >= 2 non-empty, distinct strings (best first)."""
     if not isinstance(responses, list):
-        return [bad("responses", f"must be a list of answer strings (best first), got a JSON {_json_type(responses)}",
+        return [bad("responses", f"must be a list of answer strings (best first), got a JSON {json_type(responses)}",
                     "bad_value")]
     if len(responses) < 2:
         return [bad("responses", f"has {len(responses)} answer(s); a ranking needs at least 2 (best first; "
@@ -243,7 +239,7 @@ def _check_responses(responses: Any, bad) -> list[Problem]:
 
 def _check_rounds(rounds: Any, bad, need_answer: bool) -> List[Problem]:
     if not isinstance(rounds, list):
-        return [bad("rounds", f"must be a list of [role, text] pairs, got a JSON {_json_type(rounds)}", "bad_value")]
+        return [bad("rounds", f"must be a list of [role, text] pairs, got a JSON {json_type(rounds)}", "bad_value")]
     if not rounds:
         return [bad("rounds", "is empty; give at least one [\"ask\", text] pair", "empty_text")]
     problems = []

@@ -26,6 +26,7 @@ import os
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 from data.errors import Problem
+from data.schema import FORMATS, json_type
 
 EXTENSIONS = (".json", ".jsonl", ".parquet")
 ARROW_DIR = "arrow"  # Source.kind of a save_to_disk folder
@@ -53,8 +54,6 @@ def is_saved_dataset(folder: str) -> bool:
 
 def data_path_problems(value: Any, key: str = "data_path") -> List[str]:
     """Type problems of a data_path config value (a path, a {"path", "format"} object or a list of them)."""
-    from data.formats import FORMATS
-
     items = value if isinstance(value, list) else [value]
     if not items:
         return [f"{key} is an empty list"]
@@ -83,8 +82,6 @@ def _entry_problems(item: dict, formats: Sequence[str]) -> List[str]:
 
 def expand_sources(data_paths: PathsArg) -> Tuple[List[Source], List[Problem]]:
     """Data paths -> sources (unique, in order; a folder's and a glob's files sorted) + problems."""
-    from data.formats import FORMATS
-
     items = [data_paths] if isinstance(data_paths, (str, os.PathLike, dict)) else list(data_paths)
     sources, problems, seen = [], [], set()
     for item in items:
@@ -282,8 +279,3 @@ def drop_nulls(value: Any) -> Any:
     if isinstance(value, list):
         return [drop_nulls(v) for v in value]
     return value
-
-
-def json_type(v: Any) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number",
-            type(None): "null"}.get(type(v), type(v).__name__)

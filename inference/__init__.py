@@ -7,7 +7,7 @@ Nothing is imported here (no import-time work); import the module you need:
                            format it was trained with; the context length
 - ``inference.parallel``   ranks under the deepspeed launcher, the device, and ``deepspeed.init_inference``
                            (AutoTP, kernel injection with its fallback, the BLOOM attention-mask fix)
-- ``inference.generation`` ``ChatModel``: messages -> prompt token ids -> a ``Reply``
+- ``inference.hf_chat`` ``ChatModel``: messages -> prompt token ids -> a ``Reply``
 - ``inference.inputs``     prompts and training records -> ``Item`` (the messages the model sees)
 - ``inference.chat``       one streamed reply, and the chat REPL (``ChatSession``, ``run_repl``)
 - ``inference.batch``      a prompts file -> one JSON line per input

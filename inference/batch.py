@@ -12,7 +12,7 @@ import json
 import time
 from typing import IO
 
-from inference.generation import ChatModel, Reply
+from inference.hf_chat import ChatModel, Reply
 from inference.inputs import Item
 
 

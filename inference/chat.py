@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import IO, Optional
 
-from inference.generation import ChatModel, Reply, StreamTo
+from inference.hf_chat import ChatModel, Reply, StreamTo
 from inference.inputs import Item
 from inference.parallel import Ranks
 

@@ -35,7 +35,7 @@ class Ranks:
         """Rank 0's `obj` on every rank (a line read from stdin, a command)."""
         if self.world_size == 1:
             return obj
-        from trainer.distributed import broadcast_object
+        from trainer.engine.distributed import broadcast_object
 
         return broadcast_object(obj, src=0)
 
@@ -55,7 +55,7 @@ def init_ranks(use_cuda: bool) -> Ranks:
         import torch
 
         torch.cuda.set_device(local_rank)
-    from trainer.distributed import init_process_group
+    from trainer.engine.distributed import init_process_group
 
     init_process_group("nccl" if use_cuda else "gloo")
     avoid_shm_allreduce_segfault()

@@ -1,6 +1,6 @@
 """demo.py --pipeline-stages P: generate from a pipeline checkpoint split over P ranks, each holding
 only its stage's layers (a model too big for one device, no AutoTP), with the KV-cached pipelined
-generator of `trainer.generation` (the one PPO uses on the training engine).
+generator of `trainer.generation.decoding` (the one PPO uses on the training engine).
 
     deepspeed --num_gpus 2 demo.py --model-path runs/quickstart/ckpt --pipeline-stages 2 --greedy
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from inference.errors import InferenceError
-from inference.generation import ChatModel, Reply
+from inference.hf_chat import ChatModel, Reply
 from inference.inputs import Item
 
 
@@ -41,7 +41,7 @@ def init_pipeline_ranks(n_stages: int, use_cuda: bool):
 
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
-        from trainer.distributed import init_process_group
+        from trainer.engine.distributed import init_process_group
 
         init_process_group("nccl" if use_cuda else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
@@ -69,11 +69,11 @@ def load_pipeline_module(model_path, n_stages: int, dtype: str = "auto", device:
     from inference.loading import is_pipeline_checkpoint, load_tokenizer, torch_dtype, training_template_of
     from models.pipe_dir import CheckpointError, find_layer_files, find_side_file
     from models.pipeline import pipe_layer_names, prepare_config
-    from trainer.auto_parts import auto_parts
-    from trainer.engine import build_pipeline_module, load_weights
-    from trainer.model_plan import ModelPlan, layer_param_counts
-    from trainer.partition import boundaries_from_parts
-    from trainer.topology import Topology
+    from trainer.engine.auto_parts import auto_parts
+    from trainer.engine.build import build_pipeline_module, load_weights
+    from trainer.engine.partition import boundaries_from_parts
+    from trainer.engine.plan import ModelPlan, layer_param_counts
+    from trainer.engine.topology import Topology
 
     path = Path(model_path)
     if not path.is_dir() or not is_pipeline_checkpoint(path):
@@ -113,28 +113,19 @@ def load_pipeline_module(model_path, n_stages: int, dtype: str = "auto", device:
     return module.eval(), plan, load_tokenizer(tok_dir, training_template=training_template_of(search))
 
 
-def stop_ids_of(tokenizer, search_dir: Path) -> list[int]:
-    """The tokenizer's EOS and the generation_config.json's eos ids (as `ChatModel` uses)."""
-    ids = {tokenizer.eos_token_id}
-    gen_file = search_dir / "generation_config.json"
-    if gen_file.is_file():
-        eos = json.loads(gen_file.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos])
-    return sorted(i for i in ids if i is not None)
-
-
 class PipelineChat:
-    """`inference.generation.ChatModel`'s interface (prompt_ids, check_fits, generate -> Reply) over the
+    """`inference.hf_chat.ChatModel`'s interface (prompt_ids, check_fits, generate -> Reply) over the
     pipelined generator, so demo's single-prompt and chat code runs unchanged. Collective: every rank
     calls `generate` with the same prompt (the REPL shares each line from rank 0)."""
 
     def __init__(self, module, plan, tokenizer, args, max_context: int, ranks):
-        from trainer.sampling import SamplingConfig
+        from trainer.generation.stop_ids import answer_stop_ids, generation_pad_id
+        from trainer.generation.token_sampling import SamplingConfig
 
         self.module, self.config, self.tokenizer, self.ranks = module, plan.model_config, tokenizer, ranks
         self.max_new_tokens, self.max_context = args.max_new_tokens, max_context
-        self.eos_ids = stop_ids_of(tokenizer, plan.side_dir)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = answer_stop_ids(tokenizer, plan.model_config, plan.side_dir)
+        self.pad_id = generation_pad_id(tokenizer)
         self.sampling = SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                        repetition_penalty=args.repetition_penalty, seed=args.seed)
 
@@ -147,7 +138,7 @@ class PipelineChat:
         """This replica's share of `prompts` -> its `Generation` (rows of prompts[r::D])."""
         import dataclasses
 
-        from trainer.generation import generate, replica_share
+        from trainer.generation.decoding import generate, replica_share
 
         sampling = self.sampling if seed is None else dataclasses.replace(self.sampling, seed=seed)
         return generate(self.module, self.config, replica_share(prompts, self.module), max_new_tokens=self.max_new_tokens,

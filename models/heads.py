@@ -2,11 +2,11 @@
 for reward models and the PPO critic. Keys match transformers' (`lm_head.weight`, `score.weight`).
 """
 import contextlib
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class DeferredLogits(NamedTuple):
@@ -25,11 +25,6 @@ def _non_leaf(weight: torch.Tensor) -> torch.Tensor:
     have one (DeepSpeed's BF16_Optimizer clears the 16-bit gradients there); a bare parameter in the
     output would get its gradient accumulated before that prologue ran, and then cleared."""
     return weight.view_as(weight)
-
-
-def lm_logits(output: Union[torch.Tensor, DeferredLogits]) -> torch.Tensor:
-    """Logits float[B,T,V] from an LM head's output, deferred or not."""
-    return F.linear(output.hidden, output.weight) if isinstance(output, DeferredLogits) else output
 
 
 def set_defer_logits(module: nn.Module, on: bool = True) -> int:

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-
 METADATA_FILE = "pipetune.json"
 FORMAT_VERSION = 1
 # The files of a Hugging Face tokenizer (SentencePiece, tokenizers JSON or vocab/merges), with its

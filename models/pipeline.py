@@ -38,6 +38,8 @@ def prepare_config(config, attn_implementation: Optional[str] = None):
     """A copy of an HF config ready for pipe layers: attention implementation set explicitly
     (never None: see `stage_io.resolve_attn_implementation`), no KV cache in training."""
     arch = get_architecture(config.model_type)
+    if arch.check_config is not None:
+        arch.check_config(config)
     config = copy.deepcopy(config)
     resolve_attn_implementation(config, attn_implementation, arch.attn_implementations)
     config.use_cache = False

@@ -13,6 +13,10 @@ from models.pipe_dir import SIDE_FILES
 
 # Copied from the config folder unless save_pretrained wrote them (config.json always is).
 COPIED_FILES = tuple(name for name in SIDE_FILES if name != "config.json")
+# Copied over what save_pretrained wrote: the config folder's generation_config.json is the family's
+# (chat models list several eos ids there, e.g. Qwen's <|im_end|> and <|endoftext|>); the one
+# save_pretrained derives from config.json knows only config.json's eos_token_id.
+REPLACED_FILES = ("generation_config.json",)
 
 
 def save_random_model(config_dir: str | Path, out_dir: str | Path, seed: int = 0, dtype: str = "float32",
@@ -31,7 +35,7 @@ def save_random_model(config_dir: str | Path, out_dir: str | Path, seed: int = 0
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(out_dir)
     for name in COPIED_FILES:
-        if (config_dir / name).is_file() and not (out_dir / name).exists():
+        if (config_dir / name).is_file() and (name in REPLACED_FILES or not (out_dir / name).exists()):
             shutil.copy2(config_dir / name, out_dir / name)
     return out_dir
 

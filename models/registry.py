@@ -33,24 +33,67 @@ class Architecture:
     # (config, attn_implementation, seq_len) -> floating elements one block saves for backward per
     # token (models.activation_memory); None: unknown (memory estimates then leave activations out).
     block_activation_elements: Callable = None
+    # transformers' class-name prefix: exports name `<prefix>ForCausalLM` / `<prefix>ForSequenceClassification`,
+    # unless hf_class_names names a head's class ((head, class name) pairs).
+    hf_class_prefix: str = ""
+    hf_class_names: tuple[tuple[str, str], ...] = ()
+    # config -> None, raising ValueError (naming the config.json key) for settings the layers do not implement.
+    check_config: Callable = None
 
 
-def _llama() -> Architecture:
-    from . import activation_memory, llama
+def _rope_decoder(model_type: str, module: str, prefix: str, activations: str = "llama_block_elements", **extra) -> Architecture:
+    """LLaMA and the families built like it (transformers' own decoder layer + RoPE + RMSNorm):
+    the same key layout (`model.embed_tokens`, `model.layers.{i}`, `model.norm`, `lm_head`)."""
+    import importlib
 
+    from . import activation_memory
+
+    layers = importlib.import_module(f"{__package__}.{module}")
     return Architecture(
-        model_type="llama",
-        embedding=llama.LlamaEmbedding,
-        block=llama.LlamaPipeBlock,
-        final_norm=llama.LlamaFinalNorm,
+        model_type=model_type,
+        embedding=getattr(layers, f"{prefix}Embedding"),
+        block=getattr(layers, f"{prefix}PipeBlock"),
+        final_norm=getattr(layers, f"{prefix}FinalNorm"),
         embedding_keys=(("model.embed_tokens.", "embed_tokens."),),
         block_keys=("model.layers.{i}.", ""),
         final_norm_keys=(("model.norm.", "norm."),),
         base_prefix="model.",
         attn_implementations=("sdpa", "eager", "flash_attention_2"),
         ignored_hf_key_suffixes=(".rotary_emb.inv_freq",),
-        block_activation_elements=activation_memory.llama_block_elements,
+        block_activation_elements=getattr(activation_memory, activations),
+        hf_class_prefix=prefix,
+        **extra,
     )
+
+
+def _llama() -> Architecture:
+    """LLaMA 1/2/3.x (Llama 3.1+'s `rope_type: "llama3"` is read by HF's rotary module)."""
+    return _rope_decoder("llama", "llama", "Llama")
+
+
+def _qwen2() -> Architecture:
+    """Qwen2 / Qwen2.5: q/k/v biases; sliding-window layers where `use_sliding_window` is set."""
+    return _rope_decoder("qwen2", "qwen2", "Qwen2")
+
+
+def _qwen3() -> Architecture:
+    """Qwen3 dense: q_norm/k_norm over head_dim before RoPE, explicit head_dim."""
+    return _rope_decoder("qwen3", "qwen3", "Qwen3", "qwen3_block_elements")
+
+
+def _mistral() -> Architecture:
+    """Mistral: the LLaMA block; `sliding_window` (v0.1) makes every layer sliding."""
+    return _rope_decoder("mistral", "mistral", "Mistral")
+
+
+def _gemma3_text() -> Architecture:
+    """Gemma 3 text (1B): GeGLU, (1 + w) norms, scaled embeddings, q/k norms, sliding/full layers with
+    two RoPE bases; tied head."""
+    from . import gemma3
+
+    return _rope_decoder("gemma3_text", "gemma3", "Gemma3", "gemma3_block_elements", tied_by_default=True,
+                         hf_class_names=(("value", "Gemma3TextForSequenceClassification"),),
+                         check_config=gemma3.check_config)
 
 
 def _bloom() -> Architecture:
@@ -71,10 +114,13 @@ def _bloom() -> Architecture:
         attn_implementations=("eager",),
         tied_by_default=True,
         block_activation_elements=activation_memory.bloom_block_elements,
+        hf_class_prefix="Bloom",
     )
 
 
-_REGISTRY: dict[str, Callable[[], Architecture]] = {"llama": _llama, "bloom": _bloom}
+_REGISTRY: dict[str, Callable[[], Architecture]] = {
+    "llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "mistral": _mistral, "gemma3_text": _gemma3_text, "bloom": _bloom,
+}
 SUPPORTED_MODEL_TYPES = tuple(sorted(_REGISTRY))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = {"llama": REPO / "configs" / "tiny-llama", "bloom": REPO / "configs" / "tiny-bloom"}
+CONFIGS = {name: REPO / "configs" / f"tiny-{name}" for name in ("llama", "bloom", "qwen2", "qwen3", "mistral", "llama3", "gemma3")}
 
 # One torch thread: tests run beside DeepSpeed ranks on a 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -89,7 +89,7 @@ def launch_ranks(script, *args, ranks=2, env_extra=None, check=True, timeout=180
 
 def remove_shm_allreduce_segments(addr: str, port: int) -> list[str]:
     """Delete (and name) the /dev/shm segments DeepSpeed's CPU all-reduce made for the launch on
-    addr:port. train_ds.py and friends unlink their own at start (trainer.distributed.init_process_group);
+    addr:port. train_ds.py and friends unlink their own at start (trainer.engine.distributed.init_process_group);
     a rank that dies inside init_distributed cannot, and each left behind holds 69 MB of RAM."""
     leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"))
     for path in leaked:

@@ -1,4 +1,4 @@
-"""trainer/checkpoint.py without ranks: what pruning keeps, RNG state, durable writes, resume errors.
+"""trainer/engine/checkpoint.py without ranks: what pruning keeps, RNG state, durable writes, resume errors.
 The collective paths (save, resume, node-local save_paths) run in tests/test_train_multirank.py and
 tests/test_multinode.py."""
 import json
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.pipe_dir import CheckpointError
-from trainer import checkpoint
+from trainer.engine import checkpoint
 
 
 def make_tags(root, steps):

@@ -45,9 +45,9 @@ def test_chunked_head_loss_fp32_and_scaled_gradient():
 def test_deferred_head_in_the_pipe_layers_equals_full_logits(model_type, tied):
     """set_defer_logits: while training, the head hands (hidden, weight) to the loss, which gives the
     same loss and gradients (tied embedding included); under no_grad the head still returns logits."""
+    from conftest import REPO
     from transformers import AutoConfig
 
-    from conftest import REPO
     from models.heads import DeferredLogits, set_defer_logits
     from models.pipeline import SequentialPipe, build_layers, prepare_config
     from trainer.losses import global_token_mean_loss

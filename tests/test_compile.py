@@ -1,12 +1,13 @@
 """`compile`: torch.compile of each block gives the same loss and gradients as eager; config checks."""
 import pytest
 import torch
+from conftest import REPO
 from transformers import AutoConfig
 
-from conftest import REPO
 from models.pipeline import SequentialPipe, build_layers, prepare_config
 from models.registry import get_architecture
-from trainer.config import ConfigError, validate
+from trainer.config import ConfigError
+from trainer.recipes import validate_config as validate
 
 BASE = {"model_path": "m", "save_path": "s", "data_path": "d.json", "train_steps": 1, "train_micro_batch_size_per_gpu": 1,
         "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}, "parts": "auto"}}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONFIGS, REPO
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,8 +19,6 @@ from convert.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
 from convert_model import main as cli
 from models.heads import last_token_index, sequence_scores
 from models.pipeline import SequentialPipe, build_layers, prepare_config
-
-from conftest import CONFIGS, REPO
 
 ROUND_TRIPS = [("llama", False, "float32"), ("llama", True, "float32"), ("bloom", None, "float32"),
                ("llama", False, "bfloat16"), ("bloom", None, "bfloat16")]
@@ -244,10 +243,11 @@ def _value_head_checkpoint(out: Path, model_type: str, tokenizer_dir: Path, spec
 @pytest.mark.parametrize("model_type,tokenizer,explicit", [("llama", "tiny-llama", False), ("bloom", "tiny-bloom", False),
                                                            ("llama", "llama3-style", False), ("llama", "llama3-style", True)])
 def test_value_head_export_scores_like_the_pipeline_when_source_pads_with_eos(tmp_path, model_type, tokenizer, explicit):
+    from data_fixtures import LLAMA3_RESERVED, llama3_style_tokenizer
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from data.dataset import build_dataset, collate_pairs
-    from data_fixtures import LLAMA3_RESERVED, llama3_style_tokenizer
+    from data.batching import collate_pairs
+    from data.dataset import build_dataset
 
     if tokenizer == "llama3-style":
         tok = llama3_style_tokenizer()
@@ -316,7 +316,7 @@ def test_error_unknown_model_type(capsys, tiny_hf, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
     code, err = run_cli(capsys, "hg_to_pp", "--input-path", str(src), "--save-path", str(tmp_path / "out"))
-    assert code == 2 and "'gpt_neox' is not supported; supported: bloom, llama" in err
+    assert code == 2 and "'gpt_neox' is not supported; supported: bloom, gemma3_text, llama, mistral, qwen2, qwen3" in err
     assert_nothing_written(tmp_path / "out")
 
 

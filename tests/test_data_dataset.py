@@ -4,13 +4,14 @@ import os
 import numpy as np
 import pytest
 import torch
+from data_fixtures import MIXED, load_tokenizer, tok, write_json  # noqa: F401
 
 from data import cache as cache_mod
-from data.dataset import build_dataset, collate_pairs
+from data.batching import collate_pairs
+from data.dataset import build_dataset
 from data.errors import DataError
 from data.split import eval_split, split_shares
 from data.tokenize import pad_token_id
-from data_fixtures import MIXED, load_tokenizer, tok, write_json  # noqa: F401
 
 T = 96
 

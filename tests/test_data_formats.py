@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from data_fixtures import MIXED, ROOT, load_tokenizer, tok, write_json, write_jsonl  # noqa: F401 (tok: a fixture)
 
 from data.dataset import build_dataset
 from data.errors import DataError
 from data.records import RecordStream, load_records
-from data_fixtures import MIXED, ROOT, load_tokenizer, tok, write_json, write_jsonl  # noqa: F401 (tok: a fixture)
 
 T = 96
 
@@ -345,7 +345,8 @@ def test_jsonl_is_streamed(tmp_path):
 # The training config accepts {"path", "format"} entries and a template
 
 def test_config_data_path_entries_and_template():
-    from trainer.config import ConfigError, validate
+    from trainer.config import ConfigError
+    from trainer.recipes import validate_config as validate
 
     base = {"model_path": "m", "save_path": "s", "model_topo": {"process_topology": {"axes": ["pipe", "data"],
             "dims": [1, 1]}}, "train_micro_batch_size_per_gpu": 1, "n_epochs": 1}

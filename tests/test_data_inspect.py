@@ -2,8 +2,9 @@
 import subprocess
 import sys
 
-from data.inspect import main
 from data_fixtures import MIXED, ROOT, TOKENIZER_DIRS, write_json
+
+from data.inspect import main
 
 
 def test_valid_without_tokenizer(capsys):

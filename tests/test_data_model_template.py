@@ -7,13 +7,21 @@ import shutil
 import types
 
 import pytest
+from data_fixtures import (
+    CHATML_GENERATION_TEMPLATE,
+    CHATML_TEMPLATE,
+    LLAMA3_BOS,
+    LLAMA3_TEMPLATE,
+    ROOT,
+    chat_tokenizer,
+    write_json,
+    write_jsonl,
+)
 from transformers import AutoConfig, AutoTokenizer
 
 from data.chat_template import ModelTemplate
 from data.dataset import build_dataset
 from data.errors import DataError, TokenizerError
-from data_fixtures import (CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, LLAMA3_BOS, LLAMA3_TEMPLATE, ROOT,
-                           chat_tokenizer, write_json, write_jsonl)
 
 T = 128
 CONVERSATION = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, friend."},
@@ -191,7 +199,7 @@ def training_save_path(pp, save_path, template):
     """What training leaves in SAVE_PATH (prepare_save_path: side files + pipetune.json with the
     template of the training config), layer files in SAVE_PATH/global_step1 named by `latest`."""
     from models.pipe_dir import find_layer_files, read_metadata
-    from trainer.checkpoint import prepare_save_path
+    from trainer.engine.checkpoint import prepare_save_path
 
     config_path = save_path.parent / "train.json"
     config_path.write_text(json.dumps({"template": template}))
@@ -208,7 +216,7 @@ def training_save_path(pp, save_path, template):
 
 def demo_chat(model_path):
     import demo
-    from inference.generation import ChatModel
+    from inference.hf_chat import ChatModel
     from inference.loading import context_length, load_model
 
     args = demo.build_parser().parse_args(["--model-path", str(model_path), "--greedy", "--max-new-tokens", "4"])
@@ -253,8 +261,9 @@ def test_one_rank_training_run_records_and_serves_the_model_template(tmp_path):
     import subprocess
     import sys
 
-    from convert.hg_to_pp import hg_to_pp
     from test_train_cli import free_port
+
+    from convert.hg_to_pp import hg_to_pp
 
     pp = hg_to_pp(chat_model_dir(tmp_path, "llama3"), tmp_path / "pp", progress=False)
     data = write_jsonl(tmp_path / "d.jsonl", [CONVERSATION] * 2)

@@ -3,10 +3,10 @@ import json
 
 import numpy as np
 import torch
+from data_fixtures import MIXED, ROOT, load_tokenizer
 
 from data.dataset import build_dataset
 from data.packing import pack
-from data_fixtures import MIXED, ROOT, load_tokenizer
 
 T = 128
 

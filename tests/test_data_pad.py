@@ -6,12 +6,12 @@ import sys
 
 import pytest
 import torch
+from data_fixtures import LLAMA3_EOS, LLAMA3_RESERVED, MIXED, ROOT, llama3_style_tokenizer, load_tokenizer, write_json
 
-from data.dataset import build_dataset, collate_pairs
+from data.batching import collate_pairs
+from data.dataset import build_dataset
 from data.errors import DataError, TokenizerError
 from data.tokenize import choose_pad, pad_token_id
-from data_fixtures import (LLAMA3_EOS, LLAMA3_RESERVED, MIXED, ROOT, llama3_style_tokenizer, load_tokenizer,
-                           write_json)
 
 T = 96
 

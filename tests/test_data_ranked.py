@@ -7,7 +7,8 @@ import pytest
 import torch
 from data_fixtures import TOKENIZER_DIRS, load_tokenizer, write_json, write_jsonl
 
-from data.dataset import build_dataset, collate_pairs, collate_ranked
+from data.batching import collate_pairs, collate_ranked
+from data.dataset import build_dataset
 from data.errors import DataError
 from data.inspect import main as inspect_main
 from data.records import load_records

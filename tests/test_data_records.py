@@ -2,10 +2,10 @@
 import json
 
 import pytest
+from data_fixtures import MIXED, write_json, write_jsonl
 
 from data.errors import DataError, Problem
 from data.records import load_records
-from data_fixtures import MIXED, write_json, write_jsonl
 
 GOOD = {"type": "instruct", "instruct": "Say hi.", "output": "Hi."}
 

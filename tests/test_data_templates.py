@@ -1,12 +1,19 @@
 """Rendering of every type, mask exactness on both tokenizers, and the chat-template equality."""
 
 import numpy as np
+from data_fixtures import MIXED, load_tokenizer, tok  # noqa: F401  (tok is a fixture)
 
 from data.records import load_records
-from data.templates import (CHAT_TEMPLATE, join_pieces, record_messages, render_record, rounds_to_messages,
-                            set_chat_template, tokenizer_adds_bos)
+from data.templates import (
+    CHAT_TEMPLATE,
+    join_pieces,
+    record_messages,
+    render_record,
+    rounds_to_messages,
+    set_chat_template,
+    tokenizer_adds_bos,
+)
 from data.tokenize import tokenize_records
-from data_fixtures import MIXED, load_tokenizer, tok  # noqa: F401  (tok is a fixture)
 
 EOS = "</s>"
 

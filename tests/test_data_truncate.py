@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from data_fixtures import llama3_style_tokenizer, load_tokenizer, tok, write_json  # noqa: F401
 
 from data.dataset import build_dataset
 from data.records import Record
 from data.tokenize import tokenize_records
-from data_fixtures import llama3_style_tokenizer, load_tokenizer, tok, write_json  # noqa: F401
 
 T = 48
 LONG_PROMPT = "Please read this. " + "The river runs past the old mill. " * 12 + "Which answer is better?"

@@ -13,21 +13,20 @@ import types
 
 import pytest
 import torch
+from conftest import CONFIGS, REPO, launch_ranks
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import demo
 from compat.private_api import avoid_shm_allreduce_segfault
 from convert.hg_to_pp import hg_to_pp
+from convert.pp_to_hg import load_layer, pp_to_hg
 from inference.chat import run_repl
-from inference.generation import ChatModel
+from inference.hf_chat import ChatModel
 from inference.loading import context_length, load_model
 from inference.parallel import Ranks
 from models.pipe_dir import find_layer_files
-from convert.pp_to_hg import load_layer, pp_to_hg
 from models.pipeline import SequentialPipe, build_layers, prepare_config
 from models.random_init import save_random_model
-
-from conftest import CONFIGS, REPO, launch_ranks
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_NEW = 12

@@ -1,4 +1,4 @@
-"""DPO stage (trainer/recipes/dpo.py, trainer/dpo_math.py, trainer/reference_logps.py).
+"""DPO stage (trainer/recipes/dpo.py, trainer/rl/dpo.py, trainer/rl/reference_logps.py).
 
 Pure functions: each loss type on fixed log-probs equals its formula computed by hand; gradients reach
 the policy only; the loss_fn's normalisation over micro-batches; the reference cache key; config
@@ -20,12 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO
 from conftest import launch_ranks as launch
-from trainer.config import ConfigError, load_config, validate
-from trainer.dpo_math import DPOLoss, DPOOptions, metrics_from_stats, pair_stats, pair_terms, sequence_logps
-from trainer.reference_logps import WithReference, checkpoint_fingerprint, collate_dpo
+
+from data.batching import collate_dpo
+from trainer.config import ConfigError
+from trainer.recipes import load_config
+from trainer.recipes import validate_config as validate
+from trainer.rl.dpo import DPOLoss, DPOOptions, metrics_from_stats, pair_stats, pair_terms, sequence_logps
+from trainer.rl.reference_logps import WithReference, checkpoint_fingerprint
 
 PREFS = str(REPO / "data" / "samples" / "preferences.jsonl")
 SEQ = 64
@@ -204,11 +207,12 @@ def config_problems(raw) -> list[str]:
 
 def test_dpo_config_defaults_and_validation():
     c = validate(dpo_config(), world_size=2)
-    assert (c.stage, c.beta, c.loss_type, c.label_smoothing, c.simpo_gamma, c.sft_coef, c.ref_path) == \
+    o = c.options
+    assert (c.stage, o.beta, o.loss_type, o.label_smoothing, o.simpo_gamma, o.sft_coef, o.ref_path) == \
         ("dpo", 0.1, "sigmoid", 0.0, 0.5, 0.0, None)
-    assert DPOOptions.from_config(c) == DPOOptions()
+    assert c.options == DPOOptions()
     c = validate(dpo_config(loss_type="simpo", beta=2, simpo_gamma=1, label_smoothing=0.1, sft_coef=1, ref_path="r"), world_size=2)
-    assert (c.loss_type, c.beta, c.ref_path) == ("simpo", 2, "r") and not DPOOptions.from_config(c).uses_reference
+    assert (c.options.loss_type, c.options.beta, c.options.ref_path) == ("simpo", 2, "r") and not c.options.uses_reference
     assert config_problems(dpo_config(loss_type="hinge", beta=0, label_smoothing=0.5, sft_coef=-1, from_scratch=True)) == [
         "loss_type must be one of ['sigmoid', 'ipo', 'simpo'], got 'hinge'",
         "beta must be positive, got 0",
@@ -269,7 +273,7 @@ def hf_model(path):
 
 
 def hf_logps(model, ids, mask, labels):
-    """Summed log-probs of each row's answer tokens, written independently of trainer.dpo_math."""
+    """Summed log-probs of each row's answer tokens, written independently of trainer.rl.dpo."""
     logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
     target = labels[:, 1:]
     taken = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (target != -100)
@@ -282,7 +286,8 @@ def hf_dpo_reference(policy_dir, ref_dir, tok_dir, run: dict, steps: int = 3):
     of the step), AdamW with the same decay groups, gradient clipping 1.0 (DeepSpeed's default)."""
     from transformers import AutoTokenizer
 
-    from data.dataset import build_dataset, collate_pairs
+    from data.batching import collate_pairs
+    from data.dataset import build_dataset
     from trainer.batches import GlobalBatches
     from trainer.config import DEFAULT_NO_DECAY
 
@@ -340,15 +345,21 @@ def model_dirs(tiny_hf, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dpo-models")
     hf_dir = tiny_hf("llama", False)
     other_hf = save_random_model(REPO / "configs" / "tiny-llama", tmp / "other-hf", seed=5, tie_word_embeddings=False)
-    return hf_dir, hg_to_pp(hf_dir, tmp / "pp", progress=False), other_hf, hg_to_pp(other_hf, tmp / "other-pp", progress=False)
+    dropout_hf = save_random_model(REPO / "configs" / "tiny-llama", tmp / "dropout-hf", seed=0, tie_word_embeddings=False,
+                                   overrides={"attention_dropout": 0.3})
+    return (hf_dir, hg_to_pp(hf_dir, tmp / "pp", progress=False), other_hf, hg_to_pp(other_hf, tmp / "other-pp", progress=False),
+            hg_to_pp(dropout_hf, tmp / "dropout-pp", progress=False))
 
 
 @pytest.fixture(scope="module")
 def runs(model_dirs, tmp_path_factory):
     """Launch A: one launch, every config in turn; {name: (summary, save_path)}, the launch's output, tmp."""
-    _, pp, _, other_pp = model_dirs
+    _, pp, _, other_pp, dropout_pp = model_dirs
     tmp = tmp_path_factory.mktemp("dpo-runs")
     names = {name: make_config(tmp, name, pp, **over) for name, over in PARITY.items()}
+    # A model with attention dropout: disable_dropout (the default) makes the first step the reference's forward.
+    names["dropout_off"] = make_config(tmp, "dropout_off", dropout_pp, train_steps=1)
+    names["dropout_on"] = make_config(tmp, "dropout_on", dropout_pp, train_steps=1, disable_dropout=False)
     names["other_ref"] = make_config(tmp, "other_ref", pp, ref_path=str(other_pp))
     names["full_logits_sigmoid"] = make_config(tmp, "full_logits_sigmoid", pp, **PARITY["sigmoid"], chunked_loss=False)
     # 1 stage x 2 data-parallel ranks, 1 pair per micro-batch: the same 4 pairs per step.
@@ -392,10 +403,20 @@ def test_first_step_with_policy_as_reference_is_ln2_with_zero_margins(runs):
 
 
 @pytest.mark.multirank
+def test_dropout_is_off_while_training_by_default(runs):
+    """The reference's log-probs come from an eval-mode forward: with the model's attention dropout left on
+    (disable_dropout false), the first step's margins are no longer 0."""
+    runs, _, _ = runs
+    off, on = (runs[name][0]["train_metrics"][0][1] for name in ("dropout_off", "dropout_on"))
+    assert off["rewards/margins"] == pytest.approx(0, abs=1e-6) and off["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    assert abs(on["rewards/chosen"]) > 1e-4
+
+
+@pytest.mark.multirank
 @pytest.mark.parametrize("name", [*PARITY, "other_ref", "dp2_cdpo_rpo", "full_logits_sigmoid"])
 def test_three_steps_equal_a_single_process_hf_implementation(runs, model_dirs, tmp_path, name):
     runs, _, _ = runs
-    hf_dir, pp_dir, other_hf, _ = model_dirs
+    hf_dir, pp_dir, other_hf, _, _ = model_dirs
     summary, save = runs[name]
     options = PARITY.get(name.replace("dp2_", "").replace("full_logits_", ""), {})
     expected, expected_losses = hf_dpo_reference(hf_dir, other_hf if name == "other_ref" else hf_dir, pp_dir, options)
@@ -451,10 +472,11 @@ def test_export_loads_in_hf_and_scores_the_eval_pairs_as_the_pipeline_did(runs, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from convert.pp_to_hg import pp_to_hg
-    from data.dataset import build_dataset, collate_pairs
+    from data.batching import collate_pairs
+    from data.dataset import build_dataset
 
     runs, _, _ = runs
-    hf_dir, _, _, _ = model_dirs
+    hf_dir, _, _, _, _ = model_dirs
     summary, save = runs["toy"]
     exported = pp_to_hg(save, tmp_path / "hf", progress=False)
     assert json.loads((exported / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
@@ -480,7 +502,7 @@ def test_resume_without_the_cache_recomputes_the_reference_from_ref_path(runs, m
     resumed, _ = runs["second_part"]
     # Scored with the step-4 policy instead of ref_path, the reference log-probs (and so steps 5 and 6)
     # would differ from the uninterrupted run's.
-    _, pp, _, _ = model_dirs
+    _, pp, _, _, _ = model_dirs
     assert f"computed on a frozen copy of {pp}; cached in {tmp / 'other-cache'}" in output
     torch.testing.assert_close(torch.tensor(losses(resumed)), torch.tensor(losses(reference)), rtol=0, atol=1e-6)
     assert_same_weights(reference_save / "global_step6", tmp / "first_part" / "global_step6")
@@ -498,7 +520,7 @@ def assert_same_weights(a_dir: Path, b_dir: Path, tol: float = 1e-6) -> None:
 @pytest.mark.multirank
 def test_killed_during_save_resumes_exactly_reusing_the_reference_cache(runs, model_dirs):
     runs, _, tmp = runs
-    _, pp, _, _ = model_dirs
+    _, pp, _, _, _ = model_dirs
     reference, reference_save = runs["resume_reference"]
     config = make_config(tmp, "killed", pp, train_steps=6, save_interval=2, scheduler=WARMUP, resume="auto")
     proc = launch("train_ds.py", "--config", str(config), check=False,
@@ -516,3 +538,23 @@ def test_killed_during_save_resumes_exactly_reusing_the_reference_cache(runs, mo
     assert [s for s, _ in state["history"]] == [1, 2, 3, 4, 5, 6]
     torch.testing.assert_close(torch.tensor([l for _, l in state["history"]]), torch.tensor(losses(reference)), rtol=0, atol=1e-6)
     assert_same_weights(reference_save / "global_step6", save / "global_step6")
+
+
+def test_reference_cache_key_follows_the_code_the_versions_and_the_device(tmp_path):
+    """A change in models/ (or the log-prob code), another torch / transformers or another device type
+    must not reuse cached reference log-probs."""
+    import shutil
+
+    from trainer.rl.reference_logps import log_prob_code_version, runtime_identity
+
+    for part in ("models", "trainer/rl"):
+        shutil.copytree(REPO / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "trainer" / "losses.py", tmp_path / "trainer" / "losses.py")
+    before = log_prob_code_version(tmp_path)
+    assert before == log_prob_code_version(REPO)
+    llama = tmp_path / "models" / "llama.py"
+    llama.write_text(llama.read_text() + "\n# a change\n")
+    assert log_prob_code_version(tmp_path) != before
+    runtime = runtime_identity()
+    assert runtime["code"] == before and runtime["device"] == "cpu"
+    assert runtime["torch"] == torch.__version__ and runtime["transformers"]

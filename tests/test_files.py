@@ -23,7 +23,7 @@ import torch
 from conftest import REPO, launch_ranks
 from convert.hg_to_pp import hg_to_pp
 from ppo_fixtures import marker_reward_hf
-from trainer import checkpoint
+from trainer.engine import checkpoint
 from trainer.files import (ENOSPC_AT_ENV, FREE_BYTES_ENV, DiskFullError, FileRefused, is_disk_full, load_tensors, write_atomic,
                            write_json_atomic)
 from trainer.rng_files import load_rng_state, rng_files, save_rng_state

@@ -47,10 +47,10 @@ def reference_varlen_attention(calls):
 
 
 def test_packed_block_under_flash_equals_the_segment_mask_path():
+    from conftest import CONFIGS
     from transformers import AttentionInterface, AutoConfig
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from conftest import CONFIGS
     from models.pipeline import build_layers, prepare_config
 
     config = prepare_config(AutoConfig.from_pretrained(CONFIGS["llama"]), "sdpa")

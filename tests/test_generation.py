@@ -1,4 +1,4 @@
-"""Generation on the training pipeline (trainer/generation.py, trainer/sampling.py): the sampling
+"""Generation on the training pipeline (trainer/generation/decoding.py, trainer/generation/token_sampling.py): the sampling
 functions equal transformers' processors; the generator's greedy tokens equal HF `generate` and its
 log-probs HF's full forward, in one process and over 2 pipeline stages (LLaMA GQA, tied LLaMA, BLOOM;
 ragged prompts; M = 1, 2, 3); seeded sampling does not depend on M or on the row order; rows stop
@@ -13,14 +13,18 @@ import types
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
-
 from conftest import REPO, launch_ranks
 from test_models import load_pipe
-from trainer.generation import GenerationError, _place, generate
-from trainer.sampling import SamplingConfig, apply_repetition_penalty, choose_next, draw, row_seeds, warp
+from transformers import AutoModelForCausalLM
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from trainer.generation.decoding import GenerationError, _place, generate
+from trainer.generation.token_sampling import SamplingConfig, apply_repetition_penalty, choose_next, draw, row_seeds, warp
 
 MAX_NEW = 10
 SAMPLING = dict(greedy=False, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=5)
@@ -180,10 +184,6 @@ def test_one_process_sampling_is_seeded_and_independent_of_micro_batches_and_ord
     other_seed = generate(pipe, config, prompts, max_new_tokens=MAX_NEW, sampling=SamplingConfig(**{**SAMPLING, "seed": 6}))
     assert [other_seed.answer(i) for i in range(5)] != answers[0]
     assert answers[0] != [r for r in [generate(pipe, config, prompts, max_new_tokens=MAX_NEW).answer(i) for i in range(5)]]
-    # Both log-probs are kept: the raw one (PPO's) and the one under the warped distribution.
-    lp, slp = runs[0].logprobs, runs[0].sampling_logprobs
-    real = runs[0].answer_mask[:, runs[0].prompt_len:].bool()
-    assert bool((slp[real] <= 0).all()) and not torch.allclose(slp[real], lp[real])
 
 
 def test_one_process_rows_stop_independently_and_the_batch_ends_when_all_have(pipes):
@@ -281,7 +281,6 @@ def test_two_stages_greedy_equals_hf_and_log_probs_hf_forward(runs, hf_models, n
     for i, p in enumerate(prompts):
         n = len(expected[i])
         torch.testing.assert_close(torch.tensor(r["logprobs"][i][:n]), hf_logprobs(hf, p, expected[i]), rtol=0, atol=1e-5)
-        assert r["sampling_logprobs"][i][:n] == [0.0] * n  # greedy: a point mass
 
 
 @pytest.mark.multirank
@@ -403,7 +402,7 @@ def test_four_ranks_middle_stages_and_replicas_equal_hf_and_the_two_rank_samples
 
 
 def test_eval_samples_config_values():
-    from trainer.eval_samples import EvalSamples, config_problems
+    from trainer.generation.eval_samples import EvalSamples, config_problems
 
     assert config_problems(4) == [] and config_problems({"n": 2, "max_new_tokens": 8, "greedy": False, "temperature": 0.7}) == []
     assert EvalSamples.from_config(3).sampling.greedy and EvalSamples.from_config(3).max_new_tokens == 64

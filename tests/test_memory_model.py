@@ -1,18 +1,18 @@
-"""trainer/memory_model.py and the memory-aware `parts: "auto"`: the activation counts against what
+"""trainer/engine/memory.py and the memory-aware `parts: "auto"`: the activation counts against what
 autograd really saves, optimizer/ZeRO/offload accounting, the constrained split (against brute
 force) and its error when nothing fits."""
 import itertools
 
 import pytest
 import torch
+from conftest import REPO
 from transformers import AutoConfig
 
-from conftest import REPO
 from models.pipeline import build_layers, prepare_config
 from models.registry import get_architecture
-from trainer.auto_parts import AutoPartsError, auto_parts, layer_costs, stage_report
-from trainer.config import validate
-from trainer.memory_model import memory_settings, optimizer_state_bytes, stage_memory
+from trainer.engine.auto_parts import AutoPartsError, auto_parts, layer_costs, stage_report
+from trainer.engine.memory import memory_settings, optimizer_state_bytes, stage_memory
+from trainer.recipes import validate_config as validate
 
 
 def saved_activation_bytes(layer, inputs) -> int:
@@ -185,15 +185,41 @@ def test_frozen_model_holds_weights_and_one_micro_batch():
 
 def test_micro_batch_shape_follows_the_recipe():
     """The RM and DPO hold both sides of each pair per micro-batch; PPO's rows carry the answer too."""
-    from trainer.memory_model import micro_batch_shape
-
     raw = {"model_path": "m", "save_path": "s", "data_path": "d.json", "train_steps": 1, "train_micro_batch_size_per_gpu": 2,
            "max_seq_len": 128, "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [4, 3]}}
-    assert micro_batch_shape(validate(raw, world_size=2)) == (2, 128)
-    assert micro_batch_shape(validate({**raw, "stage": "rm"}, world_size=2)) == (4, 128)
-    assert micro_batch_shape(validate({**raw, "stage": "dpo"}, world_size=2)) == (4, 128)
+    assert validate(raw, world_size=2).micro_batch_shape() == (2, 128)
+    assert validate({**raw, "stage": "rm"}, world_size=2).micro_batch_shape() == (4, 128)
+    assert validate({**raw, "stage": "dpo"}, world_size=2).micro_batch_shape() == (4, 128)
     ppo = {**{k: v for k, v in raw.items() if k != "model_path"}, "stage": "ppo", "actor_path": "a", "critic_path": "c",
            "ppo": {"max_new_tokens": 32}}
-    assert micro_batch_shape(validate(ppo, world_size=2)) == (2, 160)
+    assert validate(ppo, world_size=2).micro_batch_shape() == (2, 160)
     config = prepare_config(AutoConfig.from_pretrained(REPO / "configs" / "tiny-llama"))
     assert memory_settings(validate({**raw, "stage": "dpo"}, world_size=2), config).chunked_head
+
+
+def test_ppo_actor_counts_its_rollout_generation():
+    """PPO's actor generates every row of its replica's rollout with a KV cache: K and V per block for
+    rows x (prompt + answer) tokens, or, when larger, the prompts' cache and one micro-batch's prefill; the
+    part beyond the training activations is the stage's "generation" (bench/memory.py --generate: within
+    3% of the measured CPU peak, docs/benchmarks.md). The critic and the frozen models generate nothing."""
+    from models.pipeline import pipe_layer_names
+
+    raw = {"stage": "ppo", "actor_path": "a", "critic_path": "c", "save_path": "s", "data_path": "d.json", "train_steps": 1,
+           "train_batch_size": 8, "train_micro_batch_size_per_gpu": 1, "max_seq_len": 96,
+           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 2]}, "parts": [4, 3]},
+           "ppo": {"max_new_tokens": 32, "rollout_batch_size": 16, "n_samples_per_prompt": 4}}
+    cfg = validate(raw, world_size=4)
+    config = prepare_config(AutoConfig.from_pretrained(REPO / "configs" / "tiny-llama"))
+    actor = memory_settings(cfg, config, generates=True)
+    assert (actor.generation_rows, actor.generation_prompt, actor.generation_new) == (32, 96, 32)  # 16 x 4 / D = 2
+    assert memory_settings(cfg, config).generation_rows == 0 and memory_settings(cfg, config, frozen=True).generation_rows == 0
+    names = pipe_layer_names(config, "lm")
+    counts = [1] * len(names)
+    parts = stage_memory(config, names, counts, False, 0, 4, 0, actor)
+    blocks, act = 3, 4  # stage 0: the embedding and 3 blocks, fp32
+    kv_heads, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    full_cache = blocks * 32 * (96 + 32) * 2 * kv_heads * head_dim * act
+    prefill = blocks * 32 * 96 * 2 * kv_heads * head_dim * act + 16 * 96 * (4 * config.hidden_size + 2 * config.intermediate_size) * act
+    assert parts["generation"] == pytest.approx(max(full_cache, prefill) - parts["activations"] - parts["head"])
+    without = stage_memory(config, names, counts, False, 0, 4, 0, memory_settings(cfg, config))
+    assert "generation" not in without and {k: v for k, v in parts.items() if k != "generation"} == without

@@ -7,8 +7,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from models.pipeline import (
-    SequentialPipe, build_layer_specs, build_layers, hf_key_to_pipe, layer_key_rules, normalise_hf_keys,
-    pipe_layer_names, prepare_config,
+    SequentialPipe,
+    build_layer_specs,
+    build_layers,
+    hf_key_to_pipe,
+    layer_key_rules,
+    normalise_hf_keys,
+    pipe_layer_names,
+    prepare_config,
 )
 from models.registry import UnsupportedModelError, get_architecture
 
@@ -98,7 +104,7 @@ def test_packed_rows_equal_separate_rows(tiny_hf, model_type):
 
 
 def test_unknown_model_type_lists_supported():
-    with pytest.raises(UnsupportedModelError, match=r"'gpt2' is not supported; supported: bloom, llama"):
+    with pytest.raises(UnsupportedModelError, match=r"'gpt2' is not supported; supported: bloom, gemma3_text, llama, mistral, qwen2, qwen3"):
         get_architecture("gpt2")
 
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from convert.errors import ConversionError
 from convert.hg_to_pp import hg_to_pp
 from convert.pp_to_hg import pp_to_hg
-from trainer.config import validate
-from trainer.preflight import judge
+from trainer.engine.preflight import judge
+from trainer.recipes import validate_config as validate
 
 
 def free_port() -> int:

@@ -3,9 +3,9 @@ ranks costs ~10 s each time (and ~90 s once, to build DeepSpeed's shm op)."""
 import json
 
 import pytest
+from conftest import REPO, launch_ranks
 
 from convert.hg_to_pp import hg_to_pp
-from conftest import REPO, launch_ranks
 
 pytestmark = pytest.mark.multirank
 

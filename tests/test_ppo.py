@@ -1,4 +1,4 @@
-"""PPO stage (trainer/recipes/ppo.py, trainer/ppo_losses.py, trainer/rollout.py, trainer/ppo_config.py).
+"""PPO stage (trainer/recipes/ppo.py, trainer/rl/ppo_losses.py, trainer/rl/rollout.py, trainer/rl/ppo_options.py).
 
 Pure functions (the math itself: tests/test_ppo_math.py): the loss_fns against sums written out here
 token by token, their normalisation over micro-batches, the fixed-width rollout layout, the prompt
@@ -18,13 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
 from conftest import launch_ranks as launch
-from trainer.config import ConfigError, load_config, validate
-from trainer.ppo_config import PPOOptions
-from trainer.ppo_losses import ACTOR_STATS, ActorLoss, CriticLoss
-from trainer.rollout import PromptSampler, fixed_width_rollout
+
+from trainer.config import ConfigError
+from trainer.recipes import load_config
+from trainer.recipes import validate_config as validate
+from trainer.rl.ppo_losses import ACTOR_STATS, ActorLoss, CriticLoss
+from trainer.rl.ppo_options import PPOOptions
+from trainer.rl.rollout import PromptSampler, fixed_width_rollout
 
 PREFS = str(REPO / "data" / "samples" / "preferences.jsonl")
 SEQ, NEW = 48, 16
@@ -59,7 +61,7 @@ def test_actor_loss_is_the_clipped_surrogate_mean_over_the_minibatch_answer_toke
     loss_fn = ActorLoss(opts)
     losses = [loss_fn(logits, (tokens, answer, old, adv, ref, token_scale)).item() for logits, tokens, answer, old, adv, ref in micro]
 
-    total = surrogate = clipped = approx_kl = entropy = 0.0
+    total = surrogate = clipped = approx_kl = entropy = kl_term = 0.0
     for logits, tokens, answer, old, adv, ref in micro:
         for b in range(tokens.shape[0]):
             for t in range(tokens.shape[1]):
@@ -70,13 +72,14 @@ def test_actor_loss_is_the_clipped_surrogate_mean_over_the_minibatch_answer_toke
                 a = float(adv[b, t])
                 term = max(-a * ratio, -a * min(max(ratio, 0.8), 1.2))
                 surrogate += term
-                clipped += abs(ratio - 1) > 0.2
+                clipped += (ratio < 0.8 and a < 0) or (ratio > 1.2 and a > 0)  # the clip is active: no gradient
                 approx_kl += ratio - 1 - math.log(ratio)
                 p = torch.softmax(logits[b, t].double(), 0)
                 h = float(-(p * p.log()).sum())
                 entropy += h
                 d = logp - float(ref[b, t])
                 kl = math.exp(-d) - 1 + d
+                kl_term += 0 if opts.kl_in_reward else kl
                 total += term - opts.entropy_coef * h + (0 if opts.kl_in_reward else opts.kl_coef * kl)
     assert sum(losses) / 2 == pytest.approx(total / n, rel=1e-5, abs=1e-6)
     stats = dict(zip(ACTOR_STATS, loss_fn.take_stats().tolist()))
@@ -85,6 +88,7 @@ def test_actor_loss_is_the_clipped_surrogate_mean_over_the_minibatch_answer_toke
     assert stats["clip_frac"] / n == pytest.approx(clipped / n, abs=1e-6)
     assert stats["approx_kl"] / n == pytest.approx(approx_kl / n, rel=1e-5)
     assert stats["entropy"] / n == pytest.approx(entropy / n, rel=1e-5)
+    assert stats["kl_loss"] / n == pytest.approx(kl_term / n, rel=1e-5, abs=1e-9)
     assert loss_fn.take_stats().abs().sum() == 0
 
 
@@ -126,7 +130,7 @@ def test_critic_loss_is_the_clipped_value_loss_mean_over_answer_tokens():
 # ------------------------------------------------------------------------------------ rollout layout
 
 def test_fixed_width_rollout_aligns_tokens_answers_and_generation_log_probs():
-    from trainer.generation import Generation
+    from trainer.generation.decoding import Generation
 
     pad = 0
     # prompt_len 2: row 0 prompt [5, 6], answer [7, 8] (hit the length limit); row 1 prompt [9], answer [2] (EOS)
@@ -173,7 +177,7 @@ def problems_of(raw) -> list[str]:
 
 def test_ppo_config_defaults_and_validation():
     cfg = validate(ppo_raw(ppo={"lambda": 0.9}))
-    opts = PPOOptions.from_config(cfg.ppo)
+    opts = cfg.options
     assert cfg.model_path == "sft" and opts.lam == 0.9 and opts.kl_coef == 0.1 and opts.reward_clip == 5.0
     assert (opts.clip_range, opts.value_clip, opts.gamma, opts.kl_estimator, opts.kl_in_reward) == (0.2, 0.2, 1.0, "k1", True)
     assert opts.rollout_rows(4) == 4
@@ -184,11 +188,31 @@ def test_ppo_config_defaults_and_validation():
     assert any("ppo.critic.parts has 1 entries" in p for p in problems_of(ppo_raw(ppo={"critic": {"parts": [7]}})))
     assert any("PPO keys, but stage is 'sft'" in p for p in problems_of({**ppo_raw(), "stage": "sft", "model_path": "m"}))
     assert any("DPO keys, but stage is 'ppo'" in p for p in problems_of(ppo_raw(beta=0.2)))
+    k1_loss = problems_of(ppo_raw(ppo={"kl_in_reward": False}))  # k1, the default estimator, as a loss term
+    assert any('"k1" has a zero gradient' in p and '"k2"' in p and '"k3"' in p for p in k1_loss), k1_loss
+    assert problems_of(ppo_raw(ppo={"kl_in_reward": False, "kl_estimator": "k2"})) == []
+
+
+def test_a_prompts_samples_stay_on_one_replica():
+    """Prompts are shared among the data-parallel replicas before their samples are repeated: with D = 2
+    and k = 4 samples per prompt, each prompt's 4 rows land on one replica, prompts alternating."""
+    from trainer.generation.decoding import replica_rows
+
+    k, prompts = 4, ["p0", "p1", "p2", "p3", "p4", "p5"]
+    rows = [p for p in prompts for _ in range(k)]  # step_prompts' global list: each prompt k times in a row
+    shares = [[rows[i] for i in replica_rows(len(rows), r, 2, group=k)] for r in range(2)]
+    assert shares == [["p0"] * 4 + ["p2"] * 4 + ["p4"] * 4, ["p1"] * 4 + ["p3"] * 4 + ["p5"] * 4]
+    assert replica_rows(10, 1, 2) == [1, 3, 5, 7, 9]  # group 1: rows[r::D], as before
+    # the recipe's config check: a step's prompts must split evenly over the replicas
+    raw = ppo_raw(train_batch_size=8, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2,
+                  ppo={"rollout_batch_size": 3, "n_samples_per_prompt": 8})
+    raw["model_topo"] = {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}, "parts": "auto"}
+    assert any("cannot be shared evenly by the 2 data-parallel replicas" in p for p in problems_of(raw))
 
 
 def test_shipped_ppo_configs_validate():
     real = load_config(str(REPO / "configs" / "ds_config_ppo.json"), world_size=8)
-    opts = PPOOptions.from_config(real.ppo)
+    opts = real.options
     assert real.precision == "bf16" and opts.rollout_rows(real.global_batch) % real.global_batch == 0
     tiny = load_config(str(REPO / "configs" / "ppo_tiny.json"), world_size=2)
     assert tiny.stage == "ppo" and tiny.precision == "fp32"
@@ -207,8 +231,8 @@ def random_pp(tmp_path_factory):
 def test_auto_parts_fit_the_four_models_together_on_each_stage(random_pp):
     """Actor, critic, reference and reward share every rank: "auto" parts must fit their sum, not
     each model alone."""
-    from trainer.auto_parts import AutoPartsError
-    from trainer.recipes.ppo import model_configs, plan_models
+    from trainer.engine.auto_parts import AutoPartsError
+    from trainer.rl.ppo_models import model_configs, plan_models
 
     def plans_for(budget, **over):
         raw = {"stage": "ppo", "actor_path": str(random_pp), "critic_path": str(random_pp), "save_path": "s",
@@ -217,7 +241,7 @@ def test_auto_parts_fit_the_four_models_together_on_each_stage(random_pp):
                "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": "auto"},
                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "ppo": {"max_new_tokens": 16}, **over}
         cfg = validate(raw, world_size=2)
-        opts = PPOOptions.from_config(cfg.ppo)
+        opts = cfg.options
         plans = plan_models(cfg, opts, budget)
         configs = model_configs(cfg, opts)
         per_model = {key: plan.stage_totals(configs[key][0]) for key, plan in plans.items()}
@@ -273,12 +297,12 @@ def make_config(tmp: Path, name: str, models: dict, **over) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """The toy task's models as pipeline folders: {"actor", "rm", "actor_hf", "rm_hf", "marker"}."""
+    from ppo_fixtures import choose_marker, marker_reward_hf, peaked_actor_hf
     from transformers import AutoTokenizer
 
     from convert.hg_to_pp import hg_to_pp
     from data.dataset import build_dataset
     from models.random_init import save_random_model
-    from ppo_fixtures import choose_marker, marker_reward_hf, peaked_actor_hf
 
     tmp = tmp_path_factory.mktemp("ppo-models")
     base = save_random_model(REPO / "configs" / "tiny-llama", tmp / "base-hf", seed=0, tie_word_embeddings=False)
@@ -294,7 +318,7 @@ def models(tmp_path_factory):
 
 FULL = dict(train_steps=6, save_interval=2, train_batch_size=4, train_micro_batch_size_per_gpu=2, scheduler=WARMUP,
             ppo={"rollout_batch_size": 4, "n_samples_per_prompt": 2, "ppo_epochs": 2, "max_new_tokens": 8, "entropy_coef": 0.01,
-                 "kl_in_reward": False, "kl_estimator": "k3", "missing_eos_penalty": 0.5, "temperature": 0.9, "top_p": 0.95,
+                 "kl_in_reward": False, "kl_estimator": "k3", "missing_eos_penalty": 0.5, "temperature": 0.9, "logprobs_at_temperature": True, "top_p": 0.95,
                  "ptx_coef": 0.5, "ptx_data_path": str(REPO / "data" / "samples" / "mixed.json"), "ema_decay": 0.9,
                  "frozen_bf16": True,
                  "critic": {**CRITIC, "scheduler": {**WARMUP, "params": {**WARMUP["params"], "warmup_max_lr": 1e-3}}}})
@@ -468,11 +492,11 @@ def test_killed_during_save_resumes_exactly(runs, models):
 
 def test_disable_dropout_turns_off_every_dropout_of_the_pipe_layers():
     """A BLOOM config with dropout: after disable_dropout, two training-mode forwards agree."""
+    from conftest import CONFIGS
     from transformers import AutoConfig
 
-    from conftest import CONFIGS
     from models.pipeline import SequentialPipe, build_layers, prepare_config
-    from trainer.engine import disable_dropout
+    from trainer.engine.build import disable_dropout
 
     config = AutoConfig.from_pretrained(CONFIGS["bloom"])
     config.hidden_dropout, config.attention_dropout = 0.3, 0.3
@@ -483,3 +507,38 @@ def test_disable_dropout_turns_off_every_dropout_of_the_pipe_layers():
         assert not torch.equal(pipe((ids, mask)), pipe((ids, mask)))  # dropout is on
         assert disable_dropout(pipe) > 0
         torch.testing.assert_close(pipe((ids, mask)), pipe((ids, mask)), rtol=0, atol=0)
+
+
+def test_logprobs_at_temperature_make_the_sampled_kl_unbiased():
+    """Tokens sampled at T = 1.3: with the raw (T = 1) log-probs (DeepSpeed-Chat's convention, the default)
+    the k1 estimate's expectation is not KL(pi || ref) (nor KL(pi_T || ref_T)); with
+    logprobs_at_temperature the recipe's scoring reducer gives log-probs of logits / T, whose k1 expectation is
+    exactly KL(pi_T || ref_T). The generator returns the same log-prob for the token it chose."""
+    from trainer.generation.token_sampling import SamplingConfig, choose_next
+    from trainer.rl.ppo_losses import reduce_token_logps
+    from trainer.rl.ppo_math import kl_estimate
+
+    T, V = 1.3, 6
+    policy = torch.tensor([2.0, 1.0, 0.5, -0.5, -1.0, 0.3], dtype=torch.float64)
+    ref = torch.tensor([1.8, 1.3, 0.1, -0.2, -1.4, 0.6], dtype=torch.float64)
+    sampled_from = torch.softmax(policy / T, 0)
+    tokens = torch.arange(V)[:, None]  # every token once: an exact expectation
+
+    def logps(logits, temperature):  # [V, 2, V] rows: position 0 predicts the token
+        return reduce_token_logps(logits.expand(V, 2, V).clone(), (tokens,), temperature).double()[:, 0]
+
+    def expected_k1(temperature):
+        return float((sampled_from * kl_estimate(logps(policy, temperature), logps(ref, temperature), "k1")).sum())
+
+    def kl(p, q):
+        return float((torch.softmax(p, 0) * (torch.log_softmax(p, 0) - torch.log_softmax(q, 0))).sum())
+
+    biased = expected_k1(1.0)  # the default
+    assert abs(biased - kl(policy, ref)) > 0.1 * kl(policy, ref) and abs(biased - kl(policy / T, ref / T)) > 0.1 * biased
+    assert expected_k1(T) == pytest.approx(kl(policy / T, ref / T), rel=2e-5)  # fp32 log-probs
+    opts = PPOOptions(temperature=T, logprobs_at_temperature=True)
+    assert opts.logprob_temperature == T and PPOOptions(temperature=T).logprob_temperature == 1.0
+    ids, raw, _ = choose_next(policy[None].float(), None, SamplingConfig(greedy=False, temperature=T, logprob_temperature=T),
+                              [torch.Generator().manual_seed(0)])
+    assert raw.item() == pytest.approx(float(logps(policy, T)[ids.item()]), abs=1e-6)
+    assert any("logprobs_at_temperature must be true or false" in p for p in problems_of(ppo_raw(ppo={"logprobs_at_temperature": 1})))

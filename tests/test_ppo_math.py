@@ -1,10 +1,10 @@
-"""trainer/ppo_math.py against hand-computed values."""
+"""trainer/rl/ppo_math.py against hand-computed values."""
 import math
 
 import pytest
 import torch
 
-from trainer import ppo_math as pm
+from trainer.rl import ppo_math as pm
 
 
 def test_kl_estimators():
@@ -49,16 +49,6 @@ def test_gae_by_hand():
     torch.testing.assert_close(adv, torch.tensor([[0.5, 0.8, 0.6, 0.0]]))
 
 
-def test_whiten_masked():
-    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    w = pm.whiten(values, mask)
-    std = math.sqrt(2.0 / 3.0)
-    torch.testing.assert_close(w, torch.tensor([[-1 / std, 0.0, 1 / std, 0.0]]), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(pm.whiten(values, mask, shift_mean=False)[0, :3], torch.tensor([-1 / std, 0.0, 1 / std]) + 2.0,
-                               rtol=1e-5, atol=1e-6)
-
-
 def test_policy_loss_clips_and_counts():
     logp_old = torch.zeros(1, 3)
     logp = torch.log(torch.tensor([[1.5, 0.9, 1.0]]))  # ratios 1.5, 0.9, 1.0
@@ -88,6 +78,46 @@ def test_value_loss_clipped():
     assert pm.value_loss(values, old, returns, mask, 0.2).item() == pytest.approx(0.5 * (1.69 + 1.0) / 2)
 
 
-def test_entropy_from_logits():
-    assert pm.entropy_from_logits(torch.zeros(2, 4)).tolist() == pytest.approx([math.log(4)] * 2)
-    assert pm.entropy_from_logits(torch.tensor([[100.0, 0.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-6)
+def test_clip_frac_counts_tokens_whose_clip_is_active():
+    """A ratio past 1 +- eps counts only where the clip takes the gradient away (TRL's clip_ratio): 1.5 with
+    A > 0 and 0.5 with A < 0 are clipped; 1.5 with A < 0 and 0.5 with A > 0 are not (the unclipped term wins)."""
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.5, 0.5]]))
+    adv = torch.tensor([[1.0, -1.0, -1.0, 1.0]])
+    _, stats = pm.policy_loss(logp, torch.zeros(1, 4), adv, torch.ones(1, 4), clip_range=0.2)
+    assert stats["clip_frac"].item() == pytest.approx(2 / 4)
+    logp = logp.clone().requires_grad_()
+    pm.policy_loss(logp, torch.zeros(1, 4), adv, torch.ones(1, 4), 0.2)[0].backward()
+    assert (logp.grad[0] == 0).tolist() == [True, True, False, False]  # the counted ones are those without gradient
+
+
+def test_missing_eos_penalty_is_subtracted_after_the_clip():
+    """A truncated answer scoring 8 (clip 5, penalty 2) gets 3, not the 5 of an answer that ended."""
+    kl, mask = torch.zeros(2, 2), torch.ones(2, 2)
+    r = pm.token_rewards(kl, torch.tensor([8.0, 8.0]), mask, 0.1, 5.0, ended=torch.tensor([True, False]), missing_eos_penalty=2.0)
+    assert r[:, 1].tolist() == [5.0, 3.0]
+
+
+def test_kl_estimators_as_loss_terms_exact_expectation():
+    """Over a 6-token categorical, the expected gradient (tokens drawn from the policy, the gradient taken
+    through log pi) of each estimator as a loss term: k1 -> 0, k2 -> grad KL(pi || ref), k3 -> grad KL(ref || pi).
+    Why config refuses k1 as a loss term (trainer/rl/ppo_options.py)."""
+    torch.manual_seed(0)
+    theta = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(6, dtype=torch.float64), 0)
+
+    def expected_grad(estimator: str) -> torch.Tensor:
+        logp = torch.log_softmax(theta, 0)
+        weights = logp.exp().detach()  # the sampling distribution: no gradient through it
+        (g,) = torch.autograd.grad((weights * pm.kl_estimate(logp, ref, estimator)).sum(), theta)
+        return g
+
+    def true_grad(direction: str) -> torch.Tensor:
+        logp = torch.log_softmax(theta, 0)
+        kl = (logp.exp() * (logp - ref)).sum() if direction == "pi||ref" else (ref.exp() * (ref - logp)).sum()
+        (g,) = torch.autograd.grad(kl, theta)
+        return g
+
+    torch.testing.assert_close(expected_grad("k1"), torch.zeros(6, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(expected_grad("k2"), true_grad("pi||ref"), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(expected_grad("k3"), true_grad("ref||pi"), rtol=1e-10, atol=1e-12)
+    assert pm.KL_LOSS_ESTIMATORS == ("k2", "k3")

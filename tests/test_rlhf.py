@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import rlhf
 from conftest import REPO
 from conftest import launch_ranks as launch
+
+from trainer import chain
 from trainer.config import ConfigError
 
 QUICKSTART = REPO / "configs" / "rlhf_quickstart.json"
@@ -37,7 +37,7 @@ def quickstart_raw(**changes) -> dict:
 
 def problems_of(raw: dict, world_size=2) -> list[str]:
     try:
-        rlhf.validate_steps(rlhf.plan_steps(raw), "rlhf.json", world_size)
+        chain.validate_steps(chain.plan_steps(raw), "rlhf.json", world_size)
     except ConfigError as e:
         return e.problems
     return []
@@ -51,7 +51,7 @@ def test_merge_sections_over_shared_keys():
               "model_topo": TOPO, "eval_fraction": 0.1}
     section = {"optimizer": {"params": {"lr": 3e-5}}, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5}},
                "model_topo": {"parts": [4, 3]}, "eval_fraction": None, "seed": 2}
-    merged = rlhf.merge(shared, section)
+    merged = chain.merge(shared, section)
     assert merged["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-5, "betas": [0.9, 0.95]}}  # key by key
     assert merged["scheduler"] == {"type": "WarmupLR", "params": {"warmup_num_steps": 5}}  # another type: replaced whole
     assert merged["model_topo"] == {"process_topology": TOPO["process_topology"], "parts": [4, 3]}
@@ -60,7 +60,7 @@ def test_merge_sections_over_shared_keys():
 
 
 def test_hand_off_paths_stages_and_monitors():
-    steps = rlhf.plan_steps(quickstart_raw(save_path="out", csv_monitor={"enabled": True, "output_path": "logs"}))
+    steps = chain.plan_steps(quickstart_raw(save_path="out", csv_monitor={"enabled": True, "output_path": "logs"}))
     by = {s.name: s.raw for s in steps}
     assert [s.name for s in steps] == ["sft", "rm", "ppo"]
     assert {n: (r["stage"], r["save_path"], r["resume"]) for n, r in by.items()} == {
@@ -72,21 +72,21 @@ def test_hand_off_paths_stages_and_monitors():
     assert [r["csv_monitor"]["job_name"] for r in by.values()] == ["sft", "rm", "ppo"]
     assert [s.config_file for s in steps] == [Path("out/configs/sft.json"), Path("out/configs/rm.json"), Path("out/configs/ppo.json")]
     assert by["rm"]["optimizer"]["params"]["lr"] == 1e-3 and by["sft"]["optimizer"]["params"]["lr"] == 3e-3
-    base = {s.name: s.raw for s in rlhf.plan_steps(quickstart_raw(save_path="out", rm_init="base"))}
+    base = {s.name: s.raw for s in chain.plan_steps(quickstart_raw(save_path="out", rm_init="base"))}
     assert base["rm"]["model_path"] == "runs/rlhf-quickstart/base-pp"
-    named = {s.name: s.raw for s in rlhf.plan_steps(quickstart_raw(csv_monitor={"enabled": True, "job_name": "qs"}))}
+    named = {s.name: s.raw for s in chain.plan_steps(quickstart_raw(csv_monitor={"enabled": True, "job_name": "qs"}))}
     assert named["ppo"]["csv_monitor"]["job_name"] == "qs-ppo"
 
-    dpo = rlhf.plan_steps({**quickstart_raw(save_path="out"), "pipeline": ["sft", "dpo"], "dpo": {"data_path": PREFS}})
+    dpo = chain.plan_steps({**quickstart_raw(save_path="out"), "pipeline": ["sft", "dpo"], "dpo": {"data_path": PREFS}})
     assert [(s.name, s.raw["stage"], s.raw["model_path"]) for s in dpo] == [
         ("sft", "sft", "runs/rlhf-quickstart/base-pp"), ("dpo", "dpo", "out/sft")]
 
 
 def test_validated_steps_and_their_exports():
-    steps = rlhf.load_steps(str(QUICKSTART), world_size=2)
+    steps = chain.load_steps(str(QUICKSTART), world_size=2)
     assert [s.cfg.stage for s in steps] == ["sft", "rm", "ppo"]
     ppo = steps[2]
-    assert ppo.cfg.actor_path == "runs/rlhf-quickstart/sft" and ppo.cfg.ppo["rollout_batch_size"] == 32
+    assert ppo.cfg.options.actor_path == "runs/rlhf-quickstart/sft" and ppo.cfg.options.rollout_batch_size == 32
     assert ppo.cfg.config_path == "runs/rlhf-quickstart/configs/ppo.json"
     assert [(str(a), str(b)) for a, b in ppo.exports] == [("runs/rlhf-quickstart/ppo", "runs/rlhf-quickstart/ppo/hf"),
                                                           ("runs/rlhf-quickstart/ppo/critic", "runs/rlhf-quickstart/ppo/critic_hf")]
@@ -94,10 +94,10 @@ def test_validated_steps_and_their_exports():
 
 
 def test_shipped_rlhf_configs_validate():
-    real = rlhf.load_steps(str(REPO / "configs" / "rlhf.json"), world_size=8)
+    real = chain.load_steps(str(REPO / "configs" / "rlhf.json"), world_size=8)
     assert [s.name for s in real] == ["sft", "rm", "ppo"] and all(s.cfg.precision == "bf16" for s in real)
     assert [s.cfg.split_index for s in real] == [0, 1, 2] and len({s.cfg.data_split for s in real}) == 1
-    assert [s.name for s in rlhf.load_steps(str(QUICKSTART), world_size=2)] == ["sft", "rm", "ppo"]
+    assert [s.name for s in chain.load_steps(str(QUICKSTART), world_size=2)] == ["sft", "rm", "ppo"]
 
 
 def test_data_split_gives_each_step_its_own_disjoint_share():
@@ -126,7 +126,7 @@ def test_data_split_gives_each_step_its_own_disjoint_share():
     raw = {k: v for k, v in quickstart_raw().items() if k not in ("sft", "rm", "ppo")}
     for pipeline, split, kinds in ((["sft", "rm", "ppo"], "2,4,4", ("lm", "pairwise", "prompt")),
                                    (["sft", "dpo"], "4,6", ("lm", "pairwise"))):
-        steps = rlhf.load_steps_from(dict(raw, pipeline=pipeline, data_path=PREFS, data_split=split, n_epochs=1), world_size=2)
+        steps = chain.load_steps_from(dict(raw, pipeline=pipeline, data_path=PREFS, data_split=split, n_epochs=1), world_size=2)
         assert [s.cfg.split_index for s in steps] == list(range(len(pipeline)))
         shares = [prompts(kind, data_split=s.cfg.data_split, split_index=s.cfg.split_index, seed=s.cfg.seed)
                   for s, kind in zip(steps, kinds)]
@@ -167,14 +167,14 @@ def test_chain_key_problems(change, expected):
     if change.get("save_path", 1) is None:
         raw.pop("save_path")
     with pytest.raises(ConfigError) as e:
-        rlhf.plan_steps(raw, "rlhf.json")
+        chain.plan_steps(raw, "rlhf.json")
     assert any(p.startswith(expected) for p in e.value.problems), e.value.problems
 
 
 def test_missing_inputs_are_found_before_step_one(tmp_path):
     raw = quickstart_raw(save_path=str(tmp_path), model_path=str(tmp_path / "nope"))
     raw["ppo"] = {**raw["ppo"], "data_path": str(tmp_path / "prompts.jsonl"), "reward_path": str(tmp_path / "other-rm")}
-    found = rlhf.missing_inputs(rlhf.load_steps_from(raw, world_size=2))
+    found = chain.missing_inputs(chain.load_steps_from(raw, world_size=2))
     assert f"section 'sft': model_path {tmp_path / 'nope'} does not exist" in found
     assert any(p.startswith(f"section 'ppo': data_path: {tmp_path / 'prompts.jsonl'}") for p in found)
     assert f"section 'ppo': reward_path {tmp_path / 'other-rm'} does not exist" in found
@@ -195,10 +195,12 @@ def test_a_bad_config_exits_2_without_a_traceback(tmp_path):
 
 def test_reward_trend_means_the_first_and_last_quarter():
     curve = [[s, float(s), 10.0 * s, 0.5] for s in range(1, 21)]  # [step, reward, score, kl]
-    trend = rlhf.reward_trend(curve)
+    from trainer.recipes.ppo import reward_trend
+
+    trend = reward_trend(curve)
     assert trend["window"] == 5 and trend["reward_start"] == 3.0 and trend["reward_end"] == 18.0
     assert trend["score_end"] == 180.0 and trend["kl_end"] == 0.5
-    assert rlhf.reward_trend(curve[:3])["window"] == 1
+    assert reward_trend(curve[:3])["window"] == 1
 
 
 # ------------------------------------------------------------------------------------ real runs
@@ -246,7 +248,7 @@ def chains(tmp_path_factory):
                    "--kill-last-at-step", str(KILL_AT), check=False)
     killed = tmp / "killed"
     after_kill = {"returncode": first.returncode, "rm_latest": (killed / "rm" / "latest").read_text(),
-                  "done": sorted(json.loads((killed / rlhf.STATE_FILE).read_text())["done"]), "sft_files": mtimes(killed / "sft"),
+                  "done": sorted(json.loads((killed / chain.STATE_FILE).read_text())["done"]), "sft_files": mtimes(killed / "sft"),
                   "log": first.stdout + first.stderr}
     rerun = launch("rlhf.py", "--config", str(configs["killed"]))
     return {"tmp": tmp, "after_kill": after_kill, "rerun": rerun.stdout + rerun.stderr}
@@ -270,11 +272,11 @@ def test_killed_during_rm_rerun_skips_sft_resumes_rm_and_ends_as_an_uninterrupte
     assert "rlhf: step sft is done" in rerun and "rlhf: step 1/3 sft" not in rerun
     assert mtimes(killed / "sft") == after_kill["sft_files"]  # not rerun, not re-exported
     assert f"resumed from {killed}/rm/global_step2 at step 2" in rerun
-    assert sorted(json.loads((killed / rlhf.STATE_FILE).read_text())["done"]) == ["ppo", "rm", "sft"]
+    assert sorted(json.loads((killed / chain.STATE_FILE).read_text())["done"]) == ["ppo", "rm", "sft"]
     assert_same_weights(whole / "rm" / f"global_step{RM_STEPS}", killed / "rm" / f"global_step{RM_STEPS}")
     assert_same_weights(whole / "ppo" / f"global_step{PPO_STEPS}", killed / "ppo" / f"global_step{PPO_STEPS}")
     assert_same_weights(whole / "ppo" / "critic" / f"global_step{PPO_STEPS}", killed / "ppo" / "critic" / f"global_step{PPO_STEPS}")
-    ours, theirs = (json.loads((root / rlhf.SUMMARY_FILE).read_text())["steps"] for root in (killed, whole))
+    ours, theirs = (json.loads((root / chain.SUMMARY_FILE).read_text())["steps"] for root in (killed, whole))
     assert ours["ppo"]["reward_end"] == pytest.approx(theirs["ppo"]["reward_end"], abs=1e-6)
     assert ours["rm"]["eval_accuracy"] == theirs["rm"]["eval_accuracy"]
 
@@ -289,7 +291,7 @@ def test_exports_load_and_the_summary_has_every_step(chains):
                        ("ppo/hf", AutoModelForCausalLM), ("ppo/critic_hf", AutoModelForSequenceClassification)):
         model = auto.from_pretrained(root / path, dtype=torch.float32)
         assert model.config.architectures == [f"Llama{auto.__name__[len('AutoModel'):]}"], path
-    summary = json.loads((root / rlhf.SUMMARY_FILE).read_text())
+    summary = json.loads((root / chain.SUMMARY_FILE).read_text())
     assert summary["pipeline"] == ["sft", "rm", "ppo"]
     sft, rm, ppo = (summary["steps"][n] for n in ("sft", "rm", "ppo"))
     assert sft["steps"] == SFT_STEPS and 0 < sft["eval_loss"] < 7
@@ -311,7 +313,7 @@ def test_sft_then_dpo_on_data_split_shares(chains):
     configs = [json.loads((root / "configs" / f"{s}.json").read_text()) for s in ("sft", "dpo")]
     assert [(c["stage"], c["data_split"], c["split_index"]) for c in configs] == [("sft", "4,6", 0), ("dpo", "4,6", 1)]
     assert configs[1]["model_path"] == str(root / "sft")
-    summary = json.loads((root / rlhf.SUMMARY_FILE).read_text())
+    summary = json.loads((root / chain.SUMMARY_FILE).read_text())
     assert summary["pipeline"] == ["sft", "dpo"] and summary["steps"]["dpo"]["steps"] == 4
     assert 0 <= summary["steps"]["dpo"]["eval_rewards/accuracies"] <= 1
     AutoModelForCausalLM.from_pretrained(root / "dpo" / "hf")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO, launch_ranks
+
 from convert.hg_to_pp import hg_to_pp
 from convert.pp_to_hg import pp_to_hg
 from models.heads import last_token_index, sequence_scores
@@ -34,7 +34,8 @@ def test_pairwise_loss_is_mean_negative_logsigmoid_of_score_margin():
 def test_margins_travel_from_records_to_batches(tmp_path):
     from transformers import AutoTokenizer
 
-    from data.dataset import build_dataset, collate_pairs
+    from data.batching import collate_pairs
+    from data.dataset import build_dataset
     from data.errors import DataError
 
     records = [{"type": "pairwise", "prompt": "Pick one.", "chosen": "Yes.", "rejected": "No.", "margin": m}

@@ -1,9 +1,8 @@
 """The shipped tiny tokenizers really tokenize: transformers 5 can silently build a tokenizer that
 maps every text to [] (LlamaTokenizer(vocab_file=...) ignores the file)."""
 import pytest
-from transformers import AutoTokenizer
-
 from conftest import CONFIGS
+from transformers import AutoTokenizer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from trainer.batches import GlobalBatches, eval_batches, n_target_tokens, with_normaliser
-from trainer.losses import causal_lm_loss, global_token_mean_loss
+from trainer.losses import global_token_mean_loss, shifted_token_losses
+
+
+def causal_lm_loss(logits, labels):
+    """Reference: HF's per-micro-batch loss, the mean cross-entropy over its target tokens."""
+    total, count = shifted_token_losses(logits, labels[0] if isinstance(labels, (tuple, list)) else labels)
+    return total / count
 
 T = 8  # tokens per row
 
@@ -265,7 +271,7 @@ def test_causal_lm_loss_accepts_label_tuple():
 
 
 def test_cuda_arch_list_suffixes_are_dropped_for_deepspeed():
-    from trainer.distributed import deepspeed_safe_cuda_arch_list
+    from trainer.engine.distributed import deepspeed_safe_cuda_arch_list
 
     env = {"TORCH_CUDA_ARCH_LIST": "8.0;9.0a+PTX 10.0f"}
     assert deepspeed_safe_cuda_arch_list(env) == "8.0 9.0+PTX 10.0"

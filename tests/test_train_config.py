@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.auto_parts import auto_parts, layer_costs
-from trainer.config import ConfigError, load_config, validate
-from trainer.partition import PartitionError, boundaries_from_parts
+from trainer.config import ConfigError
+from trainer.engine.auto_parts import auto_parts, layer_costs
+from trainer.engine.partition import PartitionError, boundaries_from_parts
+from trainer.recipes import load_config
+from trainer.recipes import validate_config as validate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -284,7 +286,7 @@ def _tiny_counts(name="tiny-llama"):
     from transformers import AutoConfig
 
     from models.pipeline import prepare_config
-    from trainer.model_plan import layer_param_counts
+    from trainer.engine.plan import layer_param_counts
 
     return layer_param_counts(prepare_config(AutoConfig.from_pretrained(str(REPO / "configs" / name))))
 
@@ -373,7 +375,7 @@ def test_auto_parts_are_python_ints_accepted_by_resolve_parts():
     from transformers import AutoConfig
 
     from models.pipeline import prepare_config
-    from trainer.model_plan import resolve_parts
+    from trainer.engine.plan import resolve_parts
 
     counts = _tiny_counts("tiny-llama")
     assert all(type(p) is int for p in auto_parts(counts, 64, 128, 2))
@@ -395,7 +397,7 @@ def _pipe(name):
 @pytest.mark.parametrize("name, n_decay, n_no_decay", [("tiny-llama", 30, 9), ("tiny-bloom", 17, 36)])
 def test_param_groups_no_decay_for_biases_and_norms(name, n_decay, n_no_decay):
     from trainer.config import DEFAULT_NO_DECAY
-    from trainer.optim import param_groups
+    from trainer.engine.optim import param_groups
 
     module = _pipe(name)
     names = {id(p): n for n, p in module.named_parameters()}
@@ -424,7 +426,7 @@ def test_param_groups_no_decay_for_biases_and_norms(name, n_decay, n_no_decay):
 
 
 def test_param_groups_skips_frozen_and_omits_empty_group():
-    from trainer.optim import param_groups
+    from trainer.engine.optim import param_groups
 
     lin = torch.nn.Linear(3, 2)
     lin.bias.requires_grad_(False)
@@ -438,15 +440,15 @@ def test_lion_pytorch_use_triton_on_cpu_does_not_exit(caplog, monkeypatch):
     machine with triton too (the optimizer below steps CPU tensors)."""
     from lion_pytorch import Lion
 
-    import trainer.optim
-    from trainer.optim import build_lion_pytorch, is_lion_pytorch, param_groups
+    import trainer.engine.optim
+    from trainer.engine.optim import build_lion_pytorch, is_lion_pytorch, param_groups
 
-    monkeypatch.setattr(trainer.optim, "triton_usable", lambda: False)
+    monkeypatch.setattr(trainer.engine.optim, "triton_usable", lambda: False)
 
     assert is_lion_pytorch({"optimizer": {"type": "LionPytorch"}}) and not is_lion_pytorch({"optimizer": {"type": "Lion"}})
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 3)
-    with caplog.at_level(logging.WARNING, logger="trainer.optim"):
+    with caplog.at_level(logging.WARNING, logger="trainer.engine.optim"):
         opt = build_lion_pytorch(param_groups(lin, ("bias",)), {"lr": 1e-4, "use_triton": True})
     assert type(opt) is Lion
     assert "use_triton needs CUDA and triton" in caplog.text

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO
 from conftest import launch_ranks as launch
+
 from convert.hg_to_pp import hg_to_pp
 from convert.pp_to_hg import pp_to_hg
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO
+from test_train_multirank import ADAMW, DATA, SEQ, SGD, exported_weights, launch, make_config
+
 from convert.hg_to_pp import hg_to_pp
 from convert.pp_to_hg import pp_to_hg
-from test_train_multirank import ADAMW, DATA, SEQ, SGD, exported_weights, launch, make_config
 
 
 def multirank(test):
@@ -63,7 +63,7 @@ def hf_model(hf_dir):
 
 
 def lm_data(pp_dir, seq=SEQ, seed=7, **kw):
-    """The dataset a run of `make_config(...)` trains on (trainer.data_loading.build_data's arguments)."""
+    """The dataset a run of `make_config(...)` trains on (trainer.batches.build_data's arguments)."""
     from transformers import AutoTokenizer
 
     from data.dataset import build_dataset

@@ -1,5 +1,9 @@
-"""Global batches for the pipeline engine, with the loss normaliser that makes a step's loss the
-mean over the global batch's target tokens.
+"""A recipe's training data across ranks and its global batches for the pipeline engine, with the loss
+normaliser that makes a step's loss the mean over the global batch's target tokens.
+
+Loading: rank 0 validates and tokenizes first (filling the cache), then the other data ranks (first
+and last pipeline stages) read the cache; a data error stops every rank, reported once by rank 0. The
+middle stages hold no data.
 
 The loss of a step must be the mean over all target tokens of the *global* batch (all micro-batches
 of all data-parallel ranks), as HF Trainer's `num_items_in_batch` does, not a mean of per-micro-batch
@@ -13,11 +17,16 @@ Rank r of D takes `order[r::D]` of the epoch's global order (`data.sampler.Resum
 step takes micro_batch * grad_accum of those, so the D ranks' steps together cover one contiguous
 slice of the global order.
 """
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import torch
 
+from data.batching import collate as collate_rows
+from data.errors import DataError
 from data.sampler import ResumableSampler
+from trainer.engine.distributed import broadcast_object
+from trainer.engine.topology import Topology
 
 
 def n_target_tokens(labels: torch.Tensor) -> int:
@@ -30,7 +39,7 @@ class GlobalBatches:
 
     def __init__(self, dataset, micro_batch: int, grad_accum: int, dp_rank: int, dp_size: int, seed: int, collate=None):
         self.dataset, self.micro_batch, self.grad_accum = dataset, micro_batch, grad_accum
-        self.collate = collate or globals()["collate"]
+        self.collate = collate or collate_rows
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.rows_per_step = micro_batch * grad_accum  # per data-parallel rank
         self.sampler = ResumableSampler(len(dataset), dp_rank, dp_size, seed=seed, shuffle=True, drop_last=True)
@@ -74,18 +83,19 @@ class GlobalBatches:
         return self.sampler.epoch
 
 
-def collate(items: list) -> tuple:
-    """[(inputs tuple of [T], labels [T])] -> (inputs tuple of [B,T], labels [B,T])."""
-    inputs = tuple(torch.stack([it[0][k] for it in items]) for k in range(len(items[0][0])))
-    return inputs, torch.stack([it[1] for it in items])
+def token_scale(n_global: float, accum_x_replicas: float) -> torch.Tensor:
+    """The loss normaliser every recipe's loss_fn multiplies its token sum by: grad_accum * D / N_global
+    (accum_x_replicas = grad_accum * D), N_global the tokens the loss averages over in the whole global
+    batch (all micro-batches, all replicas); a float64 scalar tensor (no int overflow, exact). See the
+    module docstring."""
+    return torch.tensor(accum_x_replicas / max(n_global, 1), dtype=torch.float64)
 
 
-def with_normaliser(micro_batches: list, n_global: int, scale: float) -> Iterator:
-    """Micro-batches as the engine pulls them: (inputs, (labels, loss_scale)) where
-    loss_scale = grad_accum * D / N_global (a float64 scalar tensor: no int overflow, exact)."""
-    factor = torch.tensor(scale / max(n_global, 1), dtype=torch.float64)
+def with_normaliser(micro_batches: list, n_global: int, accum_x_replicas: float) -> Iterator:
+    """Micro-batches as the engine pulls them: (inputs, (labels, token_scale))."""
+    scale = token_scale(n_global, accum_x_replicas)
     for inputs, labels in micro_batches:
-        yield inputs, (labels, factor)
+        yield inputs, (labels, scale)
 
 
 def eval_row_indices(n_rows: int, micro_batch: int, n_micro: int, dp_rank: int, dp_size: int) -> Iterator[list[list[int]]]:
@@ -99,6 +109,19 @@ def eval_row_indices(n_rows: int, micro_batch: int, n_micro: int, dp_rank: int, 
         idx += [-1] * (global_rows - len(idx))
         mine = idx[dp_rank::dp_size]
         yield [mine[k:k + micro_batch] for k in range(0, len(mine), micro_batch)]
+
+
+def forward_eval_rows(engine, cfg, topo, n_rows: int, micro_batch_of: Optional[Callable], reduce,
+                      deferred_logits: bool = False) -> Iterator[Optional[list]]:
+    """Collective: every row of an eval set once through the pipeline (forward only), replica r
+    taking its share of each call as `eval_row_indices` says. micro_batch_of(indices) -> (inputs,
+    labels) of one micro-batch (indices -1: filler rows, to be given no weight), None on ranks without
+    data. Yields each call's results: `reduce`'s output per micro-batch on the last stage, else None."""
+    from trainer.engine.forward_only import forward_only
+
+    for micro_indices in eval_row_indices(n_rows, cfg.micro_batch, cfg.grad_accum, topo.dp_rank, topo.data):
+        micro = [micro_batch_of(indices) for indices in micro_indices] if micro_batch_of is not None else None
+        yield forward_only(engine, micro, cfg.grad_accum, reduce, deferred_logits=deferred_logits)
 
 
 def eval_batches(dataset, micro_batch: int, grad_accum: int, dp_rank: int, dp_size: int) -> Iterator[tuple[list, int]]:
@@ -117,5 +140,57 @@ def eval_batches(dataset, micro_batch: int, grad_accum: int, dp_rank: int, dp_si
                     items.append((inputs, torch.full_like(labels, -100)))
                 else:
                     items.append(dataset[i])
-            micro.append(collate(items))
+            micro.append(collate_rows(items))
         yield micro, n_global
+
+
+@dataclass
+class RecipeData:
+    data: Optional[object]             # data.dataset.Built on data ranks, else None
+    batches: Optional[GlobalBatches]   # this replica's training batches on data ranks, else None
+    steps_per_epoch: int               # on every rank
+    n_eval_rows: int                   # on every rank
+
+    @property
+    def eval(self):
+        return self.data.eval if self.data is not None else None
+
+
+def build_data(cfg, tokenizer, kind: str):
+    from data.dataset import build_dataset
+
+    return build_dataset(
+        cfg.data_path, tokenizer, cfg.max_seq_len, kind=kind, pack=cfg.pack and kind == "lm", overflow=cfg.overflow,
+        strict=not cfg.skip_bad_records, eval_paths=cfg.eval_data_path, eval_fraction=cfg.eval_fraction,
+        seed=cfg.seed, cache_dir=cfg.data_cache_dir(), pad_token=cfg.pad_token, template=cfg.template,
+        data_split=cfg.data_split, split_index=cfg.split_index,
+    )
+
+
+def build_data_rank0_first(cfg, tokenizer, kind: str, topo: Topology, build_here: bool):
+    """Collective: rank 0 builds (and caches) the data first; a data error stops every rank (rank 0
+    raises it, the others a DataError saying so); then the other ranks with `build_here` read the
+    cache. Returns data.dataset.Built on rank 0 and those ranks, None elsewhere."""
+    data, problem = None, None
+    if topo.rank == 0:
+        try:
+            data = build_data(cfg, tokenizer, kind)
+        except DataError as e:
+            problem = e
+    if broadcast_object(problem is not None):
+        raise problem if problem is not None else DataError([], header="invalid data (reported by rank 0)")
+    if topo.rank != 0 and build_here:
+        data = build_data(cfg, tokenizer, kind)
+    return data
+
+
+def load_data(cfg, tokenizer, kind: str, topo: Topology, collate: Callable) -> RecipeData:
+    """Collective. kind: build_dataset's "lm" | "pairwise" | "prompt"."""
+    data = build_data_rank0_first(cfg, tokenizer, kind, topo, build_here=topo.is_data_stage)
+    batches = None
+    if topo.is_data_stage:
+        batches = GlobalBatches(data.train, cfg.micro_batch, cfg.grad_accum, topo.dp_rank, topo.data, cfg.seed,
+                                collate=collate)
+    steps_per_epoch, n_eval_rows = broadcast_object(
+        (batches.steps_per_epoch, len(data.eval) if data.eval is not None else 0) if topo.rank == 0 else None)
+    return RecipeData(data if topo.is_data_stage else None, batches, steps_per_epoch, n_eval_rows)

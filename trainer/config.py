@@ -40,43 +40,26 @@ Project keys (all optional unless marked):
                   tokens; or {"n", "max_new_tokens", "greedy", "temperature", ...}) -> save_path/eval_samples.jsonl
   resume          "auto" (continue from save_path/latest when present), "never", or a checkpoint folder
   no_decay        parameter-name patterns without weight decay (default: biases and norm weights)
-  stage           "sft" (causal LM loss on the trained tokens), "rm" (reward model: pairwise records,
-                  value head, -logsigmoid(score_chosen - score_rejected)), "dpo" (pairwise records,
-                  LM head, preference loss against a frozen reference; trainer/recipes/dpo.py) or "ppo"
-                  (prompts; actor, critic, reference and reward model on the same ranks; trainer/recipes/ppo.py)
-  PPO keys (stage "ppo" only; trainer/ppo_config.py documents them): actor_path, critic_path, reward_path,
-    ref_path (shared with DPO), and "ppo": {...}; model_path defaults to actor_path
-  DPO keys (stage "dpo" only; formulas in trainer/dpo_math.py):
-    beta            (0.1) strength of the preference term (SimPO uses ~2)
-    loss_type       "sigmoid" (DPO; default), "ipo" (length-averaged log-probs) or "simpo" (reference-free)
-    label_smoothing (0) cDPO's assumed share of flipped labels, 0 <= x < 0.5 (sigmoid and simpo)
-    simpo_gamma     (0.5) SimPO's target margin
-    sft_coef        (0) weight of the chosen answers' LM loss (RPO), mean over the chosen answer tokens
-    ref_path        the reference checkpoint (default: model_path); its log-probs are computed once
-                    before training and cached in cache_dir
+  stage           which recipe runs (trainer/recipes/__init__.py, the registry): "sft" (causal LM loss on the
+                  trained tokens), "rm" (reward model: pairwise records, value head), "dpo" (pairwise
+                  records, LM head, preference loss against a frozen reference) or "ppo" (prompts; actor,
+                  critic, reference and reward model on the same ranks)
+  recipe keys     each recipe owns its keys, documents them and checks them in its options class:
+                  SFT's eval_samples (trainer/recipes/options.py), DPO's beta, loss_type, label_smoothing,
+                  simpo_gamma, sft_coef, ref_path (trainer/rl/dpo.py), PPO's actor_path, critic_path,
+                  reward_path, ref_path and "ppo": {...} (trainer/rl/ppo_options.py). The validated
+                  options are cfg.options.
   cache_dir       tokenized-data cache (default: save_path/.data_cache)
 """
 import dataclasses
 import difflib
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-# DeepSpeed's top-level config keys (DeepSpeed 0.19): these pass through untouched.
-DEEPSPEED_KEYS = frozenset({
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
-    "bf16", "bfloat16", "fp16", "amp", "zero_optimization", "gradient_clipping", "steps_per_print", "wall_clock_breakdown",
-    "tensorboard", "csv_monitor", "wandb", "comet", "flops_profiler", "activation_checkpointing", "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer", "communication_data_type", "prescale_gradients", "gradient_predivide_factor",
-    "sparse_gradients", "dump_state", "data_types", "pipeline", "checkpoint", "aio", "memory_breakdown", "elasticity",
-    "autotuning", "compression_training", "data_efficiency", "timers", "torch_autocast", "disable_allgather",
-    "seq_parallel_communication_data_type", "graph_harvesting", "use_data_before_expert_parallelism", "sparse_attention",
-    "eigenvalue", "progressive_layer_drop", "curriculum_learning", "nebula", "weight_quantization",
-    "load_universal_checkpoint", "use_node_local_storage", "hybrid_engine", "dataloader_drop_last",
-})
+from trainer.engine.deepspeed_config import DEEPSPEED_KEYS, batch_problems, deepspeed_warnings, precision_and_zero_problems
 
 DEFAULT_NO_DECAY = ("bias", "norm.weight", "layernorm.weight", "ln_f.weight")
 
@@ -124,21 +107,11 @@ class TrainConfig:
     save_interval: int = 0
     keep_last: int = 2
     eval_interval: int = 0
-    eval_samples: Any = 0  # int or dict: see trainer.eval_samples
     resume: str = "auto"
     no_decay: tuple = DEFAULT_NO_DECAY
     stage: str = "sft"
     cache_dir: Optional[str] = None
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
-    sft_coef: float = 0.0
-    ref_path: Optional[str] = None
-    actor_path: Optional[str] = None
-    critic_path: Optional[str] = None
-    reward_path: Optional[str] = None
-    ppo: dict = dataclasses.field(default_factory=dict)  # see trainer.ppo_config
+    options: Any = None  # the recipe's typed options (a RecipeOptions subclass), from the recipe's own keys
     config_path: str = ""
     warnings: tuple = ()  # one line each, logged by rank 0 (not a config key)
 
@@ -161,11 +134,48 @@ class TrainConfig:
             return "bf16"
         return "fp16" if self.ds_config.get("fp16", {}).get("enabled") else "fp32"
 
+    def micro_batch_shape(self) -> tuple[int, int]:
+        """(rows, tokens per row) of one training micro-batch, as the recipe builds it (its options say)."""
+        return self.options.micro_batch_shape(self)
+
     def data_cache_dir(self) -> str:
         return self.cache_dir or os.path.join(self.save_path, ".data_cache")
 
 
-PROJECT_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig)) - {"ds_config", "config_path", "warnings"}
+class RecipeOptions:
+    """What a recipe's options class declares (trainer/recipes/__init__.py lists them by stage): the
+    top-level config keys it owns, their checks, and the training micro-batch's shape. A subclass is
+    a frozen dataclass built from its keys once they passed `problems`."""
+    LABEL = ""                     # how messages name the recipe ("DPO")
+    KEYS: tuple = ()               # the top-level config keys the recipe owns
+    lm_head_loss = True            # the loss reads an LM head (chunked_loss applies; the memory model counts it)
+
+    @classmethod
+    def problems(cls, keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[str]:
+        """What is wrong with the recipe's keys (`keys`: those of KEYS the config gives), given the
+        shared project keys and the DeepSpeed keys (batch triple filled in); [] when nothing is."""
+        return []
+
+    @classmethod
+    def from_keys(cls, keys: dict) -> "RecipeOptions":
+        return cls(**keys)
+
+    @classmethod
+    def shared_defaults(cls, keys: dict) -> dict:
+        """Shared keys the recipe's own keys imply when the config leaves them out."""
+        return {}
+
+    def micro_batch_shape(self, cfg) -> tuple[int, int]:
+        """(rows, tokens per row) of one training micro-batch as the recipe builds it (memory model, auto parts)."""
+        return cfg.micro_batch, cfg.max_seq_len
+
+    def generation_shape(self, cfg):
+        """(rows in flight per replica, prompt tokens, new tokens) of the rollouts the trained model
+        generates (its KV cache counts in the memory model), or None when the recipe generates none."""
+        return None
+
+
+PROJECT_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig)) - {"ds_config", "config_path", "warnings", "options"}
 _TYPES = {
     "from_scratch": bool, "eval_fraction": (int, float), "max_seq_len": int, "pack": bool, "overflow": str,
     "skip_bad_records": bool, "n_epochs": int, "split_index": int, "data_split": (str, list), "train_steps": int, "use_grad_ckpt": bool, "use_flash_attn": bool,
@@ -173,17 +183,7 @@ _TYPES = {
     "seed": int, "save_interval": int, "keep_last": int, "eval_interval": int, "resume": str, "stage": str,
     "model_path": str, "save_path": str, "cache_dir": str, "no_decay": list, "pad_token": (str, int),
     "template": str,
-    "beta": (int, float), "loss_type": str, "label_smoothing": (int, float), "simpo_gamma": (int, float),
-    "sft_coef": (int, float), "ref_path": str, "actor_path": str, "critic_path": str, "reward_path": str, "ppo": dict,
 }
-STAGES = ("sft", "rm", "dpo", "ppo")
-DPO_KEYS = ("beta", "loss_type", "label_smoothing", "simpo_gamma", "sft_coef", "ref_path")
-PPO_KEYS = ("actor_path", "critic_path", "reward_path", "ppo")
-
-
-def load_config(path: str, world_size: Optional[int] = None, device_supports_fp16: bool = True) -> TrainConfig:
-    """Read and validate; raise ConfigError listing every problem found."""
-    return validate(read_config_json(path), path, world_size, device_supports_fp16)
 
 
 def read_config_json(path: str) -> dict:
@@ -199,43 +199,82 @@ def read_config_json(path: str) -> dict:
     return raw
 
 
-def validate(raw: dict, path: str = "<config>", world_size: Optional[int] = None, device_supports_fp16: bool = True) -> TrainConfig:
+def validate(raw: dict, path: str, world_size: Optional[int], device_supports_fp16: bool,
+             recipes: dict) -> TrainConfig:
+    """The shared keys checked here, the recipe's own keys by its options class: `recipes` maps each
+    stage to its RecipeOptions subclass (trainer.recipes.validate_config passes the registry's)."""
     problems: list[str] = []
+    stage = raw.get("stage", "sft")
+    owner = _key_owners(recipes)
+    own_class = recipes.get(stage) if isinstance(stage, str) else None
     project = {k: v for k, v in raw.items() if k in PROJECT_KEYS}
     ds = {k: v for k, v in raw.items() if k in DEEPSPEED_KEYS}
-    for key in sorted(set(raw) - PROJECT_KEYS - DEEPSPEED_KEYS):
-        close = difflib.get_close_matches(key, sorted(PROJECT_KEYS | DEEPSPEED_KEYS), n=1, cutoff=0.6)
+    known = PROJECT_KEYS | DEEPSPEED_KEYS | set(owner)
+    for key in sorted(set(raw) - known):
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
         problems.append(f"unknown key {key!r}" + (f": did you mean {close[0]!r}?" if close else " (see trainer/config.py for the project keys)"))
-    if raw.get("stage") == "ppo" and "model_path" not in raw and isinstance(raw.get("actor_path"), str):
-        project["model_path"] = raw["actor_path"]  # the actor is the run's model (its tokenizer, its parts)
+    own_keys = {k: raw[k] for k in (own_class.KEYS if own_class else ()) if k in raw}
+    for key, value in (own_class.shared_defaults(own_keys) if own_class else {}).items():
+        project.setdefault(key, value)
     for key in ("model_path", "save_path", "data_path", "model_topo"):
         if key not in raw and key not in project:
             problems.append(f"missing required key {key!r}")
-    for key, typ in _TYPES.items():
-        if key in project and project[key] is not None and (not isinstance(project[key], typ) or (typ is int and isinstance(project[key], bool))):
-            problems.append(f"{key} must be {_type_name(typ)}, got {json.dumps(project[key])}")
+    problems.extend(type_problems(project, _TYPES))
     if any(p.startswith(("missing required", *(f"{k} must be" for k in _TYPES))) for p in problems) or "model_topo" not in raw:
         raise ConfigError(path, problems)
 
     topo = _validate_topo(raw["model_topo"], world_size, problems)
-    _validate_values(project, problems)
-    _validate_batch(ds, topo, problems)
-    _validate_precision_and_zero(ds, device_supports_fp16, problems)
+    _validate_values(project, recipes, problems)
+    batch_problems(ds, topo.data if topo else None, problems)
+    precision_and_zero_problems(ds, device_supports_fp16, problems)
     _validate_compile(project, problems)
-    _validate_dpo(project, problems)
-    _validate_ppo(project, ds, topo, problems)
+    problems.extend(_misplaced_recipe_keys(raw, stage, own_class, owner, recipes))
+    if own_class is not None:
+        problems.extend(own_class.problems(own_keys, project, ds, topo.pipe if topo else None))
     if problems:
         raise ConfigError(path, problems)
-    warnings = _precision_warnings(ds) + _optimizer_warnings(ds)
+    warnings = deepspeed_warnings(ds)
     fields = {k: v for k, v in project.items() if k != "model_topo"}
     if "no_decay" in fields:
         fields["no_decay"] = tuple(fields["no_decay"])
-    return TrainConfig(model_topo=topo, ds_config=ds, config_path=str(path), warnings=tuple(warnings), **fields)
+    return TrainConfig(model_topo=topo, ds_config=ds, config_path=str(path), warnings=tuple(warnings),
+                       options=own_class.from_keys(own_keys), **fields)
+
+
+def type_problems(values: dict, types: dict, prefix: str = "") -> list[str]:
+    """`KEY must be a number, got "big"` for each key of `types` whose value has another JSON type
+    (null passes: it means the default)."""
+    out = []
+    for key, typ in types.items():
+        value = values.get(key)
+        if key in values and value is not None and (not isinstance(value, typ) or (typ is int and isinstance(value, bool))):
+            out.append(f"{prefix}{key} must be {_type_name(typ)}, got {json.dumps(value)}")
+    return out
+
+
+def _key_owners(recipes: dict) -> dict:
+    """Each recipe key -> the first recipe (registry order) owning it (ref_path: DPO and PPO)."""
+    owner = {}
+    for name, options in recipes.items():
+        for key in options.KEYS:
+            owner.setdefault(key, name)
+    return owner
+
+
+def _misplaced_recipe_keys(raw: dict, stage: str, own_class, owner: dict, recipes: dict) -> list[str]:
+    """Keys of other recipes than `stage`'s, one line per recipe naming them."""
+    own = set(own_class.KEYS) if own_class else set()
+    out = []
+    for name, options in recipes.items():
+        given = [k for k in options.KEYS if k in raw and k not in own and owner[k] == name]
+        if given and name != stage:
+            out.append(f"{', '.join(given)}: {options.LABEL} keys, but stage is {stage!r} (set \"stage\": \"{name}\" or remove them)")
+    return out
 
 
 def _type_name(typ) -> str:
     names = {bool: "true or false", int: "an integer", str: "a string", list: "a list", (int, float): "a number",
-             (str, int): "a string or an integer", (str, list): "a string or a list"}
+             (str, int): "a string or an integer", (str, list): "a string or a list", dict: "an object"}
     return names.get(typ, str(typ))
 
 
@@ -271,14 +310,14 @@ def _validate_topo(topo: Any, world_size: Optional[int], problems: list[str]) ->
     return ModelTopo(pipe, data, parts)
 
 
-def _validate_values(project: dict, problems: list[str]) -> None:
+def _validate_values(project: dict, recipes: dict, problems: list[str]) -> None:
     from data.packing import OVERFLOW_POLICIES
 
     if project.get("overflow", "truncate") not in OVERFLOW_POLICIES:
         names = ", ".join(f'"{p}"' for p in OVERFLOW_POLICIES[:-1]) + f' or "{OVERFLOW_POLICIES[-1]}"'
         problems.append(f"overflow must be {names}, got {project['overflow']!r}")
-    if project.get("stage", "sft") not in STAGES:
-        problems.append(f"stage {project['stage']!r} is not available; use one of {list(STAGES)}")
+    if project.get("stage", "sft") not in recipes:
+        problems.append(f"stage {project['stage']!r} is not available; use one of {list(recipes)}")
     if not 0 <= project.get("eval_fraction", 0) < 1:
         problems.append("eval_fraction must be in [0, 1)")
     if project.get("eval_fraction") and project.get("eval_data_path"):
@@ -297,10 +336,6 @@ def _validate_values(project: dict, problems: list[str]) -> None:
     elif "split_index" in project:
         problems.append("split_index needs data_split (e.g. \"data_split\": \"2,4,4\")")
     _validate_data(project, problems)
-    if "eval_samples" in project:
-        from .eval_samples import config_problems
-
-        problems.extend(config_problems(project["eval_samples"]))
     for key in ("max_seq_len", "keep_last"):
         if key in project and project[key] < 1:
             problems.append(f"{key} must be at least 1")
@@ -309,49 +344,6 @@ def _validate_values(project: dict, problems: list[str]) -> None:
             problems.append(f"{key} must not be negative")
     if not project.get("n_epochs") and not project.get("train_steps"):
         problems.append("say how long to train: n_epochs and/or train_steps (train_steps wins when both are given)")
-
-
-def _validate_ppo(project: dict, ds: dict, topo: Optional[ModelTopo], problems: list[str]) -> None:
-    if project.get("stage", "sft") != "ppo":
-        given = [k for k in PPO_KEYS if k in project]
-        if given:
-            problems.append(f"{', '.join(given)}: PPO keys, but stage is {project.get('stage', 'sft')!r} (set \"stage\": \"ppo\" or remove them)")
-        return
-    from .ppo_config import problems as ppo_problems
-
-    problems.extend(ppo_problems(project, ds, topo.pipe if topo else None))
-
-
-def _validate_dpo(project: dict, problems: list[str]) -> None:
-    if project.get("stage", "sft") == "ppo":  # shares ref_path with DPO, nothing else
-        given = [k for k in DPO_KEYS if k in project and k != "ref_path"]
-        if given:
-            problems.append(f"{', '.join(given)}: DPO keys, but stage is 'ppo' (remove them)")
-        return
-    if project.get("stage", "sft") != "dpo":
-        given = [k for k in DPO_KEYS if k in project]
-        if given:
-            problems.append(f"{', '.join(given)}: DPO keys, but stage is {project.get('stage', 'sft')!r} (set \"stage\": \"dpo\" or remove them)")
-        return
-    from .dpo_math import LOSS_TYPES
-
-    for key in ("beta", "label_smoothing", "simpo_gamma", "sft_coef"):
-        if key in project and not math.isfinite(project[key]):
-            problems.append(f"{key} must be a finite number, got {project[key]}")
-            return
-    loss_type = project.get("loss_type", "sigmoid")
-    if loss_type not in LOSS_TYPES:
-        problems.append(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
-    if project.get("beta", 0.1) <= 0:
-        problems.append(f"beta must be positive, got {project['beta']}")
-    if not 0 <= project.get("label_smoothing", 0) < 0.5:
-        problems.append(f"label_smoothing must be in [0, 0.5) (the assumed share of flipped preference labels), got {project['label_smoothing']}")
-    elif project.get("label_smoothing") and loss_type == "ipo":
-        problems.append("label_smoothing applies to loss_type \"sigmoid\" (cDPO) and \"simpo\", not \"ipo\"; remove it")
-    if project.get("sft_coef", 0) < 0:
-        problems.append(f"sft_coef must not be negative, got {project['sft_coef']}")
-    if project.get("from_scratch"):
-        problems.append("stage \"dpo\" starts from trained weights (model_path, usually an SFT run); from_scratch is not supported")
 
 
 def _validate_data(project: dict, problems: list[str]) -> None:
@@ -363,76 +355,6 @@ def _validate_data(project: dict, problems: list[str]) -> None:
     for key in ("data_path", "eval_data_path"):
         if project.get(key) is not None:
             problems.extend(data_path_problems(project[key], key))
-
-
-def _validate_batch(ds: dict, topo: Optional[ModelTopo], problems: list[str]) -> None:
-    """Fill DeepSpeed's batch triple the way DeepSpeed does, and check it multiplies out."""
-    tb, mb, ga = (ds.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"))
-    for name, v in (("train_batch_size", tb), ("train_micro_batch_size_per_gpu", mb), ("gradient_accumulation_steps", ga)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            problems.append(f"{name} must be a positive integer, got {json.dumps(v)}")
-            return
-    if topo is None:
-        return
-    d = topo.data
-    # DeepSpeed's rules: any two of the three determine the third; gradient_accumulation_steps
-    # alone defaults to 1.
-    if mb is None and tb is None:
-        problems.append("give train_micro_batch_size_per_gpu (rows per micro-batch) and/or train_batch_size")
-        return
-    if mb is None:
-        ga = ga or 1
-        if tb % (ga * d):
-            problems.append(f"train_batch_size {tb} is not a multiple of gradient_accumulation_steps {ga} x data-parallel size {d}")
-            return
-        mb = tb // (ga * d)
-    if ga is None and tb is not None:
-        if tb % (mb * d):
-            problems.append(f"train_batch_size {tb} is not a multiple of train_micro_batch_size_per_gpu {mb} x data-parallel size {d}")
-            return
-        ga = tb // (mb * d)
-    ga = ga or 1
-    if tb is None:
-        tb = mb * ga * d
-    if tb != mb * ga * d:
-        problems.append(
-            f"batch sizes do not multiply out: train_batch_size {tb} != train_micro_batch_size_per_gpu {mb} x "
-            f"gradient_accumulation_steps {ga} x data-parallel size {d} = {mb * ga * d}"
-        )
-        return
-    ds.update(train_batch_size=tb, train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=ga)
-
-
-def _validate_precision_and_zero(ds: dict, device_supports_fp16: bool, problems: list[str]) -> None:
-    not_objects = [key for key in ("fp16", "bf16", "bfloat16", "zero_optimization", "optimizer", "scheduler")
-                   if key in ds and not isinstance(ds[key], dict)]
-    for key in not_objects:
-        problems.append(f"{key} must be an object (e.g. {{\"enabled\": true}} / {{\"stage\": 1}}), got {json.dumps(ds[key])}")
-    if not_objects:
-        return
-    fp16 = ds.get("fp16", {}).get("enabled", False)
-    bf16 = ds.get("bf16", {}).get("enabled", False) or ds.get("bfloat16", {}).get("enabled", False)
-    if fp16 and bf16:
-        problems.append("fp16 and bf16 are both enabled: choose one")
-    if fp16 and not device_supports_fp16:
-        problems.append("fp16 is enabled but this device cannot train in fp16 (DeepSpeed's CPU accelerator): use bf16 or fp32")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1):
-        problems.append(
-            f"zero_optimization.stage {stage}: the pipeline engine supports ZeRO stage 0 or 1 only (stage 2/3 partition "
-            "gradients/parameters, which pipeline parallelism does not allow); use stage 1, optionally with offload_optimizer"
-        )
-    optimizer = ds.get("optimizer") or {}
-    kind = str(optimizer.get("type", "adamw")).lower()
-    if (stage == 1 and kind not in ZERO_TESTED_OPTIMIZERS and kind not in ("lionpytorch", "lion_pytorch", "lion-pytorch")
-            and not ds.get("zero_allow_untested_optimizer")):
-        problems.append(f'optimizer type {optimizer.get("type")!r} with zero_optimization stage 1: DeepSpeed refuses optimizers '
-                        'it has not tested with ZeRO; add "zero_allow_untested_optimizer": true to use it anyway, or use '
-                        "AdamW, Adam, Adagrad or Lion")
-    if bf16 and stage == 0 and _accumulates_in_fp32(ds):
-        problems.append(
-            'data_types.grad_accum_dtype "fp32" with bf16 needs zero_optimization {"stage": 1} (DeepSpeed has no fp32 '
-            "accumulation for bf16 at ZeRO stage 0)")
 
 
 COMPILE_OPTIONS = ("backend", "mode", "fullgraph", "dynamic", "options")
@@ -447,38 +369,3 @@ def _validate_compile(project: dict, problems: list[str]) -> None:
     elif not isinstance(value, bool):
         problems.append(f'compile must be true, false or an object of torch.compile options (e.g. {{"mode": "max-autotune"}}), '
                         f"got {json.dumps(value)}")
-
-
-def _precision_warnings(ds: dict) -> list[str]:
-    """bf16 gradients accumulated in bf16 over several micro-batches lose precision (DeepSpeed warns
-    too): measured 0.6-1.6% gradient error over 32 micro-batches. ZeRO-1 with fp32 accumulation avoids
-    it, and only with an fp32 communication_data_type: DeepSpeed's gradient all-reduce otherwise casts
-    the fp32 sums back to bf16 (even with one replica) before the optimizer sees them."""
-    bf16 = ds.get("bf16", {}).get("enabled", False) or ds.get("bfloat16", {}).get("enabled", False)
-    accum = ds.get("gradient_accumulation_steps", 1)
-    fp32_comm = str(ds.get("communication_data_type", "")).lower() in ("fp32", "float32", "float")
-    if bf16 and accum > 1 and not (_accumulates_in_fp32(ds) and fp32_comm):
-        return [f"bf16 with gradient_accumulation_steps {accum} accumulates gradients in bf16 (about 1% gradient error over "
-                'dozens of micro-batches): add "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"} '
-                'and "communication_data_type": "fp32"']
-    return []
-
-
-def _optimizer_warnings(ds: dict) -> list[str]:
-    optimizer = ds.get("optimizer") if isinstance(ds.get("optimizer"), dict) else {}
-    offload = ((ds.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device")
-    if str(optimizer.get("type", "")).lower() == "lion" and offload == "cpu":
-        return ['DeepSpeed\'s CPU Lion (offload_optimizer) moves every parameter whose update is zero (no gradient: the '
-                "pad row, embeddings of tokens not in the batch) by lr at every step; lion-pytorch leaves them alone: "
-                'use "type": "LionPytorch"']
-    return []
-
-
-# DeepSpeed's config optimizer types it builds as ZeRO-supported classes (deepspeed/runtime/zero/utils.py).
-ZERO_TESTED_OPTIMIZERS = ("adam", "adamw", "adagrad", "lion")
-
-
-def _accumulates_in_fp32(ds: dict) -> bool:
-    """data_types.grad_accum_dtype names fp32 (DeepSpeed's spellings of it)."""
-    data_types = ds.get("data_types")
-    return isinstance(data_types, dict) and str(data_types.get("grad_accum_dtype", "")).lower() in ("fp32", "float32", "float")

@@ -24,23 +24,24 @@ def shifted_token_losses(logits, labels: torch.Tensor) -> tuple[torch.Tensor, to
     return total, (shift_labels != -100).sum()
 
 
-def causal_lm_loss(logits: torch.Tensor, labels) -> torch.Tensor:
-    """Mean cross-entropy over this micro-batch's target tokens (HF's per-batch loss).
-    logits float[B,T,V], labels int64[B,T] (or a tuple whose first item is labels)."""
-    if isinstance(labels, (tuple, list)):
-        labels = labels[0]
-    total, count = shifted_token_losses(logits, labels)
-    return total / count
+def at_temperature(outputs, temperature: float):
+    """An LM head's output (logits float[B,T,V] or DeferredLogits) as the logits divided by `temperature`
+    (a DeferredLogits scales its hidden states: (h / T) W = (h W) / T, the chunked loss unchanged)."""
+    if temperature == 1.0:
+        return outputs
+    if isinstance(outputs, DeferredLogits):
+        return DeferredLogits(outputs.hidden / temperature, outputs.weight)
+    return outputs / temperature
 
 
 def global_token_mean_loss(logits: torch.Tensor, labels) -> torch.Tensor:
     """The training loss: this micro-batch's summed token cross-entropy times
-    `loss_scale` = grad_accum * D / N_global (see trainer.batches), so that DeepSpeed's averaging
+    `token_scale` = grad_accum * D / N_global (see trainer.batches), so that DeepSpeed's averaging
     over micro-batches and data-parallel ranks yields the mean over the global batch's tokens.
-    labels: (labels int64[B,T], loss_scale float64 scalar)."""
-    labels, loss_scale = labels
+    labels: (labels int64[B,T], token_scale float64 scalar)."""
+    labels, token_scale = labels
     total, _ = shifted_token_losses(logits, labels)
-    return total * loss_scale.to(total.device, torch.float32)
+    return total * token_scale.to(total.device, torch.float32)
 
 
 def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

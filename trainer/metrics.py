@@ -1,5 +1,7 @@
 """The trainer measures itself: tokens/s, model FLOPs utilisation, progress, monitor events, and a
-loss-curve PNG at the end.
+loss-curve PNG at the end. Rank 0's view of a run: the plan and data summary at the start, a progress
+bar (loss, lr, tokens/s, MFU on GPUs with a known peak, the last eval), and every metric written
+through DeepSpeed's monitor (TensorBoard, CSV, W&B: whatever the config enables).
 
 FLOPs per token (training = forward + backward = 3x forward), from PaLM (Chowdhery et al. 2022,
 appendix B) as used by nanoGPT's estimate_mfu:
@@ -7,8 +9,11 @@ appendix B) as used by nanoGPT's estimate_mfu:
 N = parameters doing matmuls (all but the input embedding), L layers, H hidden size, T sequence
 length. MFU = achieved FLOPs/s / the device's peak dense FLOPs/s for the training dtype.
 """
+import logging
 import math
 from typing import Optional
+
+from tqdm import tqdm
 
 # Peak dense FLOPs/s per device (vendor datasheets, no sparsity), by training dtype.
 PEAK_FLOPS = {
@@ -88,3 +93,77 @@ def write_metric_curves(path: str, series: dict, xlabel: str, ylabel: str, title
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+logger = logging.getLogger("pipetune")
+
+
+def write_events(engine, events) -> None:
+    """[(name, value, step)] to DeepSpeed's monitors, when any is enabled."""
+    monitor = getattr(engine, "monitor", None)
+    if monitor is not None and monitor.enabled:
+        monitor.write_events(events)
+
+
+def log_plan(recipe: str, cfg, plan, stats: dict) -> None:
+    logger.info("%s: pipeline split (%d stages x %d data-parallel):\n%s", recipe, cfg.model_topo.pipe, cfg.model_topo.data,
+                plan.describe(cfg))
+    train = stats.get("train", {})
+    logger.info("data: %s samples in %s rows, types %s, truncated %s, dropped %s", train.get("samples"), train.get("rows"),
+                train.get("types"), train.get("truncated"), train.get("dropped"))
+
+
+class StepMeter:
+    """Progress bar and monitor events of the training steps and evals (rank 0 only writes)."""
+
+    def __init__(self, cfg, plan, engine, topo, device_name: str, total_steps: int, start_step: int, desc: str = "train"):
+        self.engine, self.rank, self.world_size = engine, topo.rank, topo.world_size
+        self.flops_token = flops_per_token(plan.n_matmul_params, plan.n_blocks, plan.model_config.hidden_size, cfg.max_seq_len)
+        self.peak = peak_flops(device_name, cfg.precision)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", disable=self.rank != 0,
+                        dynamic_ncols=True)
+        self.last_eval = {}
+
+    def log_step(self, step: int, loss: float, real_tokens: int, seconds: float) -> None:
+        if self.rank != 0:
+            return
+        tokens_s = real_tokens / seconds
+        lr = self.engine.get_lr()[0]
+        grad_norm = self.engine.get_global_grad_norm()
+        util = mfu(tokens_s, self.flops_token, self.world_size, self.peak)
+        events = [("Train/loss", loss, step), ("Train/lr", lr, step), ("Train/tokens_per_s", tokens_s, step)]
+        if grad_norm is not None:
+            events.append(("Train/grad_norm", float(grad_norm), step))
+        if util is not None:
+            events.append(("Train/mfu", util, step))
+        write_events(self.engine, events)
+        postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tokens_s:.0f}"}
+        if util is not None:
+            postfix["mfu"] = f"{util:.1%}"
+        postfix.update({k: f"{v:.3g}" for k, v in self.last_eval.items()})
+        self.bar.set_postfix(postfix)
+        self.bar.update(1)
+
+    def log_metrics(self, step: int, metrics: dict, shown: dict) -> None:
+        """A recipe's own step metrics ({name: value}) to the monitors; `shown` ({label: name}) on the bar."""
+        if self.rank != 0:
+            return
+        write_events(self.engine, [(k, v, step) for k, v in metrics.items()])
+        self.bar.set_postfix({label: f"{metrics[name]:.3g}" for label, name in shown.items()})
+        self.bar.update(1)
+
+    def log_eval(self, step: int, metrics: dict, shown: str = "loss") -> dict:
+        """Writes Eval/<name> events; `shown` goes on the progress bar. Returns metrics."""
+        if self.rank == 0:
+            write_events(self.engine, [(f"Eval/{k}", float(v), step) for k, v in metrics.items()])
+            self.last_eval = {f"eval_{shown}": metrics[shown]}
+            logger.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return metrics
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def format_number(x) -> str:
+    """A number for a summary line: 4 significant digits; "n/a" when there is none."""
+    return "n/a" if x is None else f"{x:.4g}"

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import demo  # noqa: E402
-from trainer.distributed import finish  # noqa: E402
+from trainer.engine.distributed import finish  # noqa: E402
 
 COMMON = ["--greedy", "--max-new-tokens", "10"]
 

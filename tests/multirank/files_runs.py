@@ -61,7 +61,7 @@ def main() -> None:
     # Logs go to the real stderr (train_ds.main's own basicConfig is then a no-op): the captured
     # stderr of a scenario holds only what its entry point prints.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import trainer.distributed as distributed
+    import trainer.engine.distributed as distributed
 
     real_finish = distributed.finish
     distributed.finish = lambda: None  # train_ds.main ends with it: once, at the very end here

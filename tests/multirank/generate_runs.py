@@ -22,7 +22,6 @@ def gathered(gen, rank_is_last: bool) -> dict:
             "ids": gen.ids.tolist(), "attention_mask": gen.attention_mask.tolist(), "answer_mask": gen.answer_mask.tolist()}
     if rank_is_last:
         mine["logprobs"] = gen.logprobs.tolist()
-        mine["sampling_logprobs"] = gen.sampling_logprobs.tolist()
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
     merged = dict(parts[0])
@@ -34,8 +33,8 @@ def gathered(gen, rank_is_last: bool) -> dict:
 
 def run_cases(spec: dict) -> dict:
     from inference.pipeline import load_pipeline_module
-    from trainer.generation import GenerationError, generate, replica_share
-    from trainer.sampling import SamplingConfig
+    from trainer.generation.decoding import GenerationError, generate, replica_share
+    from trainer.generation.token_sampling import SamplingConfig
 
     prompts, max_new = spec["prompts"], spec["max_new"]
     results = {}
@@ -92,12 +91,12 @@ def run_cases(spec: dict) -> dict:
 
 
 def forward_only_case(pp, prompts) -> dict:
-    """trainer.forward_only on a 2-stage engine returns every micro-batch's logits (last stage)."""
+    """trainer.engine.forward_only on a 2-stage engine returns every micro-batch's logits (last stage)."""
     import deepspeed
 
     from inference.pipeline import load_pipeline_module
-    from trainer.forward_only import forward_only
-    from trainer.generation import generate
+    from trainer.engine.forward_only import forward_only
+    from trainer.generation.decoding import generate
 
     module, plan, _ = load_pipeline_module(pp, 2)
     module.train()
@@ -134,8 +133,8 @@ def run_layouts(spec: dict) -> dict:
     """Under 4 ranks: P = 4 (two middle stages, which get the ids from the last stage) and P = 2 x D = 2;
     greedy and sampled answers of every replica, in prompt order."""
     from inference.pipeline import load_pipeline_module
-    from trainer.generation import generate, replica_share
-    from trainer.sampling import SamplingConfig
+    from trainer.generation.decoding import generate, replica_share
+    from trainer.generation.token_sampling import SamplingConfig
 
     prompts, results = spec["prompts"], {}
     for name in ("llama", "bloom"):
@@ -158,9 +157,8 @@ def run_layouts(spec: dict) -> dict:
 def run_sft(config_path: str) -> dict:
     from deepspeed.accelerator import get_accelerator
 
-    from trainer.config import load_config
-    from trainer.recipes import get_recipe
-    from trainer.topology import Topology
+    from trainer.engine.topology import Topology
+    from trainer.recipes import get_recipe, load_config
 
     cfg = load_config(config_path, world_size=dist.get_world_size(), device_supports_fp16=get_accelerator().is_fp16_supported())
     summary = get_recipe(cfg.stage)(cfg, Topology.from_config(cfg, dist.get_rank(), dist.get_world_size()), "cpu")
@@ -175,9 +173,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from trainer.distributed import finish
-
-    from trainer.distributed import init_process_group
+    from trainer.engine.distributed import finish, init_process_group
 
     init_process_group("gloo")
     spec = json.loads(open(args.spec).read())

@@ -129,14 +129,13 @@ def main() -> None:
 
     from deepspeed.accelerator import get_accelerator
 
-    import trainer.engine
-    from trainer.config import load_config
-    from trainer.distributed import finish, report_crash, world
-    from trainer.recipes import get_recipe, rm, sft
-    from trainer.topology import Topology
+    import trainer.engine.build
+    from trainer.engine.distributed import finish, report_crash, world
+    from trainer.engine.topology import Topology
+    from trainer.recipes import get_recipe, load_config, rm, sft
 
     rank, world_size, _ = world()
-    from trainer.distributed import init_process_group
+    from trainer.engine.distributed import init_process_group
 
     init_process_group("gloo")
     results = []
@@ -147,7 +146,7 @@ def main() -> None:
             probes = Probes(set(filter(None, names.split(","))))
 
             def build_engine(*args, probes=probes, **kwargs):  # the recipe's call, passed through
-                engine = trainer.engine.build_engine(*args, **kwargs)
+                engine = trainer.engine.build.build_engine(*args, **kwargs)
                 probes.install(engine, kwargs["plan"] if "plan" in kwargs else args[1])
                 return engine
 
@@ -158,7 +157,7 @@ def main() -> None:
             try:
                 summary = get_recipe(cfg.stage)(cfg, Topology.from_config(cfg, rank, world_size), "cpu")
             finally:
-                sft.build_engine = rm.build_engine = trainer.engine.build_engine
+                sft.build_engine = rm.build_engine = trainer.engine.build.build_engine
             probes.finish(cfg.save_path, rank)
             results.append({"config": path, **summary})
             torch.distributed.barrier()

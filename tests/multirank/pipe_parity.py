@@ -24,12 +24,15 @@ def main() -> None:
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from models.pipeline import build_layer_specs, pipe_layer_names, prepare_config
-    from trainer.losses import causal_lm_loss
-    from trainer.partition import boundaries_from_parts
     from compat.private_api import partitioned_pipeline_module_class
+    from models.pipeline import build_layer_specs, pipe_layer_names, prepare_config
+    from trainer.engine.distributed import init_process_group
+    from trainer.engine.partition import boundaries_from_parts
+    from trainer.losses import shifted_token_losses
 
-    from trainer.distributed import init_process_group
+    def causal_lm_loss(logits, labels):  # HF's per-micro-batch loss: the mean over its target tokens
+        total, count = shifted_token_losses(logits, labels)
+        return total / count
 
     init_process_group("gloo")
     rank = dist.get_rank()

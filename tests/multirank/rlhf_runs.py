@@ -1,6 +1,6 @@
 """Run under `deepspeed --num_gpus 2`: several RLHF chains (rlhf.py configs) one after another in one
 launch, with pipetune's INFO log lines on stderr. --kill-last-at-step N: SIGKILL the process during
-the save of step N of a recipe of the last chain (trainer.checkpoint's test hook, set only for it).
+the save of step N of a recipe of the last chain (trainer.engine.checkpoint's test hook, set only for it).
 """
 import argparse
 import logging
@@ -18,19 +18,19 @@ def main() -> int:
 
     import torch
 
-    import rlhf
-    from trainer.checkpoint import KILL_DURING_SAVE_ENV
-    from trainer.distributed import finish, world
+    from trainer import chain
+    from trainer.engine.checkpoint import KILL_DURING_SAVE_ENV
+    from trainer.engine.distributed import finish, world
 
     torch.set_num_threads(1)
     rank, world_size, _ = world()
-    from trainer.distributed import init_process_group
+    from trainer.engine.distributed import init_process_group
 
     init_process_group("gloo")
     for i, path in enumerate(args.config):
         if args.kill_last_at_step is not None and i == len(args.config) - 1:
             os.environ[KILL_DURING_SAVE_ENV] = str(args.kill_last_at_step)
-        status = rlhf.run_chain(rlhf.load_steps(path, world_size), rank, world_size, "cpu")
+        status = chain.run_chain(chain.load_steps(path, world_size), rank, world_size, "cpu")
         if status:
             return status
     finish()

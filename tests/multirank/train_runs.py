@@ -19,13 +19,12 @@ def main() -> None:
 
     from deepspeed.accelerator import get_accelerator
 
-    from trainer.config import load_config
-    from trainer.distributed import finish, world
-    from trainer.recipes import get_recipe
-    from trainer.topology import Topology
+    from trainer.engine.distributed import finish, world
+    from trainer.engine.topology import Topology
+    from trainer.recipes import get_recipe, load_config
 
     rank, world_size, _ = world()
-    from trainer.distributed import init_process_group
+    from trainer.engine.distributed import init_process_group
 
     init_process_group("gloo")
     results = []

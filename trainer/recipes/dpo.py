@@ -1,9 +1,9 @@
 """Direct preference optimisation (DPO, and its IPO / cDPO / SimPO / RPO variants) on the pipeline engine.
 
 Data: `pairwise` records; each micro-batch holds both sides of its pairs (B pairs -> 2B rows, the B
-chosen rows first, `data.dataset.collate_pairs`). The last stage sums each row's answer-token
-log-probs and computes the loss of `loss_type` (`trainer.dpo_math` has the formulas) against the
-reference's log-probs, which were computed once before training (`trainer.reference_logps`) and reach
+chosen rows first, `data.batching.collate_pairs`). The last stage sums each row's answer-token
+log-probs and computes the loss of `loss_type` (`trainer.rl.dpo` has the formulas) against the
+reference's log-probs, which were computed once before training (`trainer.rl.reference_logps`) and reach
 the last stage through the labels tuple: (answer labels int64[2B,T], reference log-probs float64[2B],
 sft scale float64[]).
 
@@ -14,7 +14,7 @@ loss) is the mean over the global batch's chosen answer tokens, normalised as SF
 (`trainer.batches`: sum / N_chosen_global * grad_accum * D).
 
 Metrics: DeepSpeed's train_batch returns only the loss, so the loss_fn also records each micro-batch's
-sums (`dpo_math.pair_stats`) on the last stage; after train_batch they are all-reduced (zeros from
+sums (`trainer.rl.dpo.pair_stats`) on the last stage; after train_batch they are all-reduced (zeros from
 the other stages) into TRL's `rewards/chosen|rejected|margins|accuracies`, `logps/chosen|rejected`,
 written as Train/... and Eval/... through DeepSpeed's monitor and shown on the progress bar.
 
@@ -28,81 +28,62 @@ built per call; tests/multirank/train_runs.py runs recipes in sequence that way)
 stage (a finished stage trains no step); the reference cache is keyed by the SFT checkpoint's layer
 files, so an SFT stage that trains further invalidates it. Export: pp_to_hg of the DPO save_path.
 """
-import time
-from pathlib import Path
 
 import torch
 
-from data.dataset import collate_pairs
+from data.batching import collate_dpo, collate_pairs
 from models.heads import set_defer_logits
-
-from .. import checkpoint
-from ..batches import GlobalBatches, eval_row_indices, n_target_tokens
-from ..data_loading import load_data
-from ..distributed import all_reduce_sum, broadcast_object
-from ..dpo_math import STAT_FIELDS, DPOLoss, DPOOptions, eval_pair_stats, metrics_from_stats
-from ..engine import build_engine
-from ..forward_only import forward_only
-from ..guards import check_finite_loss
-from ..metering import StepMeter, log_plan, write_events
-from ..metrics import write_loss_curve
-from ..model_plan import plan_model
-from ..preflight import preflight
-from ..reference_logps import ReferenceLogps, WithReference, collate_dpo, frozen_reference_engine
+from trainer.batches import GlobalBatches, forward_eval_rows, n_target_tokens, token_scale
+from trainer.engine import checkpoint
+from trainer.engine.build import build_engine, disable_dropout, frozen_engine
+from trainer.engine.distributed import all_reduce_sum, broadcast_object
+from trainer.engine.plan import plan_model
+from trainer.metrics import write_events
+from trainer.recipes.common import finish, prepare, start, train_step
+from trainer.rl.dpo import STAT_FIELDS, DPOLoss, eval_pair_stats, metrics_from_stats
+from trainer.rl.reference_logps import ReferenceLogps, WithReference
 
 
 def run(cfg, topo, device_name: str) -> dict:
     """Train; returns {"step", "history", "evals", "train_metrics"} on every rank. Collective."""
-    from transformers import AutoTokenizer
-
-    hosts = preflight(cfg, topo.rank, topo.world_size)
-    opts = DPOOptions.from_config(cfg)
-    plan = plan_model(cfg, head="lm")
-    tokenizer = AutoTokenizer.from_pretrained(plan.side_dir)
-    data = load_data(cfg, tokenizer, "pairwise", topo, collate_pairs)
+    opts = cfg.options
+    job = prepare(cfg, topo, "dpo", head="lm", kind="pairwise", collate=collate_pairs)
+    data, plan = job.data, job.plan
     n_train = broadcast_object(len(data.data.train) if topo.rank == 0 else None)
-    total_steps = cfg.train_steps or cfg.n_epochs * data.steps_per_epoch
-
-    resume_from = checkpoint.decide_resume(cfg.save_path, cfg.resume)
-    if topo.rank == 0:
-        log_plan("dpo", cfg, plan, data.data.stats)
     # Reference log-probs: cached, or from a frozen reference engine (freed before the policy is
     # built), or, when ref_path is the policy's start and the run is fresh, from the policy below.
     if opts.uses_reference:
-        ref_plan = plan if cfg.ref_path in (None, cfg.model_path) else plan_model(cfg, head="lm", model_path=cfg.ref_path)
+        ref_plan = plan if opts.ref_path in (None, cfg.model_path) else plan_model(cfg, head="lm", model_path=opts.ref_path)
         ref = ReferenceLogps.lookup(cfg, topo, data, plan, ref_plan, n_train)
-        if ref.missing and (resume_from or not ref.policy_is_reference):
-            with frozen_reference_engine(cfg, ref_plan, topo) as ref_engine:
+        if ref.missing and (job.resume_from or not ref.policy_is_reference):
+            with frozen_engine(cfg, ref_plan, topo) as ref_engine:
                 ref.compute(ref_engine, cfg, topo, data, n_train, data.n_eval_rows, f"a frozen copy of {ref_plan.model_path}")
     else:
         ref = ReferenceLogps.unused(n_train, data.n_eval_rows)
     loss_fn = DPOLoss(opts)
-    engine = build_engine(cfg, plan, topo, total_steps, weights="checkpoint" if resume_from else "load", loss_fn=loss_fn)
+    engine = build_engine(cfg, plan, topo, job.total_steps, weights=job.weights(cfg), loss_fn=loss_fn)
     set_defer_logits(engine.module, cfg.chunked_loss)  # log-probs computed with the head chunk by chunk
+    if opts.disable_dropout:  # the reference's log-probs come from an eval-mode forward
+        disable_dropout(engine.module)
     if ref.missing:
         ref.compute(engine, cfg, topo, data, n_train, data.n_eval_rows, "the policy's starting weights")
-    if topo.rank == 0:
-        checkpoint.prepare_save_path(cfg.save_path, plan, cfg.config_path, cfg.precision, data.data.stats["pad"]["id"])
-        checkpoint.write_topology(cfg.save_path, plan, topo, hosts)
     batches = None
     if topo.is_data_stage:
         batches = ChosenTokenBatches(WithReference(data.data.train, ref.train), cfg.micro_batch, cfg.grad_accum,
                                      topo.dp_rank, topo.data, cfg.seed, collate=collate_dpo)
-    state = checkpoint.start_or_resume(engine, resume_from, batches)
+    state, meter = start(cfg, topo, job, engine, batches, device_name)
 
-    meter = StepMeter(cfg, plan, engine, topo, device_name, total_steps, state.step)
-    sft_scale = float(cfg.grad_accum * topo.data)  # see trainer.batches: sum / N_global * grad_accum * D
-    last_saved, train_metrics = (state.step if resume_from else None), []
-    for step in range(state.step + 1, total_steps + 1):
+    def evaluate_and_log(step: int) -> dict:
+        return meter.log_eval(step, evaluate(engine, cfg, data, ref, opts, topo), shown="rewards/accuracies")
+
+    last_saved, train_metrics = (state.step if job.resume_from else None), []
+    for step in range(state.step + 1, job.total_steps + 1):
         feed, real_tokens = None, 0
         if batches is not None:
             micro, n_chosen_tokens, real_tokens = batches.next_step()
-            factor = torch.tensor(sft_scale / max(n_chosen_tokens, 1), dtype=torch.float64)
-            feed = ((inputs, (labels, ref_logps, factor)) for inputs, labels, ref_logps in micro)
-        start = time.perf_counter()
-        loss = float(engine.train_batch(data_iter=feed))
-        seconds = time.perf_counter() - start
-        check_finite_loss(loss, step)
+            scale = token_scale(n_chosen_tokens, cfg.grad_accum * topo.data)  # RPO's LM term: mean over chosen tokens
+            feed = ((inputs, (labels, ref_logps, scale)) for inputs, labels, ref_logps in micro)
+        loss, seconds = train_step(engine, feed, step)
         metrics = metrics_from_stats(all_reduce_sum(loss_fn.take_step_stats()), opts.sft_coef)
         metrics["loss"] = loss
         state.step = step
@@ -111,35 +92,26 @@ def run(cfg, topo, device_name: str) -> dict:
         meter.log_step(step, loss, real_tokens, seconds)
         show_train_metrics(meter, engine, topo, step, metrics)
         if cfg.eval_interval and step % cfg.eval_interval == 0 and data.n_eval_rows:
-            state.evals.append([step, meter.log_eval(step, evaluate(engine, cfg, data, ref, opts, topo), shown="rewards/accuracies")])
+            state.evals.append([step, evaluate_and_log(step)])
         if cfg.save_interval and step % cfg.save_interval == 0:
             checkpoint.save_training(engine, cfg.save_path, state, batches, cfg.keep_last)
             last_saved = step
-    meter.close()
-
-    if data.n_eval_rows and (not state.evals or state.evals[-1][0] != state.step):
-        state.evals.append([state.step, meter.log_eval(state.step, evaluate(engine, cfg, data, ref, opts, topo), shown="rewards/accuracies")])
-    if last_saved != state.step:
-        checkpoint.save_training(engine, cfg.save_path, state, batches, cfg.keep_last)
-    if topo.rank == 0:
-        write_loss_curve(str(Path(cfg.save_path) / "loss_curve.png"), state.history,
-                         [(s, e["loss"]) for s, e in state.evals], f"{plan.hf_config.model_type} dpo ({opts.loss_type})")
-    return {"step": state.step, "history": state.history, "evals": state.evals, "train_metrics": train_metrics}
+    return finish(cfg, topo, job, engine, state, meter, batches, last_saved, evaluate_and_log, f"dpo ({opts.loss_type})",
+                  extra={"train_metrics": train_metrics})
 
 
 def evaluate(engine, cfg, data, ref, opts, topo) -> dict:
     """TRL's metrics and the loss over the eval pairs, each replica's last stage scoring its share
     (`eval_row_indices`); sums all-reduced. Collective."""
     pairs = WithReference(data.eval, ref.eval) if data.eval is not None else None
+
+    def micro_batch_of(indices):
+        inputs, labels, ref_logps = collate_dpo([pairs[max(i, 0)] for i in indices])
+        return inputs, (labels, ref_logps, torch.tensor([float(i >= 0) for i in indices]))
+
     sums = torch.zeros(len(STAT_FIELDS), dtype=torch.float64)
-    for micro_indices in eval_row_indices(data.n_eval_rows, cfg.micro_batch, cfg.grad_accum, topo.dp_rank, topo.data):
-        micro = None
-        if pairs is not None:
-            micro = []
-            for indices in micro_indices:
-                inputs, labels, ref_logps = collate_dpo([pairs[max(i, 0)] for i in indices])
-                micro.append((inputs, (labels, ref_logps, torch.tensor([float(i >= 0) for i in indices]))))
-        results = forward_only(engine, micro, cfg.grad_accum, eval_pair_stats(opts), deferred_logits=cfg.chunked_loss)
+    for results in forward_eval_rows(engine, cfg, topo, data.n_eval_rows, micro_batch_of if pairs is not None else None,
+                                     eval_pair_stats(opts), deferred_logits=cfg.chunked_loss):
         if results is not None:
             sums += torch.stack(results).sum(0)
     return metrics_from_stats(all_reduce_sum(sums), opts.sft_coef)
@@ -162,3 +134,23 @@ class ChosenTokenBatches(GlobalBatches):
         if index not in self._n_targets:
             self._n_targets[index] = n_target_tokens(self.dataset[index][1][0])
         return self._n_targets[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# The RLHF chain's hooks (listed in trainer/recipes/__init__.py; trainer/chain.py calls them).
+
+def state_result(summary: dict) -> dict:
+    """The last train metrics (rewards/..., logps/...)."""
+    return {"train_last": summary["train_metrics"][-1][1]} if summary.get("train_metrics") else {}
+
+
+def headline(result: dict, cfg) -> dict:
+    evals = result.get("eval") or {}
+    return {f"eval_{k}": evals.get(k) for k in ("rewards/accuracies", "rewards/margins", "loss")}
+
+
+def headline_text(numbers: dict) -> str:
+    from trainer.metrics import format_number as fmt
+
+    return (f"eval rewards/accuracies {fmt(numbers['eval_rewards/accuracies'])}, "
+            f"rewards/margins {fmt(numbers['eval_rewards/margins'])}")

@@ -4,7 +4,7 @@ The last pipe layer is a scalar value head (hidden -> 1) on the final norm's out
 score is the value at its last real token (`models.heads.last_token_index`, the answer's EOS).
 
 Data: `pairwise` records and `ranked` records (K >= 2 responses, best first), built with
-kind="ranked" (`data.dataset.RankedDataset`, `collate_ranked`). Every micro-batch holds B records
+kind="ranked" (`data.batching.RankedDataset`, `collate_ranked`). Every micro-batch holds B records
 (train_micro_batch_size_per_gpu) and all their responses, response-major: row k*B + b is response k
 of record b, so each response is forwarded once per step, not once per pair. The pipeline needs the
 same row count in every micro-batch, so every record has K rows, K the most responses of any record
@@ -22,83 +22,52 @@ DeepSpeed's mean over micro-batches and data-parallel ranks is the mean over the
 records, however they are split. With only pairs (K = 2) that is the mean over the global batch's
 pairs, computed by the original pairwise code path (`pairwise_loss`: bit-identical to before).
 
-Eval: accuracy is the fraction of ordered pairs scored in the right order (each pair of a ranking
-counts once), chosen/rejected score the mean score of the better/worse side over pairs, loss the
+Eval: accuracy is the fraction of ordered pairs whose better response scores strictly higher (each
+pair of a ranking counts once; a tie counts as wrong, as DPO's rewards/accuracies, so an untrained
+head that scores everything alike gets 0, not 0.5), chosen/rejected score the mean score of the better/worse side over pairs, loss the
 training loss (mean over records of the mean over their pairs).
 
     deepspeed train_ds.py --config configs/ds_config_rm.json      ("stage": "rm")
 """
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from data.dataset import collate_ranked
+from data.batching import collate_ranked
 from models.heads import last_token_index, sequence_scores
-
-from .. import checkpoint
-from ..batches import eval_row_indices
-from ..data_loading import load_data
-from ..distributed import all_reduce_sum
-from ..engine import build_engine
-from ..forward_only import forward_only
-from ..guards import check_finite_loss
-from ..metering import StepMeter, log_plan
-from ..metrics import write_loss_curve
-from ..model_plan import plan_model
-from ..preflight import preflight
+from trainer.batches import forward_eval_rows
+from trainer.engine import checkpoint
+from trainer.engine.build import build_engine
+from trainer.engine.distributed import all_reduce_sum
+from trainer.recipes.common import finish, prepare, start, train_step
 
 
 def run(cfg, topo, device_name: str) -> dict:
     """Train; returns {"step", "history", "evals"} on every rank. Collective: every rank calls it."""
-    from transformers import AutoTokenizer
+    job = prepare(cfg, topo, "rm", head="value", kind="ranked", collate=collate_ranked)
+    data = job.data
+    engine = build_engine(cfg, job.plan, topo, job.total_steps, weights=job.weights(cfg), loss_fn=reward_loss)
+    state, meter = start(cfg, topo, job, engine, data.batches, device_name)
 
-    hosts = preflight(cfg, topo.rank, topo.world_size)
-    plan = plan_model(cfg, head="value")
-    tokenizer = AutoTokenizer.from_pretrained(plan.side_dir)
-    data = load_data(cfg, tokenizer, "ranked", topo, collate_ranked)
-    total_steps = cfg.train_steps or cfg.n_epochs * data.steps_per_epoch
+    def evaluate_and_log(step: int) -> dict:
+        return meter.log_eval(step, evaluate(engine, cfg, data, topo), shown="accuracy")
 
-    resume_from = checkpoint.decide_resume(cfg.save_path, cfg.resume)
-    if topo.rank == 0:
-        log_plan("rm", cfg, plan, data.data.stats)
-    engine = build_engine(cfg, plan, topo, total_steps, weights="checkpoint" if resume_from else
-                          ("init" if cfg.from_scratch else "load"), loss_fn=reward_loss)
-    if topo.rank == 0:
-        checkpoint.prepare_save_path(cfg.save_path, plan, cfg.config_path, cfg.precision, data.data.stats["pad"]["id"])
-        checkpoint.write_topology(cfg.save_path, plan, topo, hosts)
-    state = checkpoint.start_or_resume(engine, resume_from, data.batches)
-
-    meter = StepMeter(cfg, plan, engine, topo, device_name, total_steps, state.step)
-    last_saved = state.step if resume_from else None
-    for step in range(state.step + 1, total_steps + 1):
+    last_saved = state.step if job.resume_from else None
+    for step in range(state.step + 1, job.total_steps + 1):
         feed, real_tokens = None, 0
         if data.batches is not None:
             micro, _, real_tokens = data.batches.next_step()
             feed = (with_score_labels(batch) for batch in micro)
-        start = time.perf_counter()
-        loss = float(engine.train_batch(data_iter=feed))
-        seconds = time.perf_counter() - start
-        check_finite_loss(loss, step)
+        loss, seconds = train_step(engine, feed, step)
         state.step = step
         state.history.append([step, loss])
         meter.log_step(step, loss, real_tokens, seconds)
         if cfg.eval_interval and step % cfg.eval_interval == 0 and data.n_eval_rows:
-            state.evals.append([step, meter.log_eval(step, evaluate(engine, cfg, data, topo), shown="accuracy")])
+            state.evals.append([step, evaluate_and_log(step)])
         if cfg.save_interval and step % cfg.save_interval == 0:
             checkpoint.save_training(engine, cfg.save_path, state, data.batches, cfg.keep_last)
             last_saved = step
-    meter.close()
-
-    if data.n_eval_rows and (not state.evals or state.evals[-1][0] != state.step):
-        state.evals.append([state.step, meter.log_eval(state.step, evaluate(engine, cfg, data, topo), shown="accuracy")])
-    if last_saved != state.step:
-        checkpoint.save_training(engine, cfg.save_path, state, data.batches, cfg.keep_last)
-    if topo.rank == 0:
-        write_loss_curve(str(Path(cfg.save_path) / "loss_curve.png"), state.history,
-                         [(s, e["loss"]) for s, e in state.evals], f"{plan.hf_config.model_type} rm")
-    return {"step": state.step, "history": state.history, "evals": state.evals}
+    return finish(cfg, topo, job, engine, state, meter, data.batches, last_saved, evaluate_and_log, "rm")
 
 
 def pair_scores(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,23 +168,41 @@ def ranked_sums(values: torch.Tensor, labels) -> torch.Tensor:
                         (loss * record_share * is_real).sum(), real.double().sum()]).cpu()
 
 
+def eval_sums(values: torch.Tensor, labels) -> torch.Tensor:
+    """The evaluation's reduce: `pair_sums` for batches of pairs, `ranked_sums` otherwise."""
+    return pair_sums(values, labels) if len(labels) == 3 else ranked_sums(values, labels)
+
+
 def evaluate(engine, cfg, data, topo) -> dict:
     """Accuracy (pairs whose better response scores higher), mean chosen (better) / rejected (worse)
     scores over the eval pairs, and the loss (mean over records of their mean pair loss), each
     replica's last stage scoring its share (`eval_row_indices`); sums all-reduced. Collective."""
+    def micro_batch_of(indices):
+        inputs, labels = with_score_labels(collate_ranked([data.eval[max(i, 0)] for i in indices]))
+        return inputs, (*labels, torch.tensor([i >= 0 for i in indices]))
+
     sums = torch.zeros(6, dtype=torch.float64)
-    for micro_indices in eval_row_indices(data.n_eval_rows, cfg.micro_batch, cfg.grad_accum, topo.dp_rank, topo.data):
-        micro, reduce = None, None
-        if data.eval is not None:
-            micro = []
-            for indices in micro_indices:
-                inputs, labels = with_score_labels(collate_ranked([data.eval[max(i, 0)] for i in indices]))
-                micro.append((inputs, (*labels, torch.tensor([i >= 0 for i in indices]))))
-            reduce = pair_sums if len(micro[0][1]) == 3 else ranked_sums
-        results = forward_only(engine, micro, cfg.grad_accum, reduce)
+    for results in forward_eval_rows(engine, cfg, topo, data.n_eval_rows, micro_batch_of if data.eval is not None else None,
+                                     eval_sums):
         if results is not None:
             sums += torch.stack(results).sum(0)
     sums = all_reduce_sum(sums)
     n_pairs, n_records = max(sums[0].item(), 1.0), max(sums[5].item(), 1.0)
     return {"loss": sums[4].item() / n_records, "accuracy": sums[1].item() / n_pairs,
             "chosen_score": sums[2].item() / n_pairs, "rejected_score": sums[3].item() / n_pairs}
+
+
+# ---------------------------------------------------------------------------------------------
+# The RLHF chain's hooks (listed in trainer/recipes/__init__.py; trainer/chain.py calls them).
+
+def headline(result: dict, cfg) -> dict:
+    evals = result.get("eval") or {}
+    return {"eval_accuracy": evals.get("accuracy"), "eval_chosen_score": evals.get("chosen_score"),
+            "eval_rejected_score": evals.get("rejected_score")}
+
+
+def headline_text(numbers: dict) -> str:
+    from trainer.metrics import format_number as fmt
+
+    return (f"eval accuracy {fmt(numbers['eval_accuracy'])} (chosen score {fmt(numbers['eval_chosen_score'])}, "
+            f"rejected {fmt(numbers['eval_rejected_score'])})")

@@ -1,0 +1,1 @@
+"""DeepSpeed pipeline engines: build, plan, memory, checkpoints, topology. No training algorithm inside."""

@@ -1,0 +1,1 @@
+"""Decoding on the training pipeline: pipelined KV-cached decoding, token sampling, eval samples."""
