@@ -26,8 +26,8 @@ from ppo_fixtures import marker_reward_hf
 from trainer.engine import checkpoint
 from trainer.files import (ENOSPC_AT_ENV, FREE_BYTES_ENV, DiskFullError, FileRefused, is_disk_full, load_tensors, write_atomic,
                            write_json_atomic)
-from trainer.rng_files import load_rng_state, rng_files, save_rng_state
-from trainer.saving import CheckpointWrite
+from trainer.engine.checkpoint_write import CheckpointWrite
+from trainer.engine.rng_files import load_rng_state, rng_files, save_rng_state
 
 DATA = str(REPO / "data" / "samples" / "mixed.json")
 PREFS = str(REPO / "data" / "samples" / "preferences.jsonl")

@@ -33,7 +33,7 @@ def rank0_action(step: dict) -> None:
         for path in step.get("remove", []):
             Path(path).unlink()
     elif step["do"] == "legacy_rng":
-        from trainer.rng_files import load_rng_state, rng_files
+        from trainer.engine.rng_files import load_rng_state, rng_files
 
         for json_path in sorted(Path(step["tag_dir"]).glob("rng_rank_*.json")):
             rank = int(json_path.stem[len("rng_rank_"):])

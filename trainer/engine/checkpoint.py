@@ -9,7 +9,7 @@
         mp_rank_*_model_states.pt, *optim_states.pt   DeepSpeed's optimizer/scheduler state
         trainer_state.json         step, losses, evals, data position, the run's save order
         rng_rank_RRRR.safetensors  each rank's torch / CUDA / numpy / python / DeepSpeed
-        rng_rank_RRRR.json         activation-checkpointing RNG state (trainer/rng_files.py; no pickles)
+        rng_rank_RRRR.json         activation-checkpointing RNG state (trainer/engine/rng_files.py; no pickles)
       critic/, ema/                PPO's companions (`save`'s companions): each a save_path of its own
                                    (side files, global_stepN/, latest), complete before SAVE_PATH/latest moves
 
@@ -41,11 +41,13 @@ import torch
 from compat.checkpoint_files import recording_save_errors
 from compat.private_api import load_checkpoint_with_own_model_states
 from models.pipe_dir import CheckpointError, copy_side_files, write_metadata
+from trainer.engine.checkpoint_write import CheckpointWrite
 from trainer.engine.distributed import broadcast_object
 from trainer.engine.guards import check_finite_weights
-from trainer.files import fsync_tree, on_every_rank, write_json_atomic as _write_json_atomic, write_text_atomic as _write_text_atomic
-from trainer.rng_files import load_rng_state, save_rng_state
-from trainer.saving import CheckpointWrite
+from trainer.engine.rng_files import load_rng_state, save_rng_state
+from trainer.files import fsync_tree, on_every_rank
+from trainer.files import write_json_atomic as _write_json_atomic
+from trainer.files import write_text_atomic as _write_text_atomic
 
 logger = logging.getLogger("pipetune")
 TOPOLOGY_FILE = "topology.json"

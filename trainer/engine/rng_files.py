@@ -3,7 +3,7 @@
     rng_rank_RRRR.safetensors   torch (CPU), cuda.<device>, deepspeed_checkpointing.<stream>: uint8 state tensors
     rng_rank_RRRR.json          numpy's and python's states as lists, and the tensors' roles
 
-`trainer.checkpoint.rng_state()`'s dict <-> these two files. Checkpoints written before (one pickled
+`trainer.engine.checkpoint.rng_state()`'s dict <-> these two files. Checkpoints written before (one pickled
 `rng_rank_RRRR.pt`) still resume: that file is read with weights_only=True, numpy's array types
 allowed, and anything else in it is refused (FileRefused); a warning says so once.
 """
@@ -29,7 +29,7 @@ def rng_files(tag_dir, rank: int) -> tuple[Path, Path, Path]:
 
 
 def save_rng_state(state: dict, tag_dir, rank: int) -> None:
-    """Write `state` (trainer.checkpoint.rng_state()) as tensors + JSON; the JSON is written last,
+    """Write `state` (trainer.engine.checkpoint.rng_state()) as tensors + JSON; the JSON is written last,
     so its presence means both files are whole."""
     from safetensors.torch import save
 

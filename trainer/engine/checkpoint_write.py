@@ -1,7 +1,7 @@
 """A checkpoint save that runs out of disk stops every rank with one line, and leaves `latest` on the
 last complete checkpoint with the partial one removed (its files would hold the space the rerun needs).
 
-`CheckpointWrite(save_path, tag, companions)` follows one save (trainer.checkpoint.save):
+`CheckpointWrite(save_path, tag, companions)` follows one save (trainer.engine.checkpoint.save):
 - `check_room()`: collective, before writing: the free space against the size of the checkpoint
   `latest` names (the new one will be about as large, and the old ones are pruned only after it is
   complete); too little is a DiskFullError on every rank before anything is written.
@@ -40,7 +40,7 @@ class CheckpointWrite:
         raise_on_every_rank(error)
 
     def agree(self, failures: list, work: Optional[Callable] = None) -> None:
-        """failures: [(path, exception)] this rank's writes met so far (trainer.checkpoint's recorder)."""
+        """failures: [(path, exception)] this rank's writes met so far (compat.checkpoint_files' recorder)."""
         error = None
         if not failures and work is not None:
             try:
