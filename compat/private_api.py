@@ -9,6 +9,7 @@ after an upgrade `make test` says which of them broke.
 Nothing heavy is imported at module import: DeepSpeed and transformers are imported inside the
 functions that need them.
 """
+import contextlib
 import functools
 import logging
 import os
@@ -238,3 +239,17 @@ def load_checkpoint_with_own_model_states(engine, load_dir: str, tag: str, **kwa
         return engine.load_checkpoint(load_dir, tag=tag, **kwargs)
     finally:
         del engine._get_all_ckpt_names  # back to the class's method
+
+
+@contextlib.contextmanager
+def tied_weights_sync_deferred(module):
+    """Within: `module.load_state_dir` skips its closing tied-weight broadcast (the private
+    `_synchronize_tied_weights`, a collective), so that the ranks can first agree whether every
+    rank's layer files loaded (compat.checkpoint_files.load_state_dir_weights_only); call
+    `synchronize_tied_weights` after. A rank whose file was refused would otherwise leave the
+    others waiting in that broadcast."""
+    module._synchronize_tied_weights = lambda: None
+    try:
+        yield
+    finally:
+        del module._synchronize_tied_weights  # back to the class's method

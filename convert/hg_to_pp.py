@@ -14,6 +14,7 @@ from models.pipeline import (
 )
 from models.dtypes import PRECISIONS, precision_dtype
 from models.registry import get_architecture
+from trainer.files import check_export_room, export_disk_full, is_disk_full
 
 from .errors import ConversionError
 from .hf_reader import HFCheckpoint
@@ -99,6 +100,9 @@ def hg_to_pp(input_path: str, save_path: str, dtype: str = "auto", overwrite: bo
     plan = plan_hf_to_pipe(config, ckpt, head)
     names = pipe_layer_names(config, head)
     target_dtype: Optional[torch.dtype] = None if dtype == "auto" else precision_dtype(dtype)
+    needed = sum(f.stat().st_size for f in src.iterdir() if f.suffix in (".safetensors", ".bin"))  # about, at the same dtype
+    if dtype == "auto":
+        check_export_room(dest, needed)
 
     tmp = temp_dir_beside(dest)
     try:
@@ -121,7 +125,9 @@ def hg_to_pp(input_path: str, save_path: str, dtype: str = "auto", overwrite: bo
             dtype=", ".join(sorted(str(d).replace("torch.", "") for d in out_dtypes)), source=str(src.resolve()),
         )
         replace_dir(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e, dest, needed):
+            raise export_disk_full(dest, needed) from None
         raise
     return dest

@@ -16,6 +16,7 @@ from transformers.utils.hub import convert_file_size_to_int
 
 from models.pipeline import layer_key_rules, pipe_key_to_hf, pipe_layer_names
 from models.registry import get_architecture
+from trainer.files import check_export_room, export_disk_full, is_disk_full, load_tensors
 
 from .errors import ConversionError
 from .hg_to_pp import expected_layer_shapes
@@ -29,7 +30,9 @@ HF_CLASS_SUFFIX = {"lm": "ForCausalLM", "value": "ForSequenceClassification"}
 def load_layer(path: Path) -> dict[str, torch.Tensor]:
     """A layer file, memory-mapped: tensors are read from disk only when touched."""
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        state = load_tensors(path, mmap=True)  # plain tensors only: a pickle of anything else is refused
+    except ConversionError:
+        raise
     except Exception as e:  # a truncated or foreign file
         raise ConversionError(f"{path}: cannot read layer file ({type(e).__name__}: {e})") from None
     if "module" in state and isinstance(state["module"], dict):
@@ -143,6 +146,8 @@ def pp_to_hg(input_path: str, save_path: str, max_shard_size: str = "5GB", overw
     except (ValueError, TypeError):
         raise ConversionError(f"--max-shard-size {max_shard_size!r}: use a size such as 5GB or 500MB") from None
     shards = shard_specs(specs, max_bytes)
+    needed = sum(s.nbytes for s in specs)
+    check_export_room(dest, needed)  # a full disk is one line before writing, or after (partial removed)
 
     tmp = temp_dir_beside(dest)
     try:
@@ -156,8 +161,10 @@ def pp_to_hg(input_path: str, save_path: str, max_shard_size: str = "5GB", overw
             index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         replace_dir(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e, dest, needed):
+            raise export_disk_full(dest, needed) from None
         raise
     return dest
 

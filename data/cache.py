@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -100,18 +99,9 @@ def load_or_build(cache_dir: str, key: str, build: Callable[[], Dict[str, Any]])
                 return payload, True
         log.info("building dataset cache %s (LOCAL_RANK=%s)", path, os.environ.get("LOCAL_RANK", "unset"))
         payload = dict(build(), format=CACHE_FORMAT)
-        tmp_fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}.", suffix=".tmp")
-        try:
-            readable_as_umask(tmp)
-            with os.fdopen(tmp_fd, "wb") as fh:
-                torch.save(payload, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        from trainer.files import save_torch_atomic
+
+        save_torch_atomic(payload, path)
         return payload, False
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -282,7 +282,7 @@ def export_step(step: Step, rank: int) -> int:
     """Collective: rank 0 writes every HF export of the step (pp_to_hg, written whole or not at all,
     then fsynced); the other ranks wait. 0, or 1 with the error printed on rank 0."""
     from convert.pp_to_hg import pp_to_hg
-    from trainer.engine.checkpoint import fsync_tree
+    from trainer.files import fsync_tree
     from trainer.engine.distributed import broadcast_object
 
     problem = None
@@ -318,14 +318,11 @@ def read_state(root: Path) -> dict:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Temporary file named per process (nodes sharing a folder may write at once), fsync, rename."""
+    """trainer.files' atomic write (temporary file named per process, fsync, rename, folder fsync)."""
+    from trainer.files import write_json_atomic as write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.uname().nodename}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write(path, data)
 
 
 def config_sha(step: Step) -> str:

@@ -20,7 +20,7 @@ def main() -> None:
 
     import deepspeed
     import deepspeed.comm as dist
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from compat.checkpoint_files import weights_only_checkpoint_engine
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -47,7 +47,7 @@ def main() -> None:
                 build_layer_specs(config), boundaries=boundaries_from_parts(parts, len(parts), names),
                 topology=PipeDataParallelTopology(num_pp=len(parts), num_dp=1), loss_fn=causal_lm_loss,
             )
-            module.load_state_dir(pp_dir, checkpoint_engine=TorchCheckpointEngine(), strict=True)
+            module.load_state_dir(pp_dir, checkpoint_engine=weights_only_checkpoint_engine(), strict=True)
             engine, *_ = deepspeed.initialize(
                 model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
                 config={"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**9,

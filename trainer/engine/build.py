@@ -1,8 +1,9 @@
 """Build the DeepSpeed pipeline engine for a validated TrainConfig and a ModelPlan.
 
 Order matters: layers are built, weights are loaded strictly from the model path (DeepSpeed's own
-`load_state_dir`), and only then is `deepspeed.initialize` called. Loading after initialize is
-silently undone in bf16: the optimizer's fp32 master weights overwrite the module at the first step.
+`load_state_dir`, each file read with weights_only=True: compat.checkpoint_files), and only then is
+`deepspeed.initialize` called. Loading after initialize is silently undone in bf16: the optimizer's
+fp32 master weights overwrite the module at the first step.
 """
 import contextlib
 import copy
@@ -13,6 +14,7 @@ import logging
 import torch
 from torch import nn
 
+from compat.checkpoint_files import load_state_dir_weights_only
 from compat.private_api import (
     clip_fp32_gradients_over_whole_pipeline,
     local_layers,
@@ -26,6 +28,7 @@ from trainer.config import TrainConfig
 from trainer.engine.optim import build_lion_pytorch, check_deepspeed_lion, is_lion_pytorch, param_groups
 from trainer.engine.plan import ModelPlan
 from trainer.engine.topology import Topology
+from trainer.files import load_tensors, on_every_rank
 
 logger = logging.getLogger(__name__)
 
@@ -64,22 +67,22 @@ def load_weights(module, plan: ModelPlan, seed: int) -> None:
     """Strictly from plan.model_path (a hg_to_pp folder, a training save_path or a global_stepN).
     A value-head pipeline (RM, PPO critic) loaded from an LM checkpoint takes every layer but the
     head, whose weights are then the seeded init; from a value-head checkpoint, every layer."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
     layer_dir, search = resolve_checkpoint_dir(plan.model_path)
     source_head = read_metadata(search).get("head", "lm")
     if source_head == plan.head:
-        module.load_state_dir(str(layer_dir), checkpoint_engine=TorchCheckpointEngine(), strict=True)
+        load_state_dir_weights_only(module, layer_dir)  # collective: a refused file stops every rank
         return
     init_head(module, plan.model_config, seed, plan.head_index)
-    engine = TorchCheckpointEngine()
-    for index, layer in local_layers(module):
-        if index == plan.head_index or not hasattr(layer, "load_state_dict"):
-            continue
-        path = layer_dir / layer_file_name(index)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing layer file for pipe layer {index} ({plan.layer_names[index]})")
-        layer.load_state_dict(engine.load(str(path), map_location="cpu"), strict=True)
+
+    def load_all_but_head():
+        for index, layer in local_layers(module):
+            if index == plan.head_index or not hasattr(layer, "load_state_dict"):
+                continue
+            path = layer_dir / layer_file_name(index)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing layer file for pipe layer {index} ({plan.layer_names[index]})")
+            layer.load_state_dict(load_tensors(path), strict=True)
+    on_every_rank(load_all_but_head)
     synchronize_tied_weights(module)
 
 

@@ -8,8 +8,8 @@
         layer_XX-model_states.pt   DeepSpeed's per-layer weights (what pp_to_hg reads)
         mp_rank_*_model_states.pt, *optim_states.pt   DeepSpeed's optimizer/scheduler state
         trainer_state.json         step, losses, evals, data position, the run's save order
-        rng_rank_RRRR.pt           each rank's torch / CUDA / numpy / python / DeepSpeed
-                                   activation-checkpointing RNG state
+        rng_rank_RRRR.safetensors  each rank's torch / CUDA / numpy / python / DeepSpeed
+        rng_rank_RRRR.json         activation-checkpointing RNG state (trainer/engine/rng_files.py; no pickles)
       critic/, ema/                PPO's companions (`save`'s companions): each a save_path of its own
                                    (side files, global_stepN/, latest), complete before SAVE_PATH/latest moves
 
@@ -31,7 +31,6 @@ import os
 import random
 import re
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -39,10 +38,16 @@ from typing import Optional
 import numpy as np
 import torch
 
+from compat.checkpoint_files import recording_save_errors
 from compat.private_api import load_checkpoint_with_own_model_states
 from models.pipe_dir import CheckpointError, copy_side_files, write_metadata
+from trainer.engine.checkpoint_write import CheckpointWrite
 from trainer.engine.distributed import broadcast_object
 from trainer.engine.guards import check_finite_weights
+from trainer.engine.rng_files import load_rng_state, save_rng_state
+from trainer.files import fsync_tree, on_every_rank
+from trainer.files import write_json_atomic as _write_json_atomic
+from trainer.files import write_text_atomic as _write_text_atomic
 
 logger = logging.getLogger("pipetune")
 TOPOLOGY_FILE = "topology.json"
@@ -182,30 +187,37 @@ def save(engine, save_path: str, step: int, trainer_state: dict, keep: set, comp
     import deepspeed.comm as dist
 
     tag = tag_for(step)
-    engine.save_checkpoint(save_path, tag=tag, save_latest=False)
     companions = companions or {}
-    for name, other in companions.items():
-        other.save_checkpoint(str(Path(save_path) / name), tag=tag, save_latest=False)
     tag_dir = Path(save_path) / tag
     first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    torch.save(rng_state(), tag_dir / f"rng_rank_{dist.get_rank():04d}.pt")
-    dist.barrier()  # every rank's files (DeepSpeed's and the RNG files) are written
-    if first_on_node:
-        _write_json_atomic(tag_dir / "trainer_state.json", trainer_state)
-        fsync_tree(tag_dir)
-        for name in companions:
-            fsync_tree(Path(save_path) / name / tag)
-    dist.barrier()
+    writes = CheckpointWrite(save_path, tag, list(companions))
+    writes.check_room()  # collective: a checkpoint that cannot fit stops every rank before writing
+    with recording_save_errors(engine, *companions.values()) as failures:
+        engine.save_checkpoint(save_path, tag=tag, save_latest=False)
+        for name, other in companions.items():
+            other.save_checkpoint(str(Path(save_path) / name), tag=tag, save_latest=False)
+    writes.agree(failures, lambda: save_rng_state(rng_state(), tag_dir, dist.get_rank()))
+    # ^ collective: every rank's files (DeepSpeed's and the RNG files) are written, or every rank stops
+
+    def state_and_fsync():
+        if first_on_node:
+            _write_json_atomic(tag_dir / "trainer_state.json", trainer_state)
+            fsync_tree(tag_dir)
+            for name in companions:
+                fsync_tree(Path(save_path) / name / tag)
+    writes.agree([], state_and_fsync)
     if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
         os.kill(os.getpid(), 9)
-    if first_on_node:
-        for name in companions:
-            _write_text_atomic(Path(save_path) / name / "latest", tag)
-        _write_text_atomic(Path(save_path) / "latest", tag)
-        prune(save_path, set(keep) | {tag})
-        for name in companions:
-            prune(str(Path(save_path) / name), set(keep) | {tag})
-    dist.barrier()
+
+    def move_latest_and_prune():
+        if first_on_node:
+            for name in companions:
+                _write_text_atomic(Path(save_path) / name / "latest", tag)
+            _write_text_atomic(Path(save_path) / "latest", tag)
+            prune(save_path, set(keep) | {tag})
+            for name in companions:
+                prune(str(Path(save_path) / name), set(keep) | {tag})
+    writes.agree([], move_latest_and_prune)
     return tag
 
 
@@ -238,9 +250,7 @@ def load(engine, root: str, tag: str) -> dict:
                                                          load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag} from {root}")
-    rng_file = tag_dir / f"rng_rank_{dist.get_rank():04d}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    set_rng_state(on_every_rank(load_rng_state, tag_dir, dist.get_rank()))
     return broadcast_object(json.loads((tag_dir / "trainer_state.json").read_text()) if dist.get_rank() == 0 else None)
 
 
@@ -267,7 +277,9 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: Optional[dict]) -> None:
+    if state is None:  # a checkpoint without RNG files
+        return
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -281,35 +293,3 @@ def _checkpointing_rng_tracker():
     from deepspeed.runtime.activation_checkpointing.checkpointing import get_cuda_rng_tracker
 
     return get_cuda_rng_tracker()
-
-
-def fsync_tree(folder: Path) -> None:
-    """Flush every file under `folder`, and the folders, to stable storage: DeepSpeed's torch.save
-    does not fsync, so without this a machine crash after `latest` moved could leave it naming a
-    checkpoint whose files were still only in the page cache."""
-    for path in sorted(folder.rglob("*")) + [folder]:
-        _fsync_path(path)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Temporary file (named per process: nodes that share a save_path may write it at the same
-    time), fsync, os.replace, fsync of the folder so that the rename itself is durable."""
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    _write_text_atomic(path, json.dumps(data, indent=1) + "\n")

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -35,10 +34,10 @@ import torch
 from torch.utils.data import Dataset
 
 from data.batching import collate_pairs
-from data.cache import readable_as_umask
 from models.pipe_dir import find_layer_files, resolve_checkpoint_dir
 from trainer.batches import forward_eval_rows
 from trainer.engine.distributed import all_reduce_sum, broadcast_object
+from trainer.files import load_tensors, save_torch_atomic
 from trainer.rl.dpo import sequence_logps
 
 logger = logging.getLogger("pipetune")
@@ -123,7 +122,7 @@ class ReferenceLogps:
             same = ref_plan.model_path == policy_plan.model_path or identity == reference_identity(cfg, policy_plan)
             train = evals = None
             if os.path.isfile(path):
-                saved = torch.load(path, weights_only=True)
+                saved = load_tensors(path)
                 if saved.get("key") == json.dumps(key_parts, sort_keys=True) and len(saved["train"]) == n_train:
                     train, evals = saved["train"], saved["eval"]
             answer = (key_parts, path, train, evals, same)
@@ -148,17 +147,7 @@ class ReferenceLogps:
         if int(os.environ.get("LOCAL_RANK", 0)) != 0 or os.path.isfile(self.path):
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".ref_logps.", suffix=".tmp")
-        try:
-            readable_as_umask(tmp)
-            with os.fdopen(fd, "wb") as f:
-                torch.save({"key": json.dumps(self.key_parts, sort_keys=True), "train": self.train, "eval": self.eval}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_torch_atomic({"key": json.dumps(self.key_parts, sort_keys=True), "train": self.train, "eval": self.eval}, self.path)
 
 
 def score_pairs(engine, pairs, n_rows: int, cfg, topo) -> torch.Tensor:
