@@ -282,8 +282,8 @@ def export_step(step: Step, rank: int) -> int:
     """Collective: rank 0 writes every HF export of the step (pp_to_hg, written whole or not at all,
     then fsynced); the other ranks wait. 0, or 1 with the error printed on rank 0."""
     from convert.pp_to_hg import pp_to_hg
-    from trainer.files import fsync_tree
     from trainer.engine.distributed import broadcast_object
+    from trainer.files import fsync_tree
 
     problem = None
     if rank == 0:

@@ -48,14 +48,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from trainer.config import RecipeOptions, type_problems
+from trainer.config import type_problems
 from trainer.rl.advantages import ESTIMATORS, KL_IN_REWARD, SCALE_REWARDS
 from trainer.rl.grpo_losses import LOSS_TYPES
 from trainer.rl.ppo_math import KL_ESTIMATORS, KL_LOSS_ESTIMATORS
+from trainer.rl.rollout_options import RolloutOptions
 
 
 @dataclass(frozen=True)
-class GRPOOptions(RecipeOptions):
+class GRPOOptions(RolloutOptions):
     """Stage "grpo"'s keys: the module docstring. Built from the top-level paths and the "grpo" object."""
     LABEL = "GRPO"
     KEYS = ("actor_path", "reward_path", "ref_path", "grpo")
@@ -99,26 +100,8 @@ class GRPOOptions(RecipeOptions):
         return cls(**{k: v for k, v in keys.items() if k != "grpo"}, **section)
 
     @classmethod
-    def shared_defaults(cls, keys: dict) -> dict:
-        return {"model_path": keys["actor_path"]} if isinstance(keys.get("actor_path"), str) else {}
-
-    @classmethod
     def problems(cls, keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[str]:
         return problems(keys, project, ds, pipe)
-
-    def rollout_rows(self, train_batch_size: int) -> int:
-        return (self.rollout_batch_size or train_batch_size) * self.n_samples_per_prompt
-
-    def rollout_width(self, max_seq_len: int) -> int:
-        """Columns of every rollout row: max_seq_len prompt tokens (left-padded) + max_new_tokens."""
-        return max_seq_len + self.max_new_tokens
-
-    def micro_batch_shape(self, cfg) -> tuple[int, int]:
-        return cfg.micro_batch, self.rollout_width(cfg.max_seq_len)
-
-    def generation_shape(self, cfg) -> tuple[int, int, int]:
-        """The actor generates every row of its replica's groups at once (the memory model counts its KV cache)."""
-        return self.rollout_rows(cfg.global_batch) // cfg.model_topo.data, cfg.max_seq_len, self.max_new_tokens
 
     @property
     def epsilon_high_value(self) -> float:

@@ -45,15 +45,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from trainer.config import RecipeOptions, type_problems
+from trainer.config import type_problems
 from trainer.rl.ppo_math import KL_ESTIMATORS, KL_LOSS_ESTIMATORS
+from trainer.rl.rollout_options import RolloutOptions
 
 PATH_KEYS = ("actor_path", "critic_path", "reward_path")  # ref_path is shared with DPO
 CRITIC_KEYS = ("optimizer", "scheduler", "gradient_clipping", "parts")
 
 
 @dataclass(frozen=True)
-class PPOOptions(RecipeOptions):
+class PPOOptions(RolloutOptions):
     """Stage "ppo"'s keys: the module docstring. Built from the top-level paths and the "ppo" object."""
     LABEL = "PPO"
     KEYS = ("actor_path", "critic_path", "reward_path", "ref_path", "ppo")
@@ -100,29 +101,8 @@ class PPOOptions(RecipeOptions):
         return cls(**{k: v for k, v in keys.items() if k != "ppo"}, **section)
 
     @classmethod
-    def shared_defaults(cls, keys: dict) -> dict:
-        # the actor is the run's model (its tokenizer, its parts)
-        return {"model_path": keys["actor_path"]} if isinstance(keys.get("actor_path"), str) else {}
-
-    @classmethod
     def problems(cls, keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[str]:
         return problems(keys, project, ds, pipe)
-
-    def rollout_rows(self, train_batch_size: int) -> int:
-        return (self.rollout_batch_size or train_batch_size) * self.n_samples_per_prompt
-
-    def rollout_width(self, max_seq_len: int) -> int:
-        """Columns of every rollout row: max_seq_len prompt tokens (left-padded) + max_new_tokens answer
-        tokens (right-padded); the width of PPO's training and scoring micro-batches (trainer.rl.rollout)."""
-        return max_seq_len + self.max_new_tokens
-
-    def micro_batch_shape(self, cfg) -> tuple[int, int]:
-        return cfg.micro_batch, self.rollout_width(cfg.max_seq_len)
-
-    def generation_shape(self, cfg) -> tuple[int, int, int]:
-        """The actor generates every row of its replica's share of the rollout at once (prompt at
-        max_seq_len columns, left-padded)."""
-        return self.rollout_rows(cfg.global_batch) // cfg.model_topo.data, cfg.max_seq_len, self.max_new_tokens
 
     @property
     def logprob_temperature(self) -> float:

@@ -1,0 +1,28 @@
+"""What the on-policy recipes (PPO, GRPO) share in their options: the actor is the run's model, and
+a step's rollout is rollout_batch_size prompts x n_samples_per_prompt rows at one fixed width."""
+from trainer.config import RecipeOptions
+
+
+class RolloutOptions(RecipeOptions):
+    """For an options dataclass with actor_path, rollout_batch_size, n_samples_per_prompt and max_new_tokens."""
+
+    @classmethod
+    def shared_defaults(cls, keys: dict) -> dict:
+        # the actor is the run's model (its tokenizer, its parts)
+        return {"model_path": keys["actor_path"]} if isinstance(keys.get("actor_path"), str) else {}
+
+    def rollout_rows(self, train_batch_size: int) -> int:
+        return (self.rollout_batch_size or train_batch_size) * self.n_samples_per_prompt
+
+    def rollout_width(self, max_seq_len: int) -> int:
+        """Columns of every rollout row: max_seq_len prompt tokens (left-padded) + max_new_tokens answer
+        tokens (right-padded); the width of the training and scoring micro-batches (trainer.rl.rollout)."""
+        return max_seq_len + self.max_new_tokens
+
+    def micro_batch_shape(self, cfg) -> tuple[int, int]:
+        return cfg.micro_batch, self.rollout_width(cfg.max_seq_len)
+
+    def generation_shape(self, cfg) -> tuple[int, int, int]:
+        """The actor generates every row of its replica's share of the rollout at once (prompt at
+        max_seq_len columns, left-padded): the memory model counts its KV cache."""
+        return self.rollout_rows(cfg.global_batch) // cfg.model_topo.data, cfg.max_seq_len, self.max_new_tokens
