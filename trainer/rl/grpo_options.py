@@ -218,16 +218,5 @@ def problems(keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[s
                    f"(TRL's default 8), got {opts.n_samples_per_prompt}")
     if not 0 < opts.top_p <= 1:
         out.append(f"grpo.top_p must be in (0, 1] (1 disables it), got {opts.top_p}")
-    tb = ds.get("train_batch_size")
-    if tb:
-        rows = opts.rollout_rows(tb)
-        if rows % tb:
-            out.append(f"grpo: a rollout of rollout_batch_size {opts.rollout_batch_size} x n_samples_per_prompt "
-                       f"{opts.n_samples_per_prompt} = {rows} rows is not a multiple of train_batch_size {tb} "
-                       "(one minibatch per optimizer step); change either")
-        replicas = tb // (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
-        prompts = opts.rollout_batch_size or tb
-        if prompts % replicas:
-            out.append(f"grpo: {prompts} prompts per step (rollout_batch_size) cannot be shared evenly by the {replicas} "
-                       f"data-parallel replicas (a prompt's samples stay on one replica): make it a multiple of {replicas}")
+    out.extend(opts.rollout_problems("grpo", ds))
     return out

@@ -26,3 +26,24 @@ class RolloutOptions(RecipeOptions):
         """The actor generates every row of its replica's share of the rollout at once (prompt at
         max_seq_len columns, left-padded): the memory model counts its KV cache."""
         return self.rollout_rows(cfg.global_batch) // cfg.model_topo.data, cfg.max_seq_len, self.max_new_tokens
+
+    def rollout_problems(self, section: str, ds: dict) -> list[str]:
+        """A step's rollout against the DeepSpeed batch (ds: the batch triple filled in): whole minibatches
+        of train_batch_size rows, and prompts that split evenly over the data-parallel replicas (each
+        prompt's samples stay on one replica). section: the config section the keys are in ("ppo")."""
+        tb = ds.get("train_batch_size")
+        if not tb:
+            return []
+        out = []
+        rows = self.rollout_rows(tb)
+        if rows % tb:
+            out.append(f"{section}: a rollout of rollout_batch_size {self.rollout_batch_size} x n_samples_per_prompt "
+                       f"{self.n_samples_per_prompt} = {rows} rows is not a multiple of train_batch_size {tb} "
+                       "(one minibatch per optimizer step); change either")
+        replicas = tb // (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
+        prompts = self.rollout_batch_size or tb
+        if prompts % replicas:
+            out.append(f"{section}: {prompts} prompts per step (rollout_batch_size) cannot be shared evenly by the {replicas} "
+                       "data-parallel replicas (each prompt's samples stay on one replica): make it a multiple of "
+                       f"{replicas}")
+        return out
