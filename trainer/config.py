@@ -56,6 +56,7 @@ Project keys (all optional unless marked):
 import dataclasses
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,6 +260,27 @@ def type_problems(values: dict, types: dict, prefix: str = "") -> list[str]:
         value = values.get(key)
         if key in values and value is not None and (not isinstance(value, typ) or (typ is int and isinstance(value, bool))):
             out.append(f"{prefix}{key} must be {_type_name(typ)}, got {json.dumps(value)}")
+    return out
+
+
+def section_problems(section: str, raw: dict, keys, numbers=(), integers=(), bools=()) -> list[str]:
+    """A recipe's config section ("ppo": {...}): unknown keys (naming the known ones), and values of the
+    wrong JSON type: finite numbers, integers >= 1 (>= 0 for top_k, where 0 disables it), booleans."""
+    out = []
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        out.append(f"{section}: unknown keys {unknown} (use {', '.join(keys)})")
+    for key in numbers:
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            out.append(f"{section}.{key} must be a finite number, got {json.dumps(value)}")
+    for key in integers:
+        value, least = raw.get(key), 0 if key == "top_k" else 1
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            out.append(f"{section}.{key} must be an integer >= {least}, got {json.dumps(value)}")
+    for key in bools:
+        if key in raw and not isinstance(raw[key], bool):
+            out.append(f"{section}.{key} must be true or false, got {json.dumps(raw[key])}")
     return out
 
 

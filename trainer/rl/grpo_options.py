@@ -48,7 +48,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from trainer.config import type_problems
+from trainer.config import section_problems, type_problems
 from trainer.rl.advantages import ESTIMATORS, KL_IN_REWARD, SCALE_REWARDS
 from trainer.rl.grpo_losses import LOSS_TYPES
 from trainer.rl.ppo_math import KL_ESTIMATORS, KL_LOSS_ESTIMATORS
@@ -149,20 +149,7 @@ def problems(keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[s
     if project.get("from_scratch"):
         out.append("stage \"grpo\" starts from a trained policy (actor_path); from_scratch is not supported")
     raw = keys.get("grpo", {})
-    unknown = sorted(set(raw) - set(KEYS))
-    if unknown:
-        out.append(f"grpo: unknown keys {unknown} (use {', '.join(KEYS)})")
-    for key in _NUMBERS:
-        value = raw.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
-            out.append(f"grpo.{key} must be a finite number, got {json.dumps(value)}")
-    for key in _INTEGERS:
-        value, least = raw.get(key), 0 if key == "top_k" else 1
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-            out.append(f"grpo.{key} must be an integer >= {least}, got {json.dumps(value)}")
-    for key in _BOOLS:
-        if key in raw and not isinstance(raw[key], bool):
-            out.append(f"grpo.{key} must be true or false, got {json.dumps(raw[key])}")
+    out.extend(section_problems("grpo", raw, KEYS, _NUMBERS, _INTEGERS, _BOOLS))
     for key, allowed in (("advantage", ESTIMATORS), ("scale_rewards", SCALE_REWARDS), ("loss_type", LOSS_TYPES),
                          ("kl_estimator", KL_ESTIMATORS)):
         if key in raw and raw[key] not in allowed:

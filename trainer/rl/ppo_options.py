@@ -41,11 +41,10 @@ global_stepN folder):
                        precision (half their memory; a GPU option: bf16 on CPU is ~20x slower)
 """
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from trainer.config import type_problems
+from trainer.config import section_problems, type_problems
 from trainer.rl.ppo_math import KL_ESTIMATORS, KL_LOSS_ESTIMATORS
 from trainer.rl.rollout_options import RolloutOptions
 
@@ -137,20 +136,7 @@ def problems(keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[s
     if project.get("from_scratch"):
         out.append("stage \"ppo\" starts from trained models (actor_path, critic_path); from_scratch is not supported")
     raw = keys.get("ppo", {})
-    unknown = sorted(set(raw) - set(KEYS))
-    if unknown:
-        out.append(f"ppo: unknown keys {unknown} (use {', '.join(KEYS)})")
-    for key in _NUMBERS:
-        value = raw.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
-            out.append(f"ppo.{key} must be a finite number, got {json.dumps(value)}")
-    for key in _INTEGERS:
-        value = raw.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "top_k" else 1)):
-            out.append(f"ppo.{key} must be an integer >= {0 if key == 'top_k' else 1}, got {json.dumps(value)}")
-    for key in _BOOLS:
-        if key in raw and not isinstance(raw[key], bool):
-            out.append(f"ppo.{key} must be true or false, got {json.dumps(raw[key])}")
+    out.extend(section_problems("ppo", raw, KEYS, _NUMBERS, _INTEGERS, _BOOLS))
     if raw.get("kl_estimator", "k1") not in KL_ESTIMATORS:
         out.append(f"ppo.kl_estimator must be one of {list(KL_ESTIMATORS)}, got {raw['kl_estimator']!r}")
     elif raw.get("kl_in_reward") is False and raw.get("kl_estimator", "k1") not in KL_LOSS_ESTIMATORS:
