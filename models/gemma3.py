@@ -9,13 +9,14 @@ Refused (`check_config`): logit soft-capping (`final_logit_softcapping`, `attn_l
 null in the released Gemma 3 configs; the pipeline's LM head and sdpa do not apply them) and
 `use_bidirectional_attention` (an encoder setting).
 """
-import torch
-from torch import nn
-from transformers.models.gemma3.modeling_gemma3 import (Gemma3DecoderLayer, Gemma3RMSNorm, Gemma3RotaryEmbedding,
-                                                        Gemma3TextScaledWordEmbedding)
+from transformers.models.gemma3.modeling_gemma3 import (
+    Gemma3DecoderLayer,
+    Gemma3RMSNorm,
+    Gemma3RotaryEmbedding,
+    Gemma3TextScaledWordEmbedding,
+)
 
-from .llama import RopeFinalNorm, RopePipeBlock
-from .stage_io import join_stage_outputs, split_stage_inputs
+from .llama import RopeEmbedding, RopeFinalNorm, RopePipeBlock
 
 
 def check_config(config) -> None:
@@ -28,21 +29,13 @@ def check_config(config) -> None:
                          "trains causal LMs: set it to false")
 
 
-class Gemma3Embedding(nn.Module):
+class Gemma3Embedding(RopeEmbedding):
     """(input_ids, mask[, seg]) -> (embedding * sqrt(hidden) float[B,T,H], mask[, seg])."""
 
-    def __init__(self, config):
-        super().__init__()
-        self.embed_tokens = Gemma3TextScaledWordEmbedding(config.vocab_size, config.hidden_size, config.pad_token_id,
-                                                          embed_scale=config.hidden_size ** 0.5)
-
-    @property
-    def embedding_weight(self) -> torch.Tensor:
-        return self.embed_tokens.weight
-
-    def forward(self, inputs: tuple) -> tuple:
-        input_ids, attention_mask, segment_ids = split_stage_inputs(inputs)
-        return join_stage_outputs(self.embed_tokens(input_ids), attention_mask, segment_ids)
+    @staticmethod
+    def make_embedding(config):
+        return Gemma3TextScaledWordEmbedding(config.vocab_size, config.hidden_size, config.pad_token_id,
+                                             embed_scale=config.hidden_size ** 0.5)
 
 
 class Gemma3PipeBlock(RopePipeBlock, Gemma3DecoderLayer):

@@ -42,7 +42,12 @@ class RopeEmbedding(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embed_tokens = self.make_embedding(config)
+
+    @staticmethod
+    def make_embedding(config) -> nn.Module:
+        """The token embedding (a family with another one, e.g. Gemma 3's scaled, overrides this)."""
+        return nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
 
     @property
     def embedding_weight(self) -> torch.Tensor:
