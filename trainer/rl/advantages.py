@@ -70,6 +70,8 @@ def centred(scores: torch.Tensor, group: int) -> torch.Tensor:
 def group_std(scores: torch.Tensor, group: int) -> torch.Tensor:
     """The unbiased std of each row's group, float64[R]."""
     g = group_view(scores, group)
+    if g.numel() == 0:  # a stage without the rollout's rows (it only joins the batch sums): no 0/0 warning
+        return g.reshape(-1)
     return g.std(dim=1, keepdim=True).expand_as(g).reshape(-1)
 
 
