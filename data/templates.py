@@ -12,7 +12,8 @@ with the tokenizer's EOS token (the end-of-turn token):
 - conversation: the rounds in order; asks and answers may repeat in a row (each is its own turn).
 - ref_qa:       the reference as a leading "Reference:" block, then the rounds.
 - pairwise:     the prompt (a string = one Human turn, or rounds), then ``chosen`` or ``rejected``.
-- prompt:       the prompt followed by the generation prompt "\\n\\nAssistant:\\n" (for PPO rollouts).
+- prompt:       the prompt followed by the generation prompt "\\n\\nAssistant:\\n" (for PPO rollouts); a
+                leading ["system", text] round renders as ref_qa's "Reference:" block.
 - ranked:       the prompt, then one of its ``responses`` (side ``"responses[k]"``, ``response_side(k)``;
                 side "chosen" means the best, responses[0]).
 - pretrain:     the raw text + EOS, no template.
@@ -40,7 +41,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 SEP = "\n\n"  # between turns
 HEADERS = {"system": "Reference:\n", "user": "Human:\n", "assistant": "Assistant:\n"}
-ROLE_OF = {"ask": "user", "ans": "assistant"}
+ROLE_OF = {"ask": "user", "ans": "assistant", "system": "system"}  # "system": a prompt record's first round
 _HEADER_TEXTS = frozenset(HEADERS.values())
 
 # Jinja twin of render_messages(). Keep the two in step (tests/test_data_templates.py checks equality).

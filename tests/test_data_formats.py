@@ -160,7 +160,8 @@ BAD = {
         ({"messages": [msg("user", "Hi"), msg("tool", "x")]},
          "field 'messages[1].role': unknown role \"tool\"; use 'user', 'assistant', 'system'"),
         ({"messages": [msg("user", "Hi")]},
-         "field 'messages': has no answer: add an assistant message (nothing would be trained on)"),
+         "field 'messages': has no answer: add an assistant message (nothing would be trained on); as a prompt "
+         "ending with a user message it serves PPO/GRPO (kind \"prompt\")"),
         ({"messages": [msg("user", "Hi"), msg("system", "late"), msg("assistant", "x")]},
          "field 'messages[1]': a system message must be the first message"),
         ({"messages": [msg("user", 3), msg("assistant", "x")]}, "field 'messages[0].content': must be a string, got a JSON number"),
@@ -190,7 +191,7 @@ BAD = {
         ({"chosen": "A", "rejected": "B"}, "field 'prompt': missing: give \"prompt\", or chosen and rejected conversations "
          "that start with the same prompt turns"),
         ({"prompt": [msg("system", "S"), msg("user", "Q")], "chosen": "A", "rejected": "B"},
-         "field 'prompt[0]': system messages are not supported here (pairwise and prompt records have no system turn)"),
+         "field 'prompt[0]': system messages are not supported here (pairwise records have no system turn)"),
         ({"prompt": "Q", "chosen": "", "rejected": "B"}, "field 'chosen': is empty"),
         ({"chosen": HH + " ", "rejected": HH + " 5"}, "field 'chosen (turn 4)': is empty"),
     ],
@@ -358,7 +359,8 @@ def test_config_data_path_entries_and_template():
                       template="llama3"))
     assert e.value.problems == [
         "template must be 'pipetune' or 'model', got 'llama3'",
-        'data_path[1]: format "chatml": use one of pipetune, messages, sharegpt, alpaca, preference, completion (or "auto")',
+        'data_path[1]: format "chatml": use one of pipetune, messages, sharegpt, alpaca, preference, completion, qa (or '
+        '"auto")',
         'data_path[2] must be a path (a string) or {"path": ..., "format": ...}, got 3',
         "eval_data_path[0]: unknown keys ['file'] (use \"path\" and \"format\")",
         'eval_data_path[0]: "path" must be a string (a file, glob or folder), got null']
