@@ -9,7 +9,11 @@ reports counts by reason. It prints each file's record format and the record typ
 With ``--tokenizer-path`` it also tokenizes: per-type counts, token-length statistics, how many samples
 would be truncated or dropped at ``--max-seq-len``, and K rendered samples with the trained (unmasked)
 tokens marked ⟦like this⟧ (green when the output is a terminal), so you see exactly what is learned,
-with pipetune's template or (``--template model``) the tokenizer's own chat template.
+with pipetune's template or (``--template model``) the tokenizer's own chat template. With ``--kind
+prompt`` (PPO/GRPO) the records are read as prompts (GSM8K question/answer records and chats ending with
+a user message are prompt records, ``data.formats``); it lists the prompt records' columns (what reward
+functions get besides the prompts) and shows each sample's prompt as rendered, then its record: the
+prompt as the data gave it and its columns.
 
 ``--config`` inspects what a training config trains: its data_path (unless PATHs are given), the
 tokenizer of its model_path, and its max_seq_len, pack, overflow, pad_token, template,
@@ -116,7 +120,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return status
     paths = [p if isinstance(p, dict) or args.format == "auto" else {"path": p, "format": args.format} for p in args.paths]
     if args.tokenizer_path is None:
-        loaded = load_records(paths)
+        loaded = load_records(paths, prompts=args.kind == "prompt")
         if loaded.problems and not args.skip_bad:
             return _fail(DataError(loaded.problems))
         print(f"files: {len(loaded.files)}  valid records: {len(loaded.records)}")
@@ -128,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from transformers import AutoTokenizer  # heavy import only when tokenizing
 
-    from data.dataset import build_dataset
+    from data.dataset import build_dataset, unused_hints
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
     except (OSError, ValueError) as e:
@@ -155,6 +159,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("types used:", json.dumps(tr["types"], ensure_ascii=False))
     if tr["unused"]:
         print(f"types not used by kind={args.kind}:", json.dumps(tr["unused"]))
+        for hint in unused_hints(args.kind, tr["unused"]):
+            print(f"  note: {hint}")
+    if args.kind == "prompt":
+        names = sorted({k for i in range(len(built.train)) for k in built.train.record(i)} - {"prompt"})
+        print("prompt columns (reward functions get them):", ", ".join(names) or "none")
     if st["invalid"]:
         print("dropped bad records:", json.dumps(st["invalid"]))
     print("tokens per sample before fitting:", json.dumps(tr["length_before_fit"]))
@@ -175,6 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.kind == "prompt":
             ids, mask = item
             print(tokenizer.decode(ids[mask.bool()].tolist()))
+            print("[record] " + json.dumps(ds.record(i), ensure_ascii=False))
             continue
         # lm: (inputs, labels); pairwise: (inputs, labels, margin); ranked: (inputs, labels, margin, n_responses)
         (ids, mask, *_), labels = item[:2]
