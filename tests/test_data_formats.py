@@ -104,7 +104,11 @@ PROMPTS = [{"prompt": "Tell me a story."}, {"prompt": [msg("user", "Hi"), msg("a
 PROMPTS_UNIFIED = [{"type": "prompt", "prompt": "Tell me a story."},
                    {"type": "prompt", "rounds": [["ask", "Hi"], ["ans", "Hey"], ["ask", "Joke?"]]},
                    {"type": "prompt", "rounds": [["ask", "Hi"], ["ans", "Hey"], ["ask", "Joke?"]]}]
-CASES = {"messages": (MESSAGES, MESSAGES_UNIFIED, ("lm",)), "sharegpt": (SHAREGPT, SHAREGPT_UNIFIED, ("lm",)),
+QA = [{"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},  # GSM8K
+      {"question": "What is 6 x 7?", "answer": "#### 42", "id": 5}]
+QA_UNIFIED = [{"type": "instruct", "instruct": "Tom has 3 apples and buys 4 more. How many?", "output": "3 + 4 = 7\n#### 7"},
+              {"type": "instruct", "instruct": "What is 6 x 7?", "output": "#### 42"}]  # read as prompts: tests/test_data_prompts.py
+CASES = {"messages": (MESSAGES, MESSAGES_UNIFIED, ("lm",)), "qa": (QA, QA_UNIFIED, ("lm",)), "sharegpt": (SHAREGPT, SHAREGPT_UNIFIED, ("lm",)),
          "alpaca": (ALPACA, ALPACA_UNIFIED, ("lm",)), "completion": (COMPLETION, COMPLETION_UNIFIED, ("lm",)),
          "preference": (PREFERENCE, PREFERENCE_UNIFIED, ("lm", "pairwise", "prompt")),
          "prompt-only": (PROMPTS, PROMPTS_UNIFIED, ("prompt",))}
@@ -195,6 +199,12 @@ BAD = {
         ({"prompt": "Q", "chosen": "", "rejected": "B"}, "field 'chosen': is empty"),
         ({"chosen": HH + " ", "rejected": HH + " 5"}, "field 'chosen (turn 4)': is empty"),
     ],
+    "qa": [
+        ({"question": "Q?", "answer": ""}, "field 'answer': is empty"),
+        ({"question": ["Q?"], "answer": "A"}, "field 'question': must be a string, got a JSON list"),
+        ({"question": "Q?", "answer": "A", "questions": "x"},
+         "field 'questions': unknown field for the qa format: did you mean 'question'? (other unknown fields are ignored)"),
+    ],
     "completion": [
         ({"prompt": [msg("user", "Q")], "completion": [msg("user", "A")]},
          "field 'completion': must be assistant messages (the part that is trained)"),
@@ -202,7 +212,7 @@ BAD = {
     ],
 }
 GOOD = {"messages": MESSAGES[0], "sharegpt": SHAREGPT[0], "alpaca": ALPACA[0], "preference": PREFERENCE[0],
-        "completion": COMPLETION[0]}
+        "completion": COMPLETION[0], "qa": QA[0]}
 
 
 @pytest.mark.parametrize("fmt", sorted(BAD))
