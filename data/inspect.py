@@ -17,7 +17,8 @@ prompt as the data gave it and its columns.
 
 ``--config`` inspects what a training config trains: its data_path (unless PATHs are given), the
 tokenizer of its model_path, and its max_seq_len, pack, overflow, pad_token, template,
-skip_bad_records and split, with the kind of its stage (sft lm, rm ranked, dpo pairwise, ppo prompt);
+skip_bad_records and split, with the kind of its stage (sft lm, rm ranked, dpo pairwise, ppo and grpo
+prompt);
 options given on the command line win. Without a config, --max-seq-len defaults to the trainer's 512.
 """
 from __future__ import annotations
@@ -71,7 +72,7 @@ def mark_trained(tokenizer, ids, trained, color: bool = False) -> str:
 
 
 # The record kind each training stage builds (trainer/recipes/*: prepare(..., kind=...)).
-STAGE_KINDS = {"sft": "lm", "rm": "ranked", "dpo": "pairwise", "ppo": "prompt"}
+STAGE_KINDS = {"sft": "lm", "rm": "ranked", "dpo": "pairwise", "ppo": "prompt", "grpo": "prompt"}
 DEFAULTS = {"max_seq_len": 512, "kind": "lm", "overflow": "truncate", "pack": False, "template": "pipetune"}
 
 
@@ -94,7 +95,8 @@ def _apply_config(args) -> Optional[int]:
         for key, value in found.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
-        args.tokenizer_path = args.tokenizer_path or (cfg.options.actor_path if cfg.stage == "ppo" else cfg.model_path)
+        args.tokenizer_path = args.tokenizer_path or (cfg.options.actor_path if cfg.stage in ("ppo", "grpo")
+                                                      else cfg.model_path)
         args.pad_token = args.pad_token if args.pad_token is not None else cfg.pad_token
         args.skip_bad = args.skip_bad or cfg.skip_bad_records
         extra = {"eval_paths": cfg.eval_data_path, "eval_fraction": cfg.eval_fraction, "seed": cfg.seed,

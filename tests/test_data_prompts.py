@@ -5,7 +5,7 @@ clear meaning for SFT (kind="lm")."""
 import json
 
 import pytest
-from data_fixtures import TOKENIZER_DIRS, load_tokenizer, write_json, write_jsonl
+from data_fixtures import ROOT, TOKENIZER_DIRS, load_tokenizer, write_json, write_jsonl
 
 from data.dataset import build_dataset
 from data.errors import DataError
@@ -219,3 +219,20 @@ def test_inspect_shows_prompts_and_their_records(tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "answer": "x"}])
     assert main([prompts, "--kind", "lm", "--tokenizer-path", TOKENIZER_DIRS["bloom"]]) == 1
     assert "prompt records have no answer to train on: they are PPO/GRPO prompts" in capsys.readouterr().err
+
+
+def test_inspect_a_grpo_config(tmp_path, capsys):
+    """--config of a GRPO run: its prompts (kind prompt), with the actor's tokenizer and the config's template."""
+    from data.inspect import main
+
+    data = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K)
+    cfg = {"stage": "grpo", "actor_path": f"{ROOT}/configs/tiny-llama3", "save_path": str(tmp_path / "out"),
+           "data_path": data, "template": "model", "max_seq_len": 512, "train_steps": 2,
+           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}},
+           "train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+           "grpo": {"reward_funcs": ["math_answer"], "n_samples_per_prompt": 4}}
+    (tmp_path / "grpo.json").write_text(json.dumps(cfg))
+    assert main(["--config", str(tmp_path / "grpo.json"), "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "kind: prompt" in out and "template: the tokenizer's chat template" in out
+    assert "<|start_header_id|>user<|end_header_id|>" in out and "[record] {\"prompt\": \"Natalia" in out
