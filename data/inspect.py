@@ -12,8 +12,8 @@ tokens marked ⟦like this⟧ (green when the output is a terminal), so you see 
 with pipetune's template or (``--template model``) the tokenizer's own chat template. With ``--kind
 prompt`` (PPO/GRPO) the records are read as prompts (GSM8K question/answer records and chats ending with
 a user message are prompt records, ``data.formats``); it lists the prompt records' columns (what reward
-functions get besides the prompts) and shows each sample's prompt as rendered, then its record: the
-prompt as the data gave it and its columns.
+functions get besides the prompts) and shows each sample's record (the prompt as the data gave it and
+its columns), then its prompt as rendered.
 
 ``--config`` inspects what a training config trains: its data_path (unless PATHs are given), the
 tokenizer of its model_path, and its max_seq_len, pack, overflow, pad_token, template,
@@ -185,8 +185,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         item = ds[i]
         if args.kind == "prompt":
             ids, mask = item
+            print("[record] " + json.dumps(ds.record(i), ensure_ascii=False))  # what the reward functions get
             print(tokenizer.decode(ids[mask.bool()].tolist()))
-            print("[record] " + json.dumps(ds.record(i), ensure_ascii=False))
             continue
         # lm: (inputs, labels); pairwise: (inputs, labels, margin); ranked: (inputs, labels, margin, n_responses)
         (ids, mask, *_), labels = item[:2]
