@@ -113,8 +113,8 @@ def undetected_message(obj: dict) -> str:
     keys = ", ".join(sorted(obj)[:8]) or "none"
     return ("cannot tell the record format from the first record's keys (" + keys + "): a unified record has "
             "\"type\"; messages, conversations (ShareGPT), instruction/output (Alpaca), prompt/chosen/rejected "
-            "(preference), prompt/completion or question/answer (qa) name the others. State it with {\"path\": ..., \"format\": ...} "
-            f"({', '.join(FORMATS)})")
+            "(preference), prompt/completion or question/answer (qa) name the others. State it with "
+            f"{{\"path\": ..., \"format\": ...}} ({', '.join(FORMATS)})")
 
 
 class Mapped:
