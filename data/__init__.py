@@ -6,8 +6,9 @@ Nothing is imported here (no import-time work); import the modules you need:
                      shared by sources, formats and records
 - ``data.sources``   data files -> raw records, streamed: ``.json``, ``.jsonl``, ``.parquet``, ``save_to_disk``
                      folders (``pyarrow``/``datasets`` imported only for those); ``{"path", "format"}`` paths
-- ``data.formats``   the ecosystem's record formats (messages, ShareGPT, Alpaca, preference, completion),
-                     detected per file and mapped to the unified record types
+- ``data.formats``   the ecosystem's record formats (messages, ShareGPT, Alpaca, preference, completion,
+                     question/answer), detected per file and mapped to the unified record types (read
+                     as prompts for kind="prompt")
 - ``data.records``   validate records (``validate_record``); ``RecordStream`` / ``load_records``
 - ``data.errors``    ``DataError`` (one line per bad record) and ``Problem``
 - ``data.templates`` the prompt format of every record type (single source of truth),

@@ -27,8 +27,9 @@ tokenizer splits at the header's end, as Llama-3's and Qwen's pre-tokenizers do;
 renders is token for token the context training saw).
 
 Over-long pairwise/prompt samples lose whole context messages from the left (oldest exchanges first,
-re-rendered, so a template's preamble stays); a sample that does not fit with only its last context
-message is dropped. Messages are never cut inside their text.
+re-rendered, so a template's preamble stays; a prompt's system message stays); a sample that does not
+fit with only its last context message (after its system message) is dropped. Messages are never cut
+inside their text.
 """
 from __future__ import annotations
 
@@ -214,14 +215,15 @@ class ModelTemplate:
     def fit_context(self, entries: Sequence[Tuple[Record, str]], max_len: int) -> Optional[List[Sample]]:
         """Pairwise/prompt sides sharing one context -> samples that fit after dropping the same oldest
         context messages from each (a user message starts the kept context, or only the last context
-        message is kept); None when nothing fits."""
+        message is kept; a prompt's system message is kept first); None when nothing fits."""
         sides = [record_turns(rec.type, rec.fields, side) for rec, side in entries]
         gp = entries[0][0].type == "prompt"
         n_context = len(sides[0]) - (0 if gp else 1)
-        starts = [k for k in range(1, n_context) if sides[0][k][0] == "user" or k == n_context - 1]
+        keep = 1 if n_context > 1 and sides[0][0][0] == "system" else 0  # the system message stays
+        starts = [k for k in range(1 + keep, n_context) if sides[0][k][0] == "user" or k == n_context - 1]
         for k in starts:
             try:
-                samples = [self.encode_turns(turns[k:], gp) for turns in sides]
+                samples = [self.encode_turns(turns[:keep] + turns[k:], gp) for turns in sides]
             except (RecordProblem, *_render_errors()):
                 continue  # e.g. a template that needs a user message first
             if all(len(ids) <= max_len for ids, _ in samples):

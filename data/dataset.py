@@ -11,10 +11,12 @@ kind="ranked" (reward model, K-wise): ``RankedDataset``, one item of K rows per 
     K is the most responses of any kept record of the train and eval parts (the same K for both: the
     pipeline needs one row count per micro-batch), ``stats["max_responses"]``; a record with fewer
     responses gets filler rows (counted as ``filler_rows``).
-kind="prompt" (PPO rollouts): ``PromptDataset``, the prompt ending with the generation prompt
-    "Assistant:\\n". Uses prompt records and the prompts of pairwise and ranked records. Each item's
-    record (``PromptDataset.record(i)``: its prompt as given, a string or a list of {"role", "content"}
-    messages, and a prompt record's other fields) is kept for GRPO's reward functions.
+kind="prompt" (PPO/GRPO rollouts): ``PromptDataset``, the prompt ending with the generation prompt
+    "Assistant:\\n". Uses prompt records and the prompts of pairwise and ranked records; the records are
+    read as prompts (``data.formats``: GSM8K question/answer records and chats ending with a user message
+    are prompt records here). Each item's record (``PromptDataset.record(i)``: its prompt as the source
+    gave it, a string or a list of {"role", "content"} messages, system message included, and a prompt
+    record's other fields) is kept for GRPO's reward functions.
 
 Pad id: ``data.tokenize.choose_pad`` (``pad_token`` when given, else the tokenizer's pad, unk, a spare
 special token or BOS; never EOS). Pads are -100 in labels and 0 in attention_mask.
@@ -51,14 +53,29 @@ from data.packing import pack as pack_rows
 from data.records import PathsArg, Record, RecordStream, expand_sources
 from data.schema import RECORD_TYPES
 from data.split import eval_split, split_shares
-from data.templates import TEMPLATE_VERSION, response_side
+from data.templates import ROLE_OF, TEMPLATE_VERSION, response_side
 from data.tokenize import choose_pad, special_token_check, tokenize_for_cut, tokenize_records
 from data.truncate import chunk, fit_context
 
 KINDS = ("lm", "pairwise", "ranked", "prompt")
 _USES = {"lm": ("pretrain", "instruct", "conversation", "ref_qa", "pairwise", "ranked"),
          "pairwise": ("pairwise",), "ranked": ("pairwise", "ranked"), "prompt": ("prompt", "pairwise", "ranked")}
-PAYLOAD_VERSION = 5  # in the cache key: 2 added pairwise margins, 3 the pad choice, 4 formats/template stats, 5 prompt columns
+PAYLOAD_VERSION = 6  # in the cache key: 2 added pairwise margins, 3 the pad choice, 4 formats/template stats, 5 prompt
+# columns, 6 prompts as given (message lists stay lists) and chats / question-answer records read as prompts
+# What to do about records a kind does not use (build_dataset's error, data.inspect's "not used" line).
+UNUSED_HINTS = {
+    "lm": {"prompt": "prompt records have no answer to train on: they are PPO/GRPO prompts (kind=\"prompt\"); for "
+                     "SFT give answers (instruct, conversation, messages ending with an assistant message, or "
+                     "question/answer records)"},
+    "prompt": {t: "kind=\"prompt\" reads prompt records (a prompt without its answer: {\"prompt\": ...}, messages "
+                  "ending with a user message, question/answer records) and the prompts of pairwise and ranked records"
+               for t in ("pretrain", "instruct", "conversation", "ref_qa")},
+}
+
+
+def unused_hints(kind: str, unused: Dict[str, int]) -> List[str]:
+    """One line per distinct hint for the record types ``kind`` did not use (``UNUSED_HINTS``)."""
+    return list(dict.fromkeys(UNUSED_HINTS.get(kind, {})[t] for t in unused if t in UNUSED_HINTS.get(kind, {})))
 
 
 class Built(NamedTuple):
@@ -124,8 +141,9 @@ def build_dataset(data_paths: PathsArg, tokenizer, max_seq_len: int, *, kind: st
     train = _make(payload, "train")
     if len(train) == 0:
         st = payload["stats"]["train"]
+        hints = "".join(f"; {h}" for h in unused_hints(kind, st["unused"]))
         raise ValueError(f"no {kind} samples left to train on (types used: {st['types']}, not used by kind={kind!r}: "
-                         f"{st['unused']}, dropped: {st['dropped']}); check the data, kind, max_seq_len and "
+                         f"{st['unused']}, dropped: {st['dropped']}){hints}; check the data, kind, max_seq_len and "
                          "overflow policy with `python -m data.inspect`")
     return Built(train, _make(payload, "eval"), payload["stats"])
 
@@ -160,9 +178,9 @@ def _build(data_paths, eval_paths, tokenizer, *, kind, pack, overflow, strict, e
            split_index, seed, max_seq_len, batch_size, pad_token, template) -> Dict[str, Any]:
     tpl = make_template(template, tokenizer)
     job = dict(tokenizer=tokenizer, tpl=tpl, kind=kind, overflow=overflow, T=max_seq_len, batch_size=batch_size)
-    main_stream = RecordStream(data_paths)
+    main_stream = RecordStream(data_paths, prompts=kind == "prompt")
     main = _run_stream(main_stream, strict, **job)
-    extra_stream = RecordStream(eval_paths) if eval_paths is not None else None
+    extra_stream = RecordStream(eval_paths, prompts=kind == "prompt") if eval_paths is not None else None
     extra = _run_stream(extra_stream, strict, failed=bool(main.problems + main_stream.problems), **job) \
         if extra_stream is not None else None
     problems: List[Problem] = main_stream.problems + (extra_stream.problems if extra_stream else []) + main.problems \
@@ -307,7 +325,7 @@ def _process(out: _Outcomes, records: List[Record], *, skip: bool, tokenizer, tp
         entries = [(r, side) for r in used for side in _answer_sides(r)]
     elif kind == "prompt":  # a pairwise or ranked record contributes its prompt only
         entries = [(Record("prompt", {k: v for k, v in r.fields.items() if k in ("prompt", "rounds")},
-                           r.file, r.index, r.line, r.format, r.field_map), "") for r in used]
+                           r.file, r.index, r.line, r.format, r.field_map, r.given_prompt), "") for r in used]
     else:  # lm: a pairwise record's chosen answer, a ranked record's best (side "chosen" = responses[0])
         entries = [(r, "chosen") for r in used]
     if skip:  # the build fails: report the special-token problems too, but tokenize nothing
@@ -362,13 +380,16 @@ def _process(out: _Outcomes, records: List[Record], *, skip: bool, tokenizer, tp
 
 
 def prompt_columns(rec: Record) -> dict:
-    """A prompt's record as the reward functions see it: {"prompt": the prompt as given (a string, or
-    {"role", "content"} messages for rounds), **the prompt record's other fields}."""
+    """A prompt's record as the reward functions see it: {"prompt": the prompt as the source gave it
+    (``Record.given_prompt``: a string, or {"role", "content"} messages, system message included); for a
+    unified record its "prompt" string or its rounds as messages, **the prompt record's other fields}."""
     fields = rec.fields
-    if "prompt" in fields:
+    if rec.given_prompt is not None:
+        prompt = rec.given_prompt
+    elif "prompt" in fields:
         prompt = fields["prompt"]
     else:
-        prompt = [{"role": "user" if role == "ask" else "assistant", "content": text} for role, text in fields["rounds"]]
+        prompt = [{"role": ROLE_OF[role], "content": text} for role, text in fields["rounds"]]
     other = {k: v for k, v in fields.items() if k not in ("prompt", "rounds")} if rec.type == "prompt" else {}
     return {"prompt": prompt, **other}
 

@@ -2,14 +2,36 @@
 
     format      a record has           becomes
     pipetune    "type"                 itself (the unified record types)
-    messages    "messages"             conversation; ref_qa when it starts with a system message
-    sharegpt    "conversations"        conversation / ref_qa ("from": human|user, gpt|assistant|chatgpt, system)
+    messages    "messages"             conversation; ref_qa when it starts with a system message;
+                                       prompt (when read as prompts) when it ends with a user message
+    sharegpt    "conversations"        as messages ("from": human|user, gpt|assistant|chatgpt, system)
     alpaca      "instruction"          instruct; conversation / ref_qa with "history" / "system"
     preference  "chosen" + "rejected"  pairwise (prompt + one answer each); "prompt" alone: prompt
     completion  "prompt" + "completion"  instruct (two strings) / conversation (message lists)
+    qa          "question" + "answer"  instruct (question -> answer); prompt (when read as prompts)
+                                       with the answer (and every other field) as columns (GSM8K)
 
 The format is detected per file from its first record (the keys above, in this order; "type" only when
 it names a record type), or stated in the data path: ``{"path": "x.jsonl", "format": "sharegpt"}``.
+
+Read as prompts (``map_record(..., prompts=True)``: what ``build_dataset(kind="prompt")``, PPO's and
+GRPO's data, reads). Two shapes mean different records to different stages, and the stage is known
+only when the data is built, so the mapping takes it:
+
+- A question/answer record (GSM8K: ``{"question": "...", "answer": "... #### 72"}``) is an SFT example
+  (instruct: the question, trained on the answer with its reasoning) and a GRPO prompt whose answer
+  checks the completion (prompt: the question, columns ``answer`` and the record's other fields, which
+  the reward functions get; the built-in math_answer takes what follows "####"). The same file so
+  serves both stages unchanged; for SFT its other fields are ignored, as other formats ignore them.
+- A chat (messages, ShareGPT) ending with a user message is a prompt (TRL's conversational prompt): its
+  messages up to that last user message, a leading system message included (R1-style runs put the
+  format instruction there), other fields as columns. Anywhere else it is what it always was: a
+  conversation still needs an answer ("has no answer"), so an SFT file with a truncated chat is
+  reported, not silently skipped.
+
+A prompt record keeps the prompt as the source gave it (``Mapped.prompt``; ``data.records.Record.
+given_prompt``): the string, or the message list as {"role", "content"} dicts (system message
+included), which is what the reward functions receive as ``prompts``.
 
 Preference records (Anthropic HH, Dahoas, TRL, UltraFeedback): ``prompt``, ``chosen`` and ``rejected``
 are each a string or a list of messages. A string that starts with "Human:" or "Assistant:" (after
@@ -22,8 +44,10 @@ of each must be one assistant message.
 
 System messages: a first, non-empty system message becomes the ``reference`` of a ref_qa record (the
 unified types' one system slot: pipetune's template renders it as "Reference:", the model's own
-template as its system message). An empty system message or alpaca ``input`` counts as absent (as
-exported data sets write them). Pairwise and prompt records have no system turn: such records are errors.
+template as its system message). A prompt record carries it as a leading ``["system", text]`` round
+(not a field: a prompt record's other fields are the reward functions' columns, and "reference" is a
+likely column name), rendered the same way. An empty system message or alpaca ``input`` counts as
+absent (as exported data sets write them). Pairwise records have no system turn: such records are errors.
 
 Columns that a format does not use are ignored (data sets carry ids, scores, sources), except names
 close to the format's own keys ("inputs", "instrution", "conversation"): those are errors, so a typo
@@ -50,6 +74,7 @@ KEYS = {
     "alpaca": ("instruction", "input", "output", "system", "history"),
     "preference": ("prompt", "chosen", "rejected"),
     "completion": ("prompt", "completion"),
+    "qa": ("question", "answer"),
 }
 MESSAGE_ROLES = {"user": "ask", "assistant": "ans", "system": "system"}
 SHAREGPT_ROLES = {"human": "ask", "user": "ask", "gpt": "ans", "assistant": "ans", "chatgpt": "ans", "system": "system"}
@@ -77,6 +102,8 @@ def detect_format(obj: dict) -> Optional[str]:
         return "alpaca"
     if "prompt" in obj:
         return "preference"
+    if "question" in obj and "answer" in obj:
+        return "qa"
     if "type" in obj:
         return "pipetune"
     return None
@@ -86,31 +113,35 @@ def undetected_message(obj: dict) -> str:
     keys = ", ".join(sorted(obj)[:8]) or "none"
     return ("cannot tell the record format from the first record's keys (" + keys + "): a unified record has "
             "\"type\"; messages, conversations (ShareGPT), instruction/output (Alpaca), prompt/chosen/rejected "
-            "(preference) or prompt/completion name the others. State it with {\"path\": ..., \"format\": ...} "
-            f"({', '.join(FORMATS)})")
+            "(preference), prompt/completion or question/answer (qa) name the others. State it with "
+            f"{{\"path\": ..., \"format\": ...}} ({', '.join(FORMATS)})")
 
 
 class Mapped:
-    """A source record mapped to a unified record object (``obj`` None when it could not be mapped)."""
+    """A source record mapped to a unified record object (``obj`` None when it could not be mapped).
+    ``prompt``: the prompt as the source gave it (a string or {"role", "content"} messages), for records
+    whose prompt came from one source field as a whole; else None."""
 
-    def __init__(self, obj: Optional[dict], problems: BadList, fields: Dict[str, str]):
-        self.obj, self.problems, self.fields = obj, problems, fields
+    def __init__(self, obj: Optional[dict], problems: BadList, fields: Dict[str, str], prompt: Any = None):
+        self.obj, self.problems, self.fields, self.prompt = obj, problems, fields, prompt
 
 
-def map_record(fmt: str, obj: dict) -> Mapped:
-    """A record object of format ``fmt`` (not "pipetune") -> the unified record object."""
-    m = _Mapper(fmt)
+def map_record(fmt: str, obj: dict, prompts: bool = False) -> Mapped:
+    """A record object of format ``fmt`` (not "pipetune") -> the unified record object. ``prompts``: the
+    records are read as prompts (kind="prompt"; the module docstring)."""
+    m = _Mapper(fmt, prompts)
     m.typo_keys(obj)
     out = {"messages": m.messages, "sharegpt": m.sharegpt, "alpaca": m.alpaca, "preference": m.preference,
-           "completion": m.completion}[fmt](obj)
+           "completion": m.completion, "qa": m.qa}[fmt](obj)
     if m.problems:
         return Mapped(None, m.problems, m.fields)
-    return Mapped(out, [], m.fields)
+    return Mapped(out, [], m.fields, m.given)
 
 
 class _Mapper:
-    def __init__(self, fmt: str):
-        self.fmt, self.problems, self.fields = fmt, [], {}
+    def __init__(self, fmt: str, prompts: bool = False):
+        self.fmt, self.prompts, self.problems, self.fields = fmt, prompts, [], {}
+        self.given: Any = None  # the prompt as the source gave it (Mapped.prompt)
 
     def bad(self, field: Optional[str], message: str, reason: str = "bad_value") -> None:
         self.problems.append((field, message, reason))
@@ -175,13 +206,15 @@ class _Mapper:
             if role == "system":
                 self.bad(where.rsplit(".", 1)[0], "a system message must be the first message", "bad_value")
         if system is not None and not allowed:
-            self.bad(system[2].rsplit(".", 1)[0], "system messages are not supported here (pairwise and prompt records "
-                     "have no system turn)", "bad_value")
+            self.bad(system[2].rsplit(".", 1)[0], "system messages are not supported here (pairwise records have no "
+                     "system turn)", "bad_value")
         return system, rest
 
     def need_answer(self, turns: List[Turn], field: str, what: str = "an assistant message") -> None:
         if not any(role == "ans" for role, _, _ in turns):
-            self.bad(field, f"has no answer: add {what} (nothing would be trained on)", "no_answer")
+            hint = "; as a prompt ending with a user message it serves PPO/GRPO (kind \"prompt\")" \
+                if turns and turns[-1][0] == "ask" else ""
+            self.bad(field, f"has no answer: add {what} (nothing would be trained on){hint}", "no_answer")
 
     def chat(self, system: Optional[Turn], turns: List[Turn]) -> dict:
         """Turns -> a conversation or ref_qa object, recording the field map."""
@@ -204,6 +237,9 @@ class _Mapper:
         if turns is None:
             return None
         system, rest = self.split_system(turns, "messages")
+        if self.prompts and rest and rest[-1][0] == "ask":  # TRL's conversational prompt
+            self.given = [{"role": m["role"], "content": m["content"]} for m in obj["messages"]]
+            return self.chat_prompt(system, rest, obj, "messages")
         self.need_answer(rest, "messages")
         self.fields["rounds"] = "messages"
         return self.chat(system, rest)
@@ -217,9 +253,31 @@ class _Mapper:
         if isinstance(obj.get("system"), str) and obj["system"].strip():
             turns = [("system", obj["system"], "system")] + turns
         system, rest = self.split_system(turns, "conversations")
+        if self.prompts and rest and rest[-1][0] == "ask":
+            self.given = [{"role": _ROLE_NAMES[role], "content": text} for role, text, _ in turns]
+            return self.chat_prompt(system, rest, obj, "conversations", ("conversations", "system"))
         self.need_answer(rest, "conversations", 'a "gpt" message')
         self.fields["rounds"] = "conversations"
         return self.chat(system, rest)
+
+    def chat_prompt(self, system: Optional[Turn], turns: List[Turn], obj: dict, field: str,
+                    keys: Tuple[str, ...] = ("messages",)) -> dict:
+        """A chat ending with a user turn, read as a prompt: its turns (a system turn first as a ["system",
+        text] round), the record's other fields as columns."""
+        columns = {k: v for k, v in obj.items() if k not in keys and k != "type"}
+        return self.prompt_fields({"type": "prompt", **columns}, ([system] if system else []) + turns, field)
+
+    def qa(self, obj: dict) -> Optional[dict]:
+        """GSM8K-style question/answer: instruct, or (read as prompts) a prompt with the answer as a column."""
+        if not (self.need(obj, "question") & self.need(obj, "answer")):
+            return None
+        if self.prompts:
+            self.fields["prompt"] = "question"
+            self.given = obj["question"]
+            columns = {k: v for k, v in obj.items() if k not in ("question", "type")}
+            return {"type": "prompt", "prompt": obj["question"], **columns}
+        self.fields.update(instruct="question", output="answer")
+        return {"type": "instruct", "instruct": obj["question"], "output": obj["answer"]}
 
     def alpaca(self, obj: dict) -> Optional[dict]:
         ok = self.need(obj, "instruction") & self.need(obj, "output")
@@ -276,12 +334,15 @@ class _Mapper:
     def preference(self, obj: dict) -> Optional[dict]:
         has_c, has_r = "chosen" in obj, "rejected" in obj
         prompt = self.side(obj["prompt"], "prompt", "ask") if "prompt" in obj else []
-        if not (has_c or has_r):  # a prompt-only record (PPO prompts)
+        if not (has_c or has_r):  # a prompt-only record (PPO/GRPO prompts; TRL's prompt column)
             if not self.need(obj, "prompt") or prompt is None:
                 return None
-            _, prompt = self.split_system(prompt, "prompt", allowed=False)
+            system, prompt = self.split_system(prompt, "prompt")
             columns = {k: v for k, v in obj.items() if k not in KEYS["preference"] and k != "type"}
-            return None if self.problems else self.prompt_fields({"type": "prompt", **columns}, prompt, obj)
+            if self.problems:
+                return None
+            self.given = _given(obj["prompt"])
+            return self.prompt_fields({"type": "prompt", **columns}, ([system] if system else []) + prompt, "prompt")
         if not (self.need(obj, "chosen") & self.need(obj, "rejected")):
             return None
         chosen, rejected = self.side(obj["chosen"], "chosen", "ans"), self.side(obj["rejected"], "rejected", "ans")
@@ -307,20 +368,25 @@ class _Mapper:
         _, context = self.split_system(context, "prompt", allowed=False)
         if self.problems:
             return None
+        if "prompt" in obj and len(context) == len(prompt):  # the explicit prompt is the whole context
+            self.given = _given(obj["prompt"])
         answers = [chosen[shared][1], rejected[shared][1]]
         if isinstance(obj.get("prompt"), str) and _HH_START.match(obj["prompt"]):
             # Dahoas style: the prompt ends with "Assistant:" and each answer continues it (" The answer")
             answers = [a.strip() if isinstance(a, str) and s[2] == k else a
                        for a, s, k in zip(answers, (chosen[shared], rejected[shared]), ("chosen", "rejected"))]
-        return self.prompt_fields({"type": "pairwise", "chosen": answers[0], "rejected": answers[1]}, context, obj)
+        return self.prompt_fields({"type": "pairwise", "chosen": answers[0], "rejected": answers[1]}, context,
+                                  "prompt" if "prompt" in obj else "chosen")
 
-    def prompt_fields(self, out: dict, context: List[Turn], obj: dict) -> dict:
+    def prompt_fields(self, out: dict, context: List[Turn], field: str) -> dict:
+        """The prompt of a pairwise/prompt object: "prompt" for one user turn, else "rounds" (a system
+        turn first becomes a ["system", text] round: prompt records only). ``field``: the source's."""
         if len(context) == 1 and context[0][0] == "ask":
             out["prompt"] = context[0][1]
             self.fields["prompt"] = context[0][2]
             return out
         rounds = self.chat(None, context)["rounds"]
-        self.fields["rounds"] = "prompt" if "prompt" in obj else "chosen"
+        self.fields["rounds"] = field
         out["rounds"] = rounds
         return out
 
@@ -334,6 +400,13 @@ def hh_turns(text: str, field: str, drop_open_answer: bool) -> List[Turn]:
     if drop_open_answer and turns and turns[-1][0] == "ans" and not turns[-1][1]:
         turns.pop()
     return turns
+
+
+def _given(value: Any) -> Any:
+    """A preference prompt as given: a string, or its messages as {"role", "content"} dicts."""
+    if isinstance(value, list):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    return value
 
 
 def _same(a: List[Turn], b: List[Turn]) -> bool:

@@ -9,11 +9,16 @@ reports counts by reason. It prints each file's record format and the record typ
 With ``--tokenizer-path`` it also tokenizes: per-type counts, token-length statistics, how many samples
 would be truncated or dropped at ``--max-seq-len``, and K rendered samples with the trained (unmasked)
 tokens marked ⟦like this⟧ (green when the output is a terminal), so you see exactly what is learned,
-with pipetune's template or (``--template model``) the tokenizer's own chat template.
+with pipetune's template or (``--template model``) the tokenizer's own chat template. With ``--kind
+prompt`` (PPO/GRPO) the records are read as prompts (GSM8K question/answer records and chats ending with
+a user message are prompt records, ``data.formats``); it lists the prompt records' columns (what reward
+functions get besides the prompts) and shows each sample's record (the prompt as the data gave it and
+its columns), then its prompt as rendered.
 
 ``--config`` inspects what a training config trains: its data_path (unless PATHs are given), the
 tokenizer of its model_path, and its max_seq_len, pack, overflow, pad_token, template,
-skip_bad_records and split, with the kind of its stage (sft lm, rm ranked, dpo pairwise, ppo prompt);
+skip_bad_records and split, with the kind of its stage (sft lm, rm ranked, dpo pairwise, ppo and grpo
+prompt);
 options given on the command line win. Without a config, --max-seq-len defaults to the trainer's 512.
 """
 from __future__ import annotations
@@ -67,7 +72,7 @@ def mark_trained(tokenizer, ids, trained, color: bool = False) -> str:
 
 
 # The record kind each training stage builds (trainer/recipes/*: prepare(..., kind=...)).
-STAGE_KINDS = {"sft": "lm", "rm": "ranked", "dpo": "pairwise", "ppo": "prompt"}
+STAGE_KINDS = {"sft": "lm", "rm": "ranked", "dpo": "pairwise", "ppo": "prompt", "grpo": "prompt"}
 DEFAULTS = {"max_seq_len": 512, "kind": "lm", "overflow": "truncate", "pack": False, "template": "pipetune"}
 
 
@@ -90,7 +95,8 @@ def _apply_config(args) -> Optional[int]:
         for key, value in found.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
-        args.tokenizer_path = args.tokenizer_path or (cfg.options.actor_path if cfg.stage == "ppo" else cfg.model_path)
+        args.tokenizer_path = args.tokenizer_path or (cfg.options.actor_path if cfg.stage in ("ppo", "grpo")
+                                                      else cfg.model_path)
         args.pad_token = args.pad_token if args.pad_token is not None else cfg.pad_token
         args.skip_bad = args.skip_bad or cfg.skip_bad_records
         extra = {"eval_paths": cfg.eval_data_path, "eval_fraction": cfg.eval_fraction, "seed": cfg.seed,
@@ -116,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return status
     paths = [p if isinstance(p, dict) or args.format == "auto" else {"path": p, "format": args.format} for p in args.paths]
     if args.tokenizer_path is None:
-        loaded = load_records(paths)
+        loaded = load_records(paths, prompts=args.kind == "prompt")
         if loaded.problems and not args.skip_bad:
             return _fail(DataError(loaded.problems))
         print(f"files: {len(loaded.files)}  valid records: {len(loaded.records)}")
@@ -128,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from transformers import AutoTokenizer  # heavy import only when tokenizing
 
-    from data.dataset import build_dataset
+    from data.dataset import build_dataset, unused_hints
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
     except (OSError, ValueError) as e:
@@ -155,6 +161,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("types used:", json.dumps(tr["types"], ensure_ascii=False))
     if tr["unused"]:
         print(f"types not used by kind={args.kind}:", json.dumps(tr["unused"]))
+        for hint in unused_hints(args.kind, tr["unused"]):
+            print(f"  note: {hint}")
+    if args.kind == "prompt":
+        names = sorted({k for i in range(len(built.train)) for k in built.train.record(i)} - {"prompt"})
+        print("prompt columns (reward functions get them):", ", ".join(names) or "none")
     if st["invalid"]:
         print("dropped bad records:", json.dumps(st["invalid"]))
     print("tokens per sample before fitting:", json.dumps(tr["length_before_fit"]))
@@ -174,6 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         item = ds[i]
         if args.kind == "prompt":
             ids, mask = item
+            print("[record] " + json.dumps(ds.record(i), ensure_ascii=False))  # what the reward functions get
             print(tokenizer.decode(ids[mask.bool()].tolist()))
             continue
         # lm: (inputs, labels); pairwise: (inputs, labels, margin); ranked: (inputs, labels, margin, n_responses)

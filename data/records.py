@@ -7,7 +7,8 @@ Record types (see docs/data_format.md):
     conversation  {"rounds": [["ask"|"ans", text], ...]}  at least one "ans"
     ref_qa        {"reference", "rounds"}
     pairwise      {"prompt" | "rounds", "chosen", "rejected", "margin"?}  (margin: a number, default 0)
-    prompt        {"prompt" | "rounds", ...}  (any other field is a column: GRPO's reward functions get it)
+    prompt        {"prompt" | "rounds", ...}  (any other field is a column: GRPO's reward functions get it;
+                  the rounds may start with one ["system", text] round: the prompt's system message)
     ranked        {"prompt" | "rounds", "responses": [best, ..., worst]}  (K >= 2 distinct answers)
 
 Every record may also carry "id" and "meta" (ignored). Any other key is an error, so typos such as
@@ -17,6 +18,9 @@ fields (e.g. "answer") are kept in ``fields`` for the reward functions.
 Files are read by ``data.sources`` (.json, .jsonl, .parquet, save_to_disk folders); records in the
 ecosystem's formats (messages, ShareGPT, Alpaca, preference, prompt/completion) are mapped to these
 types by ``data.formats`` and then validated the same way, their problems naming the source's fields.
+``prompts=True`` (``build_dataset(kind="prompt")``) reads them as prompts: question/answer records and
+chats ending with a user message become prompt records (``data.formats``), and a prompt record from
+such a format keeps its prompt as the source gave it (``Record.given_prompt``).
 
 ``RecordStream`` yields the valid records one at a time (bounded memory) and collects the problems;
 ``load_records`` keeps them all. Neither raises for bad data: they give the valid records plus one
@@ -34,7 +38,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from data.errors import Problem
 from data.formats import detect_format, map_record, undetected_message
 from data.hashing import file_sha256
-from data.schema import IGNORED_KEYS, RECORD_TYPES, ROLES, json_type
+from data.schema import IGNORED_KEYS, RECORD_TYPES, ROLES, SYSTEM_ROLE, json_type
 from data.sources import PathsArg, data_path_problems, expand_paths, expand_sources, read_source
 
 __all__ = ["Record", "LoadResult", "RecordStream", "load_records", "validate_record", "to_record", "expand_paths",
@@ -59,7 +63,8 @@ _HAS_ROUNDS = {"conversation": "required", "ref_qa": "required", "pairwise": "pr
 class Record:
     """One validated record. ``fields`` holds the unified keys minus "type"/"id"/"meta";
     ``rounds`` are tuples ``(role, text)``. ``format``: the file's record format; ``field_map``: unified
-    field name -> the source record's (None for unified records)."""
+    field name -> the source record's (None for unified records); ``given_prompt``: the prompt as the
+    source record gave it (a string or {"role", "content"} messages; None: as the unified fields say)."""
     type: str
     fields: dict
     file: str
@@ -67,6 +72,7 @@ class Record:
     line: Optional[int] = None  # 1-based line (JSONL only)
     format: str = "pipetune"
     field_map: Optional[Dict[str, str]] = None
+    given_prompt: Any = None
 
     def source_field(self, field: Optional[str]) -> Optional[str]:
         """The user's name for a unified field (e.g. "rounds[1][1]" -> "messages[2].content")."""
@@ -85,9 +91,11 @@ class LoadResult:
 
 class RecordStream:
     """The valid records of ``data_paths`` in order, one at a time; ``problems``, ``files`` (path,
-    sha256) and ``formats`` (data path, record format) fill in as it is iterated (once)."""
+    sha256) and ``formats`` (data path, record format) fill in as it is iterated (once). ``prompts``:
+    read the records as prompts (module docstring)."""
 
-    def __init__(self, data_paths: PathsArg):
+    def __init__(self, data_paths: PathsArg, prompts: bool = False):
+        self.prompts = prompts
         self.sources, self.problems = expand_sources(data_paths)
         self.files: List[Tuple[str, str]] = []
         self.formats: List[Tuple[str, str]] = []
@@ -108,32 +116,32 @@ class RecordStream:
                         self.problems.append(Problem(src.path, undetected_message(obj), reason="unknown_format"))
                         break
                     self.formats.append((src.path, fmt))
-                rec, bad = to_record(obj, fmt or "pipetune", src.path, index, line)
+                rec, bad = to_record(obj, fmt or "pipetune", src.path, index, line, self.prompts)
                 self.problems.extend(bad)
                 if rec is not None:
                     yield rec
 
 
-def load_records(data_paths: PathsArg) -> LoadResult:
-    """Read and validate every record of every file; never raises for bad data."""
-    stream = RecordStream(data_paths)
+def load_records(data_paths: PathsArg, prompts: bool = False) -> LoadResult:
+    """Read and validate every record of every file (as prompts: ``prompts``); never raises for bad data."""
+    stream = RecordStream(data_paths, prompts)
     records = list(stream)
     return LoadResult(records, stream.problems, stream.files, stream.formats)
 
 
-def to_record(obj: Any, fmt: str, file: str, index: int, line: Optional[int] = None
+def to_record(obj: Any, fmt: str, file: str, index: int, line: Optional[int] = None, prompts: bool = False
               ) -> Tuple[Optional[Record], List[Problem]]:
     """A record object of format ``fmt`` -> (Record, []) or (None, problems naming the source's fields)."""
     if fmt == "pipetune" or not isinstance(obj, dict):
         return validate_record(obj, file, index, line)
-    mapped = map_record(fmt, obj)
+    mapped = map_record(fmt, obj, prompts)
     if mapped.obj is None:
         return None, [Problem(file, msg, record=index, line=line, field=field, reason=reason)
                       for field, msg, reason in mapped.problems]
     rec, problems = validate_record(mapped.obj, file, index, line)
     if rec is None:
         return None, [dataclasses.replace(p, field=mapped.fields.get(p.field, p.field)) for p in problems]
-    rec.format, rec.field_map = fmt, mapped.fields
+    rec.format, rec.field_map, rec.given_prompt = fmt, mapped.fields, mapped.prompt
     return rec, []
 
 
@@ -198,7 +206,7 @@ def validate_record(obj: Any, file: str, index: int, line: Optional[int] = None
         elif has_p:
             problems.extend(_check_text(obj["prompt"], "prompt", bad))
         else:
-            problems.extend(_check_rounds(obj["rounds"], bad, need_answer=False))
+            problems.extend(_check_rounds(obj["rounds"], bad, need_answer=False, system_first=rtype == "prompt"))
     if problems:
         return None, problems
     fields = {k: v for k, v in obj.items() if k not in ("type", *IGNORED_KEYS)}
@@ -241,7 +249,8 @@ def _check_responses(responses: Any, bad) -> list[Problem]:
     return problems
 
 
-def _check_rounds(rounds: Any, bad, need_answer: bool) -> List[Problem]:
+def _check_rounds(rounds: Any, bad, need_answer: bool, system_first: bool = False) -> List[Problem]:
+    """``system_first``: a ["system", text] round may come first (a prompt record's system message)."""
     if not isinstance(rounds, list):
         return [bad("rounds", f"must be a list of [role, text] pairs, got a JSON {json_type(rounds)}", "bad_value")]
     if not rounds:
@@ -254,7 +263,15 @@ def _check_rounds(rounds: Any, bad, need_answer: bool) -> List[Problem]:
                                 "bad_value"))
             continue
         role, text = turn
-        if role not in ROLES:
+        if role == SYSTEM_ROLE and system_first and i == 0:
+            if len(rounds) == 1:
+                problems.append(bad("rounds", "has only a system round: add the prompt's [\"ask\", text] round",
+                                    "missing_field"))
+        elif role == SYSTEM_ROLE:
+            where_ok = "first in a prompt record's rounds" if system_first else "in prompt records only (as their first round)"
+            problems.append(bad(where + "[0]", f"a 'system' round is allowed {where_ok}; use 'ask' or 'ans' here",
+                                "unknown_role"))
+        elif role not in ROLES:
             problems.append(bad(where + "[0]", f"unknown role {role!r}; use 'ask' or 'ans'", "unknown_role"))
         problems.extend(_check_text(text, where + "[1]", bad))
     if need_answer and not problems and not any(role == "ans" for role, _ in rounds):

@@ -12,7 +12,8 @@ with the tokenizer's EOS token (the end-of-turn token):
 - conversation: the rounds in order; asks and answers may repeat in a row (each is its own turn).
 - ref_qa:       the reference as a leading "Reference:" block, then the rounds.
 - pairwise:     the prompt (a string = one Human turn, or rounds), then ``chosen`` or ``rejected``.
-- prompt:       the prompt followed by the generation prompt "\\n\\nAssistant:\\n" (for PPO rollouts).
+- prompt:       the prompt followed by the generation prompt "\\n\\nAssistant:\\n" (for PPO rollouts); a
+                leading ["system", text] round renders as ref_qa's "Reference:" block.
 - ranked:       the prompt, then one of its ``responses`` (side ``"responses[k]"``, ``response_side(k)``;
                 side "chosen" means the best, responses[0]).
 - pretrain:     the raw text + EOS, no template.
@@ -40,7 +41,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 SEP = "\n\n"  # between turns
 HEADERS = {"system": "Reference:\n", "user": "Human:\n", "assistant": "Assistant:\n"}
-ROLE_OF = {"ask": "user", "ans": "assistant"}
+ROLE_OF = {"ask": "user", "ans": "assistant", "system": "system"}  # "system": a prompt record's first round
 _HEADER_TEXTS = frozenset(HEADERS.values())
 
 # Jinja twin of render_messages(). Keep the two in step (tests/test_data_templates.py checks equality).
@@ -171,16 +172,19 @@ class ContextLayout(NamedTuple):
     The text is ``context + tail``: the context is the prompt's turns, the tail (always kept whole) is
     the separator before the last header and what follows it: the scored answer and its EOS
     (pairwise), or the generation prompt (prompt). Over-long samples lose context from the left: whole
-    oldest exchanges first, then the start of the last context turn's text, keeping its header."""
+    oldest exchanges first, then the start of the last context turn's text, keeping its header. A
+    prompt's system message (its first turn, before other context turns) is kept whole, as BOS is: it
+    is the prefix ``[0, prefix_end)`` (its "Reference:" block and the separator after it)."""
     turn_starts: Tuple[int, ...]  # where the context may start: the first turn, each later user turn and
                                   # the last turn (their headers), oldest first
     content: Tuple[int, int]      # [start, end) of the last context turn's text
     tail_start: int               # start of the separator before the answer/generation-prompt header
+    prefix_end: int = 0           # end of what is always kept before the context (the system message)
 
     def shifted(self, n: int) -> "ContextLayout":
         """The layout after ``n`` characters (the BOS text) are prepended."""
         return ContextLayout(tuple(t + n for t in self.turn_starts), (self.content[0] + n, self.content[1] + n),
-                             self.tail_start + n)
+                             self.tail_start + n, self.prefix_end + n)
 
 
 def context_layout(pieces: Sequence[Piece]) -> Optional[ContextLayout]:
@@ -197,12 +201,15 @@ def context_layout(pieces: Sequence[Piece]) -> Optional[ContextLayout]:
     if len(headers) < 2 or headers[-1] == 0 or pieces[headers[-1] - 1].text != SEP:
         return None
     context = headers[:-1]
+    prefix_end = 0
+    if len(context) > 1 and pieces[context[0]].text == HEADERS["system"]:  # a prompt's system message: kept
+        prefix_end, context = starts[context[1]], context[1:]
     if context[-1] not in contents:
         return None
     # Cut points: a context may start at its first turn, at any later user turn (an exchange is
     # dropped whole), or at its last turn.
     cuts = sorted({context[0], context[-1]} | {h for h in context if pieces[h].text == HEADERS["user"]})
-    return ContextLayout(tuple(starts[h] for h in cuts), contents[context[-1]], starts[headers[-1] - 1])
+    return ContextLayout(tuple(starts[h] for h in cuts), contents[context[-1]], starts[headers[-1] - 1], prefix_end)
 
 
 def join_pieces(pieces: Sequence[Piece]) -> Tuple[str, List[Tuple[int, int]]]:

@@ -204,7 +204,7 @@ class CutSource(NamedTuple):
     ids: np.ndarray      # int32 [L], as ``tokenize_records`` gives them
     target: np.ndarray   # bool [L]
     starts: np.ndarray   # int64 [L]: each token's first character in the tokenized text
-    prefix_end: int      # characters of the BOS text before the template (0 when none)
+    prefix_end: int      # characters always kept before the context: the BOS text, a prompt's system message
     layout: ContextLayout
 
 
@@ -218,4 +218,5 @@ def tokenize_for_cut(record: Record, side: str, tokenizer) -> Optional[CutSource
     if layout is None:
         return None
     (ids, target, starts), = encode(tokenizer, [text], [sp], add_special_tokens=raw, with_starts=True)
-    return CutSource(ids, target, starts, len(bos), layout.shifted(len(bos)))
+    layout = layout.shifted(len(bos))
+    return CutSource(ids, target, starts, layout.prefix_end, layout)

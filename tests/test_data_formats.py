@@ -104,7 +104,11 @@ PROMPTS = [{"prompt": "Tell me a story."}, {"prompt": [msg("user", "Hi"), msg("a
 PROMPTS_UNIFIED = [{"type": "prompt", "prompt": "Tell me a story."},
                    {"type": "prompt", "rounds": [["ask", "Hi"], ["ans", "Hey"], ["ask", "Joke?"]]},
                    {"type": "prompt", "rounds": [["ask", "Hi"], ["ans", "Hey"], ["ask", "Joke?"]]}]
-CASES = {"messages": (MESSAGES, MESSAGES_UNIFIED, ("lm",)), "sharegpt": (SHAREGPT, SHAREGPT_UNIFIED, ("lm",)),
+QA = [{"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},  # GSM8K
+      {"question": "What is 6 x 7?", "answer": "#### 42", "id": 5}]
+QA_UNIFIED = [{"type": "instruct", "instruct": "Tom has 3 apples and buys 4 more. How many?", "output": "3 + 4 = 7\n#### 7"},
+              {"type": "instruct", "instruct": "What is 6 x 7?", "output": "#### 42"}]  # read as prompts: tests/test_data_prompts.py
+CASES = {"messages": (MESSAGES, MESSAGES_UNIFIED, ("lm",)), "qa": (QA, QA_UNIFIED, ("lm",)), "sharegpt": (SHAREGPT, SHAREGPT_UNIFIED, ("lm",)),
          "alpaca": (ALPACA, ALPACA_UNIFIED, ("lm",)), "completion": (COMPLETION, COMPLETION_UNIFIED, ("lm",)),
          "preference": (PREFERENCE, PREFERENCE_UNIFIED, ("lm", "pairwise", "prompt")),
          "prompt-only": (PROMPTS, PROMPTS_UNIFIED, ("prompt",))}
@@ -160,7 +164,8 @@ BAD = {
         ({"messages": [msg("user", "Hi"), msg("tool", "x")]},
          "field 'messages[1].role': unknown role \"tool\"; use 'user', 'assistant', 'system'"),
         ({"messages": [msg("user", "Hi")]},
-         "field 'messages': has no answer: add an assistant message (nothing would be trained on)"),
+         "field 'messages': has no answer: add an assistant message (nothing would be trained on); as a prompt "
+         "ending with a user message it serves PPO/GRPO (kind \"prompt\")"),
         ({"messages": [msg("user", "Hi"), msg("system", "late"), msg("assistant", "x")]},
          "field 'messages[1]': a system message must be the first message"),
         ({"messages": [msg("user", 3), msg("assistant", "x")]}, "field 'messages[0].content': must be a string, got a JSON number"),
@@ -190,9 +195,15 @@ BAD = {
         ({"chosen": "A", "rejected": "B"}, "field 'prompt': missing: give \"prompt\", or chosen and rejected conversations "
          "that start with the same prompt turns"),
         ({"prompt": [msg("system", "S"), msg("user", "Q")], "chosen": "A", "rejected": "B"},
-         "field 'prompt[0]': system messages are not supported here (pairwise and prompt records have no system turn)"),
+         "field 'prompt[0]': system messages are not supported here (pairwise records have no system turn)"),
         ({"prompt": "Q", "chosen": "", "rejected": "B"}, "field 'chosen': is empty"),
         ({"chosen": HH + " ", "rejected": HH + " 5"}, "field 'chosen (turn 4)': is empty"),
+    ],
+    "qa": [
+        ({"question": "Q?", "answer": ""}, "field 'answer': is empty"),
+        ({"question": ["Q?"], "answer": "A"}, "field 'question': must be a string, got a JSON list"),
+        ({"question": "Q?", "answer": "A", "questions": "x"},
+         "field 'questions': unknown field for the qa format: did you mean 'question'? (other unknown fields are ignored)"),
     ],
     "completion": [
         ({"prompt": [msg("user", "Q")], "completion": [msg("user", "A")]},
@@ -201,7 +212,7 @@ BAD = {
     ],
 }
 GOOD = {"messages": MESSAGES[0], "sharegpt": SHAREGPT[0], "alpaca": ALPACA[0], "preference": PREFERENCE[0],
-        "completion": COMPLETION[0]}
+        "completion": COMPLETION[0], "qa": QA[0]}
 
 
 @pytest.mark.parametrize("fmt", sorted(BAD))
@@ -358,7 +369,8 @@ def test_config_data_path_entries_and_template():
                       template="llama3"))
     assert e.value.problems == [
         "template must be 'pipetune' or 'model', got 'llama3'",
-        'data_path[1]: format "chatml": use one of pipetune, messages, sharegpt, alpaca, preference, completion (or "auto")',
+        'data_path[1]: format "chatml": use one of pipetune, messages, sharegpt, alpaca, preference, completion, qa (or '
+        '"auto")',
         'data_path[2] must be a path (a string) or {"path": ..., "format": ...}, got 3',
         "eval_data_path[0]: unknown keys ['file'] (use \"path\" and \"format\")",
         'eval_data_path[0]: "path" must be a string (a file, glob or folder), got null']

@@ -284,3 +284,60 @@ def test_one_rank_training_run_records_and_serves_the_model_template(tmp_path):
     want = tok.apply_chat_template(context, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert want[:2] == [tok.bos_token_id, tok.convert_tokens_to_ids("<|start_header_id|>")]
     assert demo_chat(run).prompt_ids(context) == want
+
+
+# ----------------------------------------------------------------------------------------------
+# GRPO/PPO prompts under the model's template
+
+GRPO_PROMPTS = [
+    [{"role": "system", "content": "Reason in <think> tags, then answer in <answer> tags."},
+     {"role": "user", "content": "What is 2 + 2?"}],
+    [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, friend."},
+     {"role": "user", "content": "What is 2 + 2?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+     {"role": "assistant", "content": "Hello, friend."}, {"role": "user", "content": "What is 2 + 2?"}],
+]
+
+
+def llama31_tokenizer():
+    """configs/tiny-llama3's tokenizer: Llama-3.1-Instruct's chat template (a system header always)."""
+    return AutoTokenizer.from_pretrained(f"{ROOT}/configs/tiny-llama3")
+
+
+@pytest.mark.parametrize("which", ["llama3.1", "chatml"])
+def test_grpo_prompts_equal_apply_chat_template(tmp_path, which):
+    """A system + user prompt and a multi-turn prompt (messages records ending with a user message, and
+    TRL prompt lists) tokenize as apply_chat_template(messages, add_generation_prompt=True)."""
+    tok = llama31_tokenizer() if which == "llama3.1" else chat_tokenizer("chatml")
+    rows = [{"messages": m, "answer": "4"} for m in GRPO_PROMPTS]
+    trl = [{"prompt": m, "answer": "4"} for m in GRPO_PROMPTS]
+    for path in (write_jsonl(tmp_path / "m.jsonl", rows), write_jsonl(tmp_path / "t.jsonl", trl)):
+        built = build_dataset(path, tok, T, kind="prompt", template="model")
+        for i, messages in enumerate(GRPO_PROMPTS):
+            ids, attn = built.train[i]
+            want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            assert ids[attn.bool()].tolist() == want, (path, i)
+            assert built.train.record(i) == {"prompt": messages, "answer": "4"}
+
+
+def test_grpo_config_with_the_model_template_builds_its_data_with_it(tmp_path, monkeypatch):
+    """A GRPO config with "template": "model" validates, and the recipes' data path
+    (trainer.batches.build_data_rank0_first, rank 0 of one) builds its prompts with the model's template."""
+    from trainer import batches
+    from trainer.recipes import validate_config
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"messages": m, "answer": "4"} for m in GRPO_PROMPTS])
+    cfg = validate_config({"stage": "grpo", "actor_path": str(tmp_path), "save_path": str(tmp_path / "out"),
+                           "data_path": data, "template": "model", "max_seq_len": T, "train_steps": 2,
+                           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}},
+                           "train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                           "grpo": {"reward_funcs": ["math_answer"], "n_samples_per_prompt": 4}})
+    assert cfg.template == "model"
+    monkeypatch.setattr(batches, "broadcast_object", lambda obj, src=0: obj)  # one rank: no process group
+    tok = llama31_tokenizer()
+    built = batches.build_data_rank0_first(cfg, tok, "prompt", types.SimpleNamespace(rank=0), build_here=False)
+    assert built.stats["template"]["name"] == "model"
+    for i, messages in enumerate(GRPO_PROMPTS):
+        ids, attn = built.train[i]
+        assert ids[attn.bool()].tolist() == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                                    return_dict=False)

@@ -266,7 +266,8 @@ def test_prompt_records_keep_their_fields(tmp_path):
     for path, want in ((unified, [{"prompt": "What is 6 x 7?", "answer": "42", "level": 1},
                                   {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                                               {"role": "user", "content": "2+2?"}], "answer": "4"}]),
-                       (trl, [{"prompt": "1+1?", "answer": "2"}, {"prompt": "3+3?", "answer": "6", "source": "gen"}])):
+                       (trl, [{"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2"},  # as given (TRL)
+                              {"prompt": "3+3?", "answer": "6", "source": "gen"}])):
         built = build_dataset(path, load_tokenizer("llama"), 64, kind="prompt", cache_dir=str(tmp_path / "cache"))
         assert [built.train.record(i) for i in range(len(built.train))] == want
         again = build_dataset(path, load_tokenizer("llama"), 64, kind="prompt", cache_dir=str(tmp_path / "cache"))
