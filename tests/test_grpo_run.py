@@ -17,6 +17,7 @@ from conftest import REPO
 from conftest import launch_ranks as launch
 
 SEQ, NEW, STEPS = 48, 16, 8
+RESUME_STEPS, KILL_AT = 4, 4  # the killed run saved step 2, dies in the save of step 4
 ADAMW = {"type": "AdamW", "params": {"lr": 3e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0, "torch_adam": True}}
 REWARD_FILE = """
 def marker_count(prompts, completions, completion_ids, marker, **kwargs):
@@ -58,17 +59,30 @@ def grpo_run(tmp_path_factory):
     one_step = {**cfg, "train_steps": 1, "csv_monitor": {"enabled": False},
                 "grpo": {**cfg["grpo"], "rollout_batch_size": 2, "num_iterations": 2}}  # 2 prompts x 8 = 16 rows: one
     # minibatch, trained twice: the second pass has ratios != 1, so a non-zero loss and clipping to compare
+    two_replicas = {"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}, "parts": [7]}}
+    # RESUME_STEPS steps saved every 2 on 2 replicas (2 prompts x 4 answers each, two minibatches, two passes)
+    resumable = {**cfg, **two_replicas, "train_steps": RESUME_STEPS, "save_interval": 2, "csv_monitor": {"enabled": False},
+                 "train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                 "grpo": {**cfg["grpo"], "n_samples_per_prompt": 4, "num_iterations": 2}}
     layouts = {"toy": cfg,
                "two_stages": {**one_step, "save_path": str(tmp / "two_stages")},
-               "two_replicas": {**one_step, "save_path": str(tmp / "two_replicas"), "gradient_accumulation_steps": 1,
-                                "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}, "parts": [7]}}}
+               "two_replicas": {**one_step, **two_replicas, "save_path": str(tmp / "two_replicas"),
+                                "gradient_accumulation_steps": 1},
+               "uninterrupted": {**resumable, "save_path": str(tmp / "uninterrupted")},
+               "killed": {**resumable, "save_path": str(tmp / "killed"), "resume": "auto"}}  # last: the launch dies in it
     configs = []
     for name, c in layouts.items():
         configs += ["--config", str(tmp / f"{name}.json")]
         (tmp / f"{name}.json").write_text(json.dumps(c, indent=1))
-    out = tmp / "results.jsonl"
-    launch(str(REPO / "tests" / "multirank" / "train_runs.py"), *configs, "--out", str(out))
-    return dict(zip(layouts, (json.loads(line) for line in out.read_text().splitlines()))), tmp
+    out, resumed = tmp / "results.jsonl", tmp / "resumed.jsonl"
+    script = str(REPO / "tests" / "multirank" / "train_runs.py")
+    killed = launch(script, *configs, "--out", str(out), "--kill-last-at-step", str(KILL_AT), check=False)
+    runs = dict(zip(layouts, (json.loads(line) for line in out.read_text().splitlines())))
+    assert killed.returncode != 0 and "killed" not in runs, f"the run was not killed:\n{killed.stderr[-3000:]}"
+    latest_after_kill = (tmp / "killed" / "latest").read_text()
+    launch(script, "--config", str(tmp / "killed.json"), "--out", str(resumed))  # resume "auto": the same config again
+    runs["killed"] = {**json.loads(resumed.read_text()), "latest_after_kill": latest_after_kill}
+    return runs, tmp
 
 
 def metric(summary, name: str) -> list[float]:
@@ -103,3 +117,24 @@ def test_two_replicas_take_the_same_first_step_as_two_stages(grpo_run):
     for f in sorted((tmp / "two_stages" / "global_step1").glob("layer_*-model_states.pt")):
         x, y = torch.load(f, weights_only=True), torch.load(tmp / "two_replicas" / "global_step1" / f.name, weights_only=True)
         assert max((x[k] - y[k]).abs().max().item() for k in x) <= 2e-5, f.name
+
+
+@pytest.mark.multirank
+def test_killed_during_save_resumes_exactly(grpo_run):
+    """SIGKILLed after DeepSpeed wrote step 4's files but before `latest` moved: rerun with resume "auto",
+    it takes up at step 2 (the prompt sampler's position, the metrics so far, the optimizer) and ends with
+    the uninterrupted run's weights and per-step metrics."""
+    runs, tmp = grpo_run
+    want, got = runs["uninterrupted"], runs["killed"]
+    assert got["latest_after_kill"] == "global_step2"
+    assert got["step"] == want["step"] == RESUME_STEPS and got["tags"] == want["tags"]
+    state = json.loads((tmp / "killed" / f"global_step{RESUME_STEPS}" / "trainer_state.json").read_text())
+    assert [s for s, _ in state["train_metrics"]] == [s for s, _ in got["train_metrics"]] == list(range(1, RESUME_STEPS + 1))
+    assert got["history"] == want["history"]
+    keys = [k for k in want["train_metrics"][0][1] if not k.startswith("GRPO/time_") and k != "GRPO/gen_tokens_per_s"]
+    for (_, a), (_, b) in zip(want["train_metrics"], state["train_metrics"]):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    assert len({m["GRPO/reward_mean"] for _, m in want["train_metrics"]}) > 1  # the steps differ: not one step repeated
+    for f in sorted((tmp / "uninterrupted" / f"global_step{RESUME_STEPS}").glob("layer_*-model_states.pt")):
+        x, y = torch.load(f, weights_only=True), torch.load(tmp / "killed" / f"global_step{RESUME_STEPS}" / f.name, weights_only=True)
+        assert max((x[k] - y[k]).abs().max().item() for k in x) <= 1e-6, f.name
