@@ -17,11 +17,16 @@ from conftest import REPO
 from conftest import launch_ranks as launch
 
 SEQ, NEW, STEPS = 48, 16, 8
-RESUME_STEPS, KILL_AT = 4, 4  # the killed run saved step 2, dies in the save of step 4
+RESUME_STEPS, KILL_AT = 3, 3  # the killed run saved step 2, dies in the (final) save of step 3
+REFILL = 2  # DAPO's dynamic sampling in the resumed run: at most 2 more generation rounds per step
 ADAMW = {"type": "AdamW", "params": {"lr": 3e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0, "torch_adam": True}}
 REWARD_FILE = """
 def marker_count(prompts, completions, completion_ids, marker, **kwargs):
     return [float(sum(1 for t in ids if t == int(m))) for ids, m in zip(completion_ids, marker)]
+
+
+def marker_early(prompts, completions, completion_ids, marker, **kwargs):  # 0 or 1: many groups without a signal
+    return [float(int(m) in ids[:4]) for ids, m in zip(completion_ids, marker)]
 """
 
 
@@ -60,10 +65,12 @@ def grpo_run(tmp_path_factory):
                 "grpo": {**cfg["grpo"], "rollout_batch_size": 2, "num_iterations": 2}}  # 2 prompts x 8 = 16 rows: one
     # minibatch, trained twice: the second pass has ratios != 1, so a non-zero loss and clipping to compare
     two_replicas = {"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}, "parts": [7]}}
-    # RESUME_STEPS steps saved every 2 on 2 replicas (2 prompts x 4 answers each, two minibatches, two passes)
+    # RESUME_STEPS steps saved every 2 on 2 replicas (2 prompts x 4 answers each, two minibatches, two passes), with
+    # DAPO's dynamic sampling: a 0/1 reward, groups without a signal refilled by up to REFILL more rounds
     resumable = {**cfg, **two_replicas, "train_steps": RESUME_STEPS, "save_interval": 2, "csv_monitor": {"enabled": False},
                  "train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-                 "grpo": {**cfg["grpo"], "n_samples_per_prompt": 4, "num_iterations": 2}}
+                 "grpo": {**cfg["grpo"], "n_samples_per_prompt": 4, "num_iterations": 2, "filter_zero_std_groups": True,
+                          "max_refill_rounds": REFILL, "reward_funcs": [f"{tmp / 'toy_rewards.py'}:marker_early"]}}
     layouts = {"toy": cfg,
                "two_stages": {**one_step, "save_path": str(tmp / "two_stages")},
                "two_replicas": {**one_step, **two_replicas, "save_path": str(tmp / "two_replicas"),
@@ -121,9 +128,9 @@ def test_two_replicas_take_the_same_first_step_as_two_stages(grpo_run):
 
 @pytest.mark.multirank
 def test_killed_during_save_resumes_exactly(grpo_run):
-    """SIGKILLed after DeepSpeed wrote step 4's files but before `latest` moved: rerun with resume "auto",
-    it takes up at step 2 (the prompt sampler's position, the metrics so far, the optimizer) and ends with
-    the uninterrupted run's weights and per-step metrics."""
+    """SIGKILLed after DeepSpeed wrote step 3's files but before `latest` moved: rerun with resume "auto",
+    it takes up at step 2 (the prompt sampler's position after every refill round, the metrics so far, the
+    optimizer) and ends with the uninterrupted run's weights and per-step metrics."""
     runs, tmp = grpo_run
     want, got = runs["uninterrupted"], runs["killed"]
     assert got["latest_after_kill"] == "global_step2"
@@ -138,3 +145,16 @@ def test_killed_during_save_resumes_exactly(grpo_run):
     for f in sorted((tmp / "uninterrupted" / f"global_step{RESUME_STEPS}").glob("layer_*-model_states.pt")):
         x, y = torch.load(f, weights_only=True), torch.load(tmp / "killed" / f"global_step{RESUME_STEPS}" / f.name, weights_only=True)
         assert max((x[k] - y[k]).abs().max().item() for k in x) <= 1e-6, f.name
+
+
+@pytest.mark.multirank
+def test_dynamic_sampling_trains_on_groups_with_a_signal(grpo_run):
+    """max_refill_rounds on 2 replicas: first rounds with groups whose 0/1 rewards are all equal get further
+    rounds until both replicas' groups have a signal; then every trained group has a std >= 0.5 (a group of
+    4 rewards in {0, 1} that are not all equal), so the mean group std is too."""
+    runs, _ = grpo_run
+    steps = [m for _, m in runs["uninterrupted"]["train_metrics"]]
+    assert any(m["GRPO/frac_reward_zero_std"] > 0 and m["GRPO/num_gen_batches"] > 1 for m in steps), steps
+    for m in steps:  # here one more round always found enough signal groups for both replicas
+        assert m["GRPO/frac_reward_zero_std_after_refill"] == 0 and m["GRPO/reward_std"] >= 0.5, m
+        assert m["GRPO/num_gen_batches"] == (1 if m["GRPO/frac_reward_zero_std"] == 0 else 2), m
