@@ -7,7 +7,9 @@ records -> PromptDataset.record -> the rank-0 broadcast -> the replica's share),
 (kl_coef > 0) and starts equal to the actor (KL 0, the generator's and the training forward's log-probs
 equal), and the reward rises. In the same launch, one step of 1 stage x 2 replicas and one of 2 stages
 x 1 replica on a rollout that is one minibatch: the same rewards, losses and updated weights (groups stay
-whole on a replica; the DAPO token normalisation spans both replicas)."""
+whole on a replica; the DAPO token normalisation spans both replicas). Last in that launch, a 3-step run on
+2 replicas with DAPO's dynamic sampling (a 0/1 reward, max_refill_rounds) after an uninterrupted twin: it
+is SIGKILLed during its step-3 save (--kill-last-at-step) and a second launch resumes it (resume "auto")."""
 import json
 from pathlib import Path
 
@@ -75,6 +77,8 @@ def grpo_run(tmp_path_factory):
                "two_stages": {**one_step, "save_path": str(tmp / "two_stages")},
                "two_replicas": {**one_step, **two_replicas, "save_path": str(tmp / "two_replicas"),
                                 "gradient_accumulation_steps": 1},
+               "refill_two_stages": {**resumable, "save_path": str(tmp / "refill_two_stages"), "train_steps": 1,
+                                     "gradient_accumulation_steps": 2, "model_topo": cfg["model_topo"]},
                "uninterrupted": {**resumable, "save_path": str(tmp / "uninterrupted")},
                "killed": {**resumable, "save_path": str(tmp / "killed"), "resume": "auto"}}  # last: the launch dies in it
     configs = []
@@ -158,3 +162,16 @@ def test_dynamic_sampling_trains_on_groups_with_a_signal(grpo_run):
     for m in steps:  # here one more round always found enough signal groups for both replicas
         assert m["GRPO/frac_reward_zero_std_after_refill"] == 0 and m["GRPO/reward_std"] >= 0.5, m
         assert m["GRPO/num_gen_batches"] == (1 if m["GRPO/frac_reward_zero_std"] == 0 else 2), m
+
+
+@pytest.mark.multirank
+def test_dynamic_sampling_on_two_stages_feeds_the_rows_it_chose(grpo_run):
+    """The refill's choice, made from the rewards on the last stage, reaches the first stage (which feeds
+    the ids): the generator's log-probs (last stage) and the training forward's of the fed rows agree, and
+    the step trains on signal groups only. (Which groups fill a replica's slots depends on the layout: each
+    replica refills from its own share, so no equality with the 2-replica run beyond the first round.)"""
+    runs, _ = grpo_run
+    a, b = runs["refill_two_stages"]["train_metrics"][0][1], runs["uninterrupted"]["train_metrics"][0][1]
+    assert a["GRPO/frac_reward_zero_std"] == b["GRPO/frac_reward_zero_std"] > 0  # the same first round
+    assert a["GRPO/num_gen_batches"] == 2 and a["GRPO/frac_reward_zero_std_after_refill"] == 0
+    assert a["GRPO/reward_std"] >= 0.5 and a["GRPO/logprob_gap"] <= 1e-5

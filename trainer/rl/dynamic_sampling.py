@@ -13,7 +13,10 @@ when every replica's slots hold signal groups (one all-reduce per round, which a
 stages of a replica which groups its last stage kept) or after max_refill_rounds extra rounds; a slot
 still without a signal keeps its first-round group, which grpo.filter_zero_std_groups masks as before.
 So with max_refill_rounds 0, or when the first round has a signal everywhere, the batch is the first
-round exactly (no copy, the same row order): today's mask-only behaviour.
+round exactly (no copy, the same row order): today's mask-only behaviour. Each replica refills from its
+own share of the later rounds, so which groups are trained depends on the number of replicas (every
+round's prompts do not). The rounds' rollouts (ids, masks, rewards: not the KV caches) are held until the
+batch is taken: at most 1 + max_refill_rounds rollouts.
 
 Determinism (resume): rank 0's prompt sampler advances by rollout_batch_size per round, and round k's
 per-row sampling seeds come from (seed, step, k) (trainer.rl.grpo_rollout.step_prompt_records); the
