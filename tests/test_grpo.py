@@ -427,18 +427,20 @@ ROUND_REWARDS = [[1, 0, 2, 2, 0, 0, 1, 0],   # groups 0 and 3 have a signal
                  [9, 9, 6, 8, 0, 1, 9, 9]]   # groups 1 and 2
 
 
-def fake_rounds(calls: list):
-    """generate_round for the loop: round k's rows have ids 100k + row; rewards from ROUND_REWARDS."""
+def fake_rounds(made: list):
+    """generate_round for the loop: round k's rows have ids 100k + row; rewards from ROUND_REWARDS. made:
+    each round's ScoredRound, in call order."""
     from trainer.rl.dynamic_sampling import ScoredRound
     from trainer.rl.rollout import Rollout
 
     def generate_round(k: int):
-        calls.append(k)
+        assert k == len(made)
         ids = (100 * k + torch.arange(8))[:, None].repeat(1, 3)
         ro = Rollout(ids, torch.ones_like(ids), ids[:, 1:].contiguous(), torch.ones(8, 2), torch.ones(8, dtype=torch.bool),
                      torch.full((8,), 2), torch.zeros(8, 2))
         rewards = torch.tensor(ROUND_REWARDS[k], dtype=torch.float64)
-        return ScoredRound(ro, rewards, rewards[:, None].clone(), None)
+        made.append(ScoredRound(ro, rewards, rewards[:, None].clone(), None))
+        return made[-1]
     return generate_round
 
 
@@ -451,9 +453,9 @@ def test_the_round_loop_trains_on_signal_groups_and_zero_rounds_is_the_filter_al
     from trainer.rl.grpo_options import GRPOOptions
     from trainer.rl.grpo_rollout import make_experience
 
-    calls = []
-    batch, rounds, first = sample_groups(fake_rounds(calls), 2, max_refill_rounds, 0, 1, adv.local_sum)
-    assert calls == list(range(rounds)) and rounds == min(1 + max_refill_rounds, 3)  # stops once full
+    made = []
+    batch, rounds, first = sample_groups(fake_rounds(made), 2, max_refill_rounds, 0, 1, adv.local_sum)
+    assert len(made) == rounds == min(1 + max_refill_rounds, 3)  # stops once full
     assert torch.equal(first, torch.tensor(ROUND_REWARDS[0], dtype=torch.float64))
     want_rows = {0: [0, 1, 2, 3, 4, 5, 6, 7],              # round 0 as generated
                  1: [0, 1, 102, 103, 4, 5, 6, 7],          # slot 1 <- (1, 1); slot 2 stays
@@ -465,5 +467,33 @@ def test_the_round_loop_trains_on_signal_groups_and_zero_rounds_is_the_filter_al
     exp = make_experience(batch.ro, [torch.zeros(8, 2)], None, batch.rewards, batch.per_function, None, o, adv.local_sum)
     kept_groups = exp.loss_mask.reshape(4, 2, 2).amax(dim=(1, 2)).tolist()
     assert kept_groups == {0: [1, 0, 0, 1], 1: [1, 1, 0, 1], 2: [1, 1, 1, 1]}[min(max_refill_rounds, 2)]
-    if max_refill_rounds == 0:  # the filter alone: the first round itself, masked as before
-        assert batch is not None and rounds == 1 and batch.ro.ids[:, 0].tolist() == list(range(8))
+    assert (batch is made[0]) == (max_refill_rounds == 0)  # 0: the filter alone, on the first round itself
+
+
+def test_each_round_draws_further_prompts_with_its_own_seeds(monkeypatch):
+    """step_prompt_records per round: rank 0's sampler moves on by rollout_batch_size prompts each round
+    (its position is what a checkpoint saves); round 0's seeds are those of a step without refill, and a
+    later round's differ even for the same prompt (else a prompt drawn again would repeat its answers)."""
+    from trainer.generation.token_sampling import row_seeds
+    from trainer.rl import grpo_rollout
+    from trainer.rl.rollout import PromptSampler
+
+    monkeypatch.setattr(grpo_rollout, "broadcast_object", lambda obj: obj)  # one process: rank 0's lists as they are
+
+    class Prompts:  # 3 prompts, each the same token ids: only the seeds can tell rounds apart
+        def __getitem__(self, i):
+            return torch.tensor([5, 6]), torch.ones(2, dtype=torch.int64)
+
+        def record(self, i):
+            return {"prompt": f"p{i}", "answer": str(i)}
+
+    dataset, sampler = Prompts(), PromptSampler(3, seed=1)
+    rounds = [grpo_rollout.step_prompt_records(sampler, dataset, 2, 2, 7, 4, k) for k in range(3)]
+    assert [len(p) for p, _, _ in rounds] == [4, 4, 4] and sampler.state_dict() != PromptSampler(3, seed=1).state_dict()
+    again = PromptSampler(3, seed=1)
+    picked = [again.take(2) for _ in range(3)]  # the same sampler's draws, round after round
+    assert [[r["prompt"] for r in recs[::2]] for _, _, recs in rounds] == [[f"p{i}" for i in ids] for ids in picked]
+    assert sampler.state_dict() == again.state_dict()
+    prompts, seeds, _ = rounds[0]
+    assert seeds == row_seeds(7 * 1_000_003 + 4, prompts)  # round 0: the seeds of a step without refill
+    assert len({s for _, round_seeds, _ in rounds for s in round_seeds}) == 12  # every row of every round its own
