@@ -316,6 +316,12 @@ def test_config_defaults(tmp_path):
     ({"rollout_batch_size": 3}, "is not a multiple of train_batch_size"),
     ({"num_iteration": 2}, "grpo: unknown keys ['num_iteration']"),
     ({"reward_timeout_s": 0}, "grpo.reward_timeout_s must be positive"),
+    ({"max_refill_rounds": 2}, 'grpo.max_refill_rounds refills the groups grpo.filter_zero_std_groups takes out of the '
+                               'update: set "filter_zero_std_groups": true'),
+    ({"max_refill_rounds": -1, "filter_zero_std_groups": True}, "grpo.max_refill_rounds must be an integer >= 0, got -1"),
+    ({"max_refill_rounds": 1.5, "filter_zero_std_groups": True}, "grpo.max_refill_rounds must be an integer >= 0, got 1.5"),
+    ({"advantage": "reinforce++", "n_samples_per_prompt": 1, "filter_zero_std_groups": True},
+     "a group of one always is: set grpo.n_samples_per_prompt >= 2"),
     ({"reward_funcs": ["math_answer"], "reward_kwargs": {"overlong": {"max_length": 8}}}, "'overlong' is not a built-in reward function in grpo.reward_funcs"),
 ])
 def test_config_problems(tmp_path, grpo, message):
@@ -398,3 +404,97 @@ def test_shipped_grpo_configs_validate():
     steps = chain.load_steps(str(REPO / "configs" / "grpo_quickstart.json"), world_size=2)
     assert [s.name for s in steps] == ["sft", "grpo"]
     assert steps[1].cfg.options.actor_path == "runs/grpo-quickstart/sft" == cfg.options.actor_path
+
+
+# ---------------------------------------------------------------------------------------------
+# DAPO's dynamic sampling with refill (trainer/rl/dynamic_sampling.py).
+
+def test_refill_plan_by_hand():
+    from trainer.rl.dynamic_sampling import is_full, refill_plan
+
+    T, F = True, False
+    r0, r1, r2 = (torch.tensor(x) for x in ([T, F, T, F], [F, T, F, F], [T, T, F, T]))
+    # slots 1 and 3 lack a signal: the next signal groups in (round, group) order are (1, 1) then (2, 0)
+    assert refill_plan([r0, r1, r2]) == [(0, 0), (1, 1), (0, 2), (2, 0)]
+    assert refill_plan([r0, r1]) == [(0, 0), (1, 1), (0, 2), (0, 3)]  # not enough: slot 3 keeps its group (masked)
+    assert refill_plan([r0]) == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert (is_full([r0]), is_full([r0, r1]), is_full([r0, r1, r2])) == (False, False, True)
+    assert is_full([torch.tensor([T, T])]) and refill_plan([torch.tensor([F, F]), torch.tensor([T, T])]) == [(1, 0), (1, 1)]
+
+
+# Rewards of 4 groups of 2 rows per round: a group has a signal when its two rewards differ.
+ROUND_REWARDS = [[1, 0, 2, 2, 0, 0, 1, 0],   # groups 0 and 3 have a signal
+                 [5, 5, 3, 4, 7, 7, 7, 7],   # group 1
+                 [9, 9, 6, 8, 0, 1, 9, 9]]   # groups 1 and 2
+
+
+def fake_rounds(made: list):
+    """generate_round for the loop: round k's rows have ids 100k + row; rewards from ROUND_REWARDS. made:
+    each round's ScoredRound, in call order."""
+    from trainer.rl.dynamic_sampling import ScoredRound
+    from trainer.rl.rollout import Rollout
+
+    def generate_round(k: int):
+        assert k == len(made)
+        ids = (100 * k + torch.arange(8))[:, None].repeat(1, 3)
+        ro = Rollout(ids, torch.ones_like(ids), ids[:, 1:].contiguous(), torch.ones(8, 2), torch.ones(8, dtype=torch.bool),
+                     torch.full((8,), 2), torch.zeros(8, 2))
+        rewards = torch.tensor(ROUND_REWARDS[k], dtype=torch.float64)
+        made.append(ScoredRound(ro, rewards, rewards[:, None].clone(), None))
+        return made[-1]
+    return generate_round
+
+
+@pytest.mark.parametrize("max_refill_rounds", [0, 1, 2, 5])
+def test_the_round_loop_trains_on_signal_groups_and_zero_rounds_is_the_filter_alone(max_refill_rounds):
+    """The recipe's round loop (sample_groups) on a fake generator and scorer, then make_experience with
+    filter_zero_std_groups: with enough signal groups the update sees only them (slots 1 and 2 refilled
+    from rounds 1 and 2, in order); with fewer, the rest stay masked; with 0 rounds it is today's filter."""
+    from trainer.rl.dynamic_sampling import sample_groups
+    from trainer.rl.grpo_options import GRPOOptions
+    from trainer.rl.grpo_rollout import make_experience
+
+    made = []
+    batch, rounds, first = sample_groups(fake_rounds(made), 2, max_refill_rounds, 0, 1, adv.local_sum)
+    assert len(made) == rounds == min(1 + max_refill_rounds, 3)  # stops once full
+    assert torch.equal(first, torch.tensor(ROUND_REWARDS[0], dtype=torch.float64))
+    want_rows = {0: [0, 1, 2, 3, 4, 5, 6, 7],              # round 0 as generated
+                 1: [0, 1, 102, 103, 4, 5, 6, 7],          # slot 1 <- (1, 1); slot 2 stays
+                 2: [0, 1, 102, 103, 202, 203, 6, 7]}[min(max_refill_rounds, 2)]  # slot 2 <- (2, 1)
+    assert batch.ro.ids[:, 0].tolist() == want_rows
+    assert batch.rewards.tolist() == [ROUND_REWARDS[r // 100][r % 100] for r in want_rows]
+    assert torch.equal(batch.per_function[:, 0], batch.rewards) and torch.equal(batch.ro.tokens, batch.ro.ids[:, 1:])
+    o = GRPOOptions(actor_path="x", n_samples_per_prompt=2, filter_zero_std_groups=True, max_refill_rounds=max_refill_rounds)
+    exp = make_experience(batch.ro, [torch.zeros(8, 2)], None, batch.rewards, batch.per_function, None, o, adv.local_sum)
+    kept_groups = exp.loss_mask.reshape(4, 2, 2).amax(dim=(1, 2)).tolist()
+    assert kept_groups == {0: [1, 0, 0, 1], 1: [1, 1, 0, 1], 2: [1, 1, 1, 1]}[min(max_refill_rounds, 2)]
+    assert (batch is made[0]) == (max_refill_rounds == 0)  # 0: the filter alone, on the first round itself
+
+
+def test_each_round_draws_further_prompts_with_its_own_seeds(monkeypatch):
+    """step_prompt_records per round: rank 0's sampler moves on by rollout_batch_size prompts each round
+    (its position is what a checkpoint saves); round 0's seeds are those of a step without refill, and a
+    later round's differ even for the same prompt (else a prompt drawn again would repeat its answers)."""
+    from trainer.generation.token_sampling import row_seeds
+    from trainer.rl import grpo_rollout
+    from trainer.rl.rollout import PromptSampler
+
+    monkeypatch.setattr(grpo_rollout, "broadcast_object", lambda obj: obj)  # one process: rank 0's lists as they are
+
+    class Prompts:  # 3 prompts, each the same token ids: only the seeds can tell rounds apart
+        def __getitem__(self, i):
+            return torch.tensor([5, 6]), torch.ones(2, dtype=torch.int64)
+
+        def record(self, i):
+            return {"prompt": f"p{i}", "answer": str(i)}
+
+    dataset, sampler = Prompts(), PromptSampler(3, seed=1)
+    rounds = [grpo_rollout.step_prompt_records(sampler, dataset, 2, 2, 7, 4, k) for k in range(3)]
+    assert [len(p) for p, _, _ in rounds] == [4, 4, 4] and sampler.state_dict() != PromptSampler(3, seed=1).state_dict()
+    again = PromptSampler(3, seed=1)
+    picked = [again.take(2) for _ in range(3)]  # the same sampler's draws, round after round
+    assert [[r["prompt"] for r in recs[::2]] for _, _, recs in rounds] == [[f"p{i}" for i in ids] for ids in picked]
+    assert sampler.state_dict() == again.state_dict()
+    prompts, seeds, _ = rounds[0]
+    assert seeds == row_seeds(7 * 1_000_003 + 4, prompts)  # round 0: the seeds of a step without refill
+    assert len({s for _, round_seeds, _ in rounds for s in round_seeds}) == 12  # every row of every round its own

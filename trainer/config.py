@@ -263,9 +263,10 @@ def type_problems(values: dict, types: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def section_problems(section: str, raw: dict, keys, numbers=(), integers=(), bools=()) -> list[str]:
+def section_problems(section: str, raw: dict, keys, numbers=(), integers=(), bools=(), may_be_zero=("top_k",)) -> list[str]:
     """A recipe's config section ("ppo": {...}): unknown keys (naming the known ones), and values of the
-    wrong JSON type: finite numbers, integers >= 1 (>= 0 for top_k, where 0 disables it), booleans."""
+    wrong JSON type: finite numbers, integers >= 1 (>= 0 for those in may_be_zero, where 0 disables
+    something: top_k), booleans."""
     out = []
     unknown = sorted(set(raw) - set(keys))
     if unknown:
@@ -275,7 +276,7 @@ def section_problems(section: str, raw: dict, keys, numbers=(), integers=(), boo
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
             out.append(f"{section}.{key} must be a finite number, got {json.dumps(value)}")
     for key in integers:
-        value, least = raw.get(key), 0 if key == "top_k" else 1
+        value, least = raw.get(key), 0 if key in may_be_zero else 1
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             out.append(f"{section}.{key} must be an integer >= {least}, got {json.dumps(value)}")
     for key in bools:

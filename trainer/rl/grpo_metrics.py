@@ -3,14 +3,19 @@ elsewhere), all-reduced over every rank, then means.
 
     GRPO/reward_mean, GRPO/reward_std (TRL's: the mean over groups of each group's std),
     GRPO/rewards/<function>/mean (over the rows it applied to), GRPO/score_mean (the reward model's raw
-    score, with reward_path), GRPO/frac_reward_zero_std (groups whose rewards are all equal: no signal),
+    score, with reward_path), GRPO/frac_reward_zero_std (groups whose rewards are all equal: no signal; with
+    grpo.max_refill_rounds those of the step's first generation round, as without refill),
     GRPO/kl (the rollout's KL estimate per answer token, kl_estimator, old vs reference log-probs; 0
     without a reference), GRPO/loss (the actor's loss as train_batch returned it), GRPO/policy_loss (the
     clipped surrogate's token mean), GRPO/entropy, GRPO/clip_ratio/low_mean, /high_mean, /region_mean
     (token shares where the clip is active, over the update's loss tokens), GRPO/completions/mean_length,
     GRPO/completions/clipped_ratio (answers that hit max_new_tokens without a stop token),
     GRPO/logprob_gap (max |generator log-prob - training-forward log-prob|), GRPO/gen_tokens_per_s,
-    GRPO/time_generate_s, GRPO/time_score_s, GRPO/time_train_s.
+    GRPO/time_generate_s (generation and rewards, every round), GRPO/time_score_s (the log-probs),
+    GRPO/time_train_s. With grpo.max_refill_rounds > 0 (DAPO's dynamic sampling, trainer.rl.dynamic_sampling):
+    GRPO/num_gen_batches (generation rounds of the step, verl's name) and
+    GRPO/frac_reward_zero_std_after_refill (groups of the trained batch still without a signal: masked).
+    The reward and length metrics are over the trained batch's rows.
 """
 import torch
 
@@ -18,18 +23,23 @@ from trainer.engine.distributed import all_reduce_sum
 from trainer.rl.advantages import group_std, zero_std_groups
 from trainer.rl.grpo_losses import GRPO_STATS
 
-ROLLOUT_SUMS = ("rows", "groups", "reward", "group_std", "zero_std", "rm_score", "kl", "answer_tokens", "truncated")
+ROLLOUT_SUMS = ("rows", "groups", "reward", "group_std", "zero_std", "zero_std_after_refill", "rm_score", "kl",
+                "answer_tokens", "truncated")
 
 
-def rollout_sums(ro, exp, group: int, n_functions: int) -> dict:
-    """Collective: the rollout's sums over every replica (float64); exp None off the last stage."""
+def rollout_sums(ro, exp, group: int, n_functions: int, first_rewards=None) -> dict:
+    """Collective: the rollout's sums over every replica (float64); exp None off the last stage.
+    first_rewards: the first generation round's rewards float64[R] (zero_std counts its groups; default
+    the batch's)."""
     sums = torch.zeros(len(ROLLOUT_SUMS) + 2 * n_functions, dtype=torch.float64)
     if exp is not None:
         r = exp.rewards.double()
         applies = ~torch.isnan(exp.per_function)
         sums = torch.cat([torch.stack([
             torch.tensor(float(ro.n_rows), dtype=torch.float64), torch.tensor(float(ro.n_rows // group), dtype=torch.float64),
-            r.sum(), group_std(r, group)[::group].sum(), zero_std_groups(r, group).double().sum(),
+            r.sum(), group_std(r, group)[::group].sum(),
+            zero_std_groups(first_rewards if first_rewards is not None else r, group).double().sum(),
+            zero_std_groups(r, group).double().sum(),
             exp.rm_scores.double().sum() if exp.rm_scores is not None else torch.zeros((), dtype=torch.float64),
             exp.kl.double().sum(), ro.answer.double().sum(), (~ro.ended).double().sum()]),
             torch.nan_to_num(exp.per_function, nan=0.0).sum(0), applies.double().sum(0)])
@@ -40,7 +50,8 @@ def rollout_sums(ro, exp, group: int, n_functions: int) -> dict:
 
 
 def step_metrics(sums: dict, loss_stats, losses: list, function_names: list, with_rm: bool, gap: float,
-                 seconds: dict) -> dict:
+                 seconds: dict, rounds=None) -> dict:
+    """rounds: the step's generation rounds with refill on (None: off)."""
     rows, groups = max(sums["rows"], 1.0), max(sums["groups"], 1.0)
     stats = dict(zip(GRPO_STATS, loss_stats.tolist()))
     n = max(stats["tokens"], 1.0)
@@ -66,4 +77,7 @@ def step_metrics(sums: dict, loss_stats, losses: list, function_names: list, wit
         "GRPO/time_score_s": seconds["score"],
         "GRPO/time_train_s": seconds["train"],
     }
+    if rounds is not None:
+        metrics["GRPO/num_gen_batches"] = float(rounds)
+        metrics["GRPO/frac_reward_zero_std_after_refill"] = sums["zero_std_after_refill"] / groups
     return metrics

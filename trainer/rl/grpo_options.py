@@ -26,6 +26,17 @@ global_stepN folder):
   filter_zero_std_groups  (false) DAPO's dynamic sampling, as a filter: the groups whose rewards are all equal
                        (advantage 0 under grpo, dr_grpo, rloo) get no loss tokens, so they do not dilute the
                        token normalisation nor pull through the KL term (no resampling: the minibatch is smaller)
+  max_refill_rounds    (0) with filter_zero_std_groups: DAPO's dynamic sampling with refill (verl's filter_groups;
+                       max_num_gen_batches = 1 + this). Up to this many extra rounds of rollout_batch_size prompts
+                       per step, generated and rewarded, whose groups with a reward signal replace the first
+                       round's groups without one, on each replica, until every replica's batch is full of
+                       signal groups; what is still missing then stays masked as with the filter alone. 0: the
+                       filter alone (no extra generation). Bounded, not "until full" (verl's 0): a prompt set
+                       the policy always solves (or never does) would otherwise generate forever. Shapes and
+                       rows per step stay fixed; a step draws rollout_batch_size prompts per round, so epochs
+                       (n_epochs) pass sooner. Metrics: GRPO/num_gen_batches (rounds used),
+                       GRPO/frac_reward_zero_std stays the first round's, GRPO/frac_reward_zero_std_after_refill
+                       the trained batch's (trainer/rl/dynamic_sampling.py)
   kl_coef              (0.0, TRL's beta) > 0 builds the reference: kl_coef x KL as a loss term (grpo, dr_grpo,
                        rloo) or -kl_coef x KL_t in the token rewards (reinforce++, reinforce++_baseline)
   kl_estimator         ("k3") "k2" or "k3" as a loss term ("k1" is refused there: its gradient is zero in
@@ -79,6 +90,7 @@ class GRPOOptions(RolloutOptions):
     epsilon_high: Optional[float] = None
     mask_truncated_completions: bool = False
     filter_zero_std_groups: bool = False
+    max_refill_rounds: int = 0
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     reward_funcs: tuple = ()
@@ -133,7 +145,8 @@ class GRPOOptions(RolloutOptions):
 
 _NUMBERS = ("temperature", "top_p", "repetition_penalty", "epsilon", "epsilon_high", "kl_coef", "reward_model_weight",
             "reward_timeout_s")
-_INTEGERS = ("rollout_batch_size", "n_samples_per_prompt", "max_new_tokens", "top_k", "num_iterations")
+_INTEGERS = ("rollout_batch_size", "n_samples_per_prompt", "max_new_tokens", "top_k", "num_iterations",
+             "max_refill_rounds")
 _BOOLS = ("mask_truncated_completions", "filter_zero_std_groups", "disable_dropout", "frozen_bf16")
 KEYS = _NUMBERS + _INTEGERS + _BOOLS + ("advantage", "scale_rewards", "loss_type", "kl_estimator", "reward_funcs",
                                         "reward_weights", "reward_kwargs", "ref_parts", "reward_parts")
@@ -149,7 +162,7 @@ def problems(keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[s
     if project.get("from_scratch"):
         out.append("stage \"grpo\" starts from a trained policy (actor_path); from_scratch is not supported")
     raw = keys.get("grpo", {})
-    out.extend(section_problems("grpo", raw, KEYS, _NUMBERS, _INTEGERS, _BOOLS))
+    out.extend(section_problems("grpo", raw, KEYS, _NUMBERS, _INTEGERS, _BOOLS, may_be_zero=("top_k", "max_refill_rounds")))
     for key, allowed in (("advantage", ESTIMATORS), ("scale_rewards", SCALE_REWARDS), ("loss_type", LOSS_TYPES),
                          ("kl_estimator", KL_ESTIMATORS)):
         if key in raw and raw[key] not in allowed:
@@ -203,6 +216,12 @@ def problems(keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[s
     if opts.n_samples_per_prompt < 2 and opts.advantage != "reinforce++":
         out.append(f'advantage "{opts.advantage}" compares the samples of a prompt: grpo.n_samples_per_prompt must be >= 2 '
                    f"(TRL's default 8), got {opts.n_samples_per_prompt}")
+    if opts.max_refill_rounds and not opts.filter_zero_std_groups:
+        out.append("grpo.max_refill_rounds refills the groups grpo.filter_zero_std_groups takes out of the update: set "
+                   '"filter_zero_std_groups": true, or remove max_refill_rounds')
+    if opts.filter_zero_std_groups and opts.n_samples_per_prompt < 2:
+        out.append("grpo.filter_zero_std_groups drops groups whose rewards are all equal, which a group of one always is: "
+                   f"set grpo.n_samples_per_prompt >= 2 (got {opts.n_samples_per_prompt}) or remove filter_zero_std_groups")
     if not 0 < opts.top_p <= 1:
         out.append(f"grpo.top_p must be in (0, 1] (1 disables it), got {opts.top_p}")
     out.extend(opts.rollout_problems("grpo", ds))

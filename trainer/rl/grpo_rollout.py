@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from trainer.engine.distributed import broadcast_object
-from trainer.generation.token_sampling import row_seeds
+from trainer.generation.token_sampling import row_seed, row_seeds
 from trainer.rl.advantages import ESTIMATORS, zero_std_groups
 from trainer.rl.grpo_losses import loss_weights
 from trainer.rl.ppo_math import kl_estimate
@@ -22,17 +22,21 @@ from trainer.rl.rewards import RewardError, call_reward_functions, weighted_sum
 from trainer.rl.rollout import prompt_ids
 
 
-def step_prompt_records(sampler, dataset, n_prompts: int, n_samples: int, seed: int, step: int) -> tuple[list, list, list]:
+def step_prompt_records(sampler, dataset, n_prompts: int, n_samples: int, seed: int, step: int,
+                        round_: int = 0) -> tuple[list, list, list]:
     """Collective: (prompt token ids, one sampling seed, the prompt's record) per row, the same global lists
     on every rank (rank 0 chooses: trainer.rl.rollout.step_prompts' rule). Each prompt n_samples times in
-    a row; a record is {"prompt": as the data gave it, **its other fields} (data.batching.PromptDataset.record)."""
+    a row; a record is {"prompt": as the data gave it, **its other fields} (data.batching.PromptDataset.record).
+    round_: the step's generation round (trainer.rl.dynamic_sampling); the seeds depend on (seed, step,
+    round_), so a prompt drawn again in a later round of the step gets other answers."""
     chosen = None
     if sampler is not None:
         picked = sampler.take(n_prompts)
         chosen = ([prompt_ids(dataset, i) for i in picked for _ in range(n_samples)],
                   [dataset.record(i) for i in picked for _ in range(n_samples)])
     prompts, records = broadcast_object(chosen)
-    return prompts, row_seeds(seed * 1_000_003 + step, prompts), records
+    base = seed * 1_000_003 + step
+    return prompts, row_seeds(base if round_ == 0 else row_seed(base, [round_]), prompts), records
 
 
 def completions_of(ro, prompt_width: int) -> list[list[int]]:
