@@ -28,6 +28,17 @@ def write_json(path, obj):
     return str(path)
 
 
+def msg(role, content):
+    return {"role": role, "content": content}
+
+
+def items(built):
+    """Every training item of a data.dataset.Built as nested lists (comparable)."""
+    def plain(x):
+        return [plain(y) for y in x] if isinstance(x, (tuple, list)) else x.tolist()
+    return [plain(built.train[i]) for i in range(len(built.train))]
+
+
 def write_jsonl(path, lines):
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(x if isinstance(x, str) else json.dumps(x, ensure_ascii=False) for x in lines) + "\n")

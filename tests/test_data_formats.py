@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from data_fixtures import MIXED, ROOT, load_tokenizer, tok, write_json, write_jsonl  # noqa: F401 (tok: a fixture)
+from data_fixtures import MIXED, ROOT, items, load_tokenizer, msg, tok, write_json, write_jsonl  # noqa: F401 (tok: a fixture)
 
 from data.dataset import build_dataset
 from data.errors import DataError
@@ -16,15 +16,6 @@ from data.records import RecordStream, load_records
 T = 96
 
 
-def msg(role, content):
-    return {"role": role, "content": content}
-
-
-def items(built):
-    """Every training item as nested lists (comparable)."""
-    def plain(x):
-        return [plain(y) for y in x] if isinstance(x, (tuple, list)) else x.tolist()
-    return [plain(built.train[i]) for i in range(len(built.train))]
 
 
 def same_samples(tmp_path, tok, source, unified, kinds=("lm",), name="src.jsonl", **kw):

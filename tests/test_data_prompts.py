@@ -5,7 +5,7 @@ clear meaning for SFT (kind="lm")."""
 import json
 
 import pytest
-from data_fixtures import ROOT, TOKENIZER_DIRS, load_tokenizer, write_json, write_jsonl
+from data_fixtures import ROOT, TOKENIZER_DIRS, items, load_tokenizer, msg, write_json, write_jsonl
 
 from data.dataset import build_dataset
 from data.errors import DataError
@@ -15,15 +15,6 @@ T = 96
 SYSTEM = "Think step by step, then give the answer after ####."
 
 
-def msg(role, content):
-    return {"role": role, "content": content}
-
-
-def items(built):
-    """Every item as nested lists (comparable)."""
-    def plain(x):
-        return [plain(y) for y in x] if isinstance(x, (tuple, list)) else x.tolist()
-    return [plain(built.train[i]) for i in range(len(built.train))]
 
 
 def records(built):
