@@ -1,4 +1,4 @@
-"""The GRPO recipe's own step code (trainer/rl/grpo_rollout.py row_rewards, make_experience,
+"""The GRPO recipe's own step code (trainer/rl/rewards.py row_rewards; trainer/rl/grpo_rollout.py make_experience,
 minibatch_weights, actor_batch; trainer/rl/grpo_losses.py GRPOLoss; the recipe's group placement
 trainer.generation.decoding.replica_rows) on a fixed rollout over 2 data-parallel replicas (two gloo
 processes), groups of 4, a reward function from a file reading a column, a k3 KL loss term and
@@ -58,8 +58,8 @@ def _replica(rank: int, init_file: str, reward_file: str, out: str) -> None:
     from trainer.generation.decoding import replica_rows
     from trainer.rl.grpo_losses import GRPOLoss
     from trainer.rl.grpo_options import GRPOOptions
-    from trainer.rl.grpo_rollout import actor_batch, make_experience, minibatch_weights, row_rewards
-    from trainer.rl.rewards import load_reward_functions
+    from trainer.rl.grpo_rollout import actor_batch, make_experience, minibatch_weights
+    from trainer.rl.rewards import load_reward_functions, row_rewards
     from trainer.rl.rollout import Rollout
 
     ids, mask, answer, ended, n_new, records, old, ref, logits = global_rollout()
@@ -69,7 +69,7 @@ def _replica(rank: int, init_file: str, reward_file: str, out: str) -> None:
                        mask_truncated_completions=True, reward_funcs=(f"{reward_file}:last_is_target",),
                        reward_weights=(WEIGHT,))
     funcs = load_reward_functions(opts)
-    rewards = row_rewards(ro, [records[i] for i in mine], None, funcs, DigitTokenizer(), PROMPT, 1.0)
+    rewards = row_rewards(ro, [records[i] for i in mine], None, funcs, DigitTokenizer(), PROMPT, 1.0, "grpo")
     old_mine, ref_mine = old[mine], ref[mine]
     exp = make_experience(ro, [old_mine[:5], old_mine[5:]], [ref_mine[:3], ref_mine[3:]], *rewards, None, opts, all_reduce_sum)
     chunk = torch.tensor(MINIBATCH)
@@ -164,7 +164,11 @@ def test_a_reward_function_failure_on_one_replica_stops_both(tmp_path):
     out = str(tmp_path / "result")
     mp.start_processes(_failing_replica, args=(str(tmp_path / "init"), f"{reward_file}", out), nprocs=2, join=True,
                        start_method="spawn")
+    ids, _, _, _, n_new, *_ = global_rollout()
     for rank in range(2):
         message = torch.load(f"{out}.{rank}", weights_only=True)["message"]
+        # the first row that raises alone is named (the records are the test's: prompt "prompt 0")
         assert message.startswith("reward function ") and ":picky' raised ValueError: cannot parse " in message, message
+        assert message.endswith("on sample 0 of this replica's 4 (prompt 'prompt 0', completion "
+                                f"{' '.join(str(i) for i in ids[0, PROMPT:PROMPT + n_new[0]].tolist())!r})"), message
         assert "\n" not in message
