@@ -112,8 +112,7 @@ def run(cfg, topo, device_name: str) -> dict:
     opts = cfg.options
     specs = model_configs(cfg, opts)
     plans = plan_models(cfg, opts, memory_budget(), specs)
-    actor_plan, critic_plan, ref_plan = (plans[key] for key in ("actor_path", "critic_path", "ref_path"))
-    reward_plan = plans.get("reward_path")  # None: the reward functions score alone
+    actor_plan, critic_plan, ref_plan, reward_plan = (plans.get(k) for k in ("actor_path", "critic_path", "ref_path", "reward_path"))
     tokenizer = AutoTokenizer.from_pretrained(actor_plan.side_dir)
     check_models(cfg, opts, tokenizer, plans)
     funcs = load_reward_functions(opts)
@@ -147,8 +146,7 @@ def run(cfg, topo, device_name: str) -> dict:
     companions = {CRITIC_DIR: critic, **({EMA_DIR: ema} if ema else {})}
     ptx = load_ptx_batches(cfg, opts, tokenizer, topo) if opts.ptx_coef else None
     frozen_cfg = frozen_config(cfg, opts)
-    with frozen_engine(frozen_cfg, ref_plan, topo) as ref, \
-            (frozen_engine(frozen_cfg, reward_plan, topo) if reward_plan else contextlib.nullcontext()) as reward:
+    with frozen_engine(frozen_cfg, ref_plan, topo) as ref, frozen_or_none(frozen_cfg, reward_plan, topo) as reward:
         if topo.rank == 0:
             prepare_save_paths(cfg, actor_plan, critic_plan, ema is not None, pad_id, topo, hosts)
         state = checkpoint.start_or_resume(actor, resume_from, sampler, companions={CRITIC_DIR: critic})
@@ -197,6 +195,11 @@ def run(cfg, topo, device_name: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # The step's parts.
+
+def frozen_or_none(cfg, plan, topo):
+    """The reward model's frozen engine; None (no engine) when the reward functions score alone (plan None)."""
+    return frozen_engine(cfg, plan, topo) if plan is not None else contextlib.nullcontext()
+
 
 def sampling_of(opts) -> SamplingConfig:
     """How the actor samples its answers (and at which temperature its log-probs are taken)."""
