@@ -134,26 +134,30 @@ def picky(prompts, completions, target, **kw):
 
 
 def _failing_replica(rank: int, init_file: str, reward_file: str, out: str) -> None:
-    """Replica 1's rows make the reward function raise; both replicas must stop with its message."""
+    """Replica 1's rows make the reward function raise; both replicas must stop with its message, in GRPO's
+    step and in PPO's (the same shared scoring)."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     from types import SimpleNamespace
 
-    from trainer.recipes.grpo import score_rewards
+    from trainer.recipes import grpo, ppo
     from trainer.rl.grpo_options import GRPOOptions
+    from trainer.rl.ppo_options import PPOOptions
     from trainer.rl.rewards import RewardError, load_reward_functions
     from trainer.rl.rollout import Rollout
 
     ids, mask, answer, ended, n_new, records, *_ = global_rollout()
     ro = Rollout(ids[:4], mask[:4], ids[:4, 1:], answer[:4], ended[:4], n_new[:4], None)
-    opts = GRPOOptions(actor_path="x", n_samples_per_prompt=GROUP, reward_funcs=(f"{reward_file}:picky",))
     mine = [{**r, "target": "boom" if rank == 1 else "1"} for r in records[:4]]
-    try:
-        score_rewards(ro, mine, None, load_reward_functions(opts), DigitTokenizer(), SimpleNamespace(max_seq_len=PROMPT),
-                      opts, SimpleNamespace(is_last_stage=True))
-        message = None
-    except RewardError as e:
-        message = str(e)
-    torch.save({"message": message}, f"{out}.{rank}")
+    messages = {}
+    for recipe, opts in ((grpo, GRPOOptions(actor_path="x", n_samples_per_prompt=GROUP, reward_funcs=(f"{reward_file}:picky",))),
+                         (ppo, PPOOptions(actor_path="x", critic_path="y", reward_funcs=(f"{reward_file}:picky",)))):
+        try:
+            recipe.score_rewards(ro, mine, None, load_reward_functions(opts), DigitTokenizer(),
+                                 SimpleNamespace(max_seq_len=PROMPT), opts, SimpleNamespace(is_last_stage=True))
+            messages[opts.section] = None
+        except RewardError as e:
+            messages[opts.section] = str(e)
+    torch.save(messages, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
 
@@ -166,7 +170,9 @@ def test_a_reward_function_failure_on_one_replica_stops_both(tmp_path):
                        start_method="spawn")
     ids, _, _, _, n_new, *_ = global_rollout()
     for rank in range(2):
-        message = torch.load(f"{out}.{rank}", weights_only=True)["message"]
+        messages = torch.load(f"{out}.{rank}", weights_only=True)
+        assert list(messages) == ["grpo", "ppo"] and messages["grpo"] == messages["ppo"]
+        message = messages["ppo"]
         # the first row that raises alone is named (the records are the test's: prompt "prompt 0")
         assert message.startswith("reward function ") and ":picky' raised ValueError: cannot parse " in message, message
         assert message.endswith("on sample 0 of this replica's 4 (prompt 'prompt 0', completion "
