@@ -336,6 +336,7 @@ def row_rewards(ro, records: list, rm_scores: Optional[torch.Tensor], funcs: lis
     and the sample; one call may take at most timeout_s seconds (None: no limit)."""
     per_function = torch.zeros(ro.n_rows, 0, dtype=torch.float64)
     if funcs:
+        assert len(records) == ro.n_rows, (len(records), ro.n_rows)  # this replica's records, one per row
         ids = ro.answer_ids(prompt_width)
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         prompts = [rec.get("prompt") if rec.get("prompt") is not None else
