@@ -274,7 +274,7 @@ def _first_failing_row(fn, prompts: list, completions: list, columns: dict):
     for i in range(len(completions)):
         try:
             fn([prompts[i]], [completions[i]], **{k: [v[i]] for k, v in columns.items()})
-        except _Timeout:
+        except _Timeout:  # the search's own time limit (the caller's), not the row's failure
             raise
         except Exception as e:  # noqa: BLE001 - the user's code
             return i, e
