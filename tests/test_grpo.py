@@ -215,40 +215,163 @@ def test_user_functions_get_columns_and_none_is_skipped(tmp_path):
 
     path = write_module(tmp_path, "def parity(prompts, completions, answer, level, **kw):\n"
                                   "    return [None if l == 'skip' else float(len(c) % 2 == int(a)) for c, a, l in zip(completions, answer, level)]\n")
-    fn = load_reward_function(f"{path}:parity", {}, 8)
-    funcs = [("parity", fn, 2.0), ("math_answer", load_reward_function("math_answer", {}, 8), 0.5)]
+    fn = load_reward_function(f"{path}:parity", {}, 8, "grpo")
+    funcs = [("parity", fn, 2.0), ("math_answer", load_reward_function("math_answer", {}, 8, "grpo"), 0.5)]
     per = call_reward_functions(funcs, ["p", "q", "r"], ["ab", "7", "x"],
-                                {"answer": ["0", "7", "1"], "level": ["a", "skip", "skip"], "completion_ids": [[1], [2], [3]]})
+                                {"answer": ["0", "7", "1"], "level": ["a", "skip", "skip"], "completion_ids": [[1], [2], [3]]},
+                                "grpo")
     assert per[0, 0].item() == 1.0 and math.isnan(per[1, 0].item()) and math.isnan(per[2, 0].item())
     assert weighted_sum(per, [2.0, 0.5]).tolist() == [2.0, 0.5, 0.0]  # row 2: math_answer 0, parity n/a
 
 
 @pytest.mark.parametrize("body,message", [
-    ("def f(prompts, completions, **kw):\n    raise KeyError('answer')\n", "'f' raised KeyError"),
-    ("def f(prompts, completions, **kw):\n    return [1.0]\n", "returned 1 values for 2 completions"),
-    ("def f(prompts, completions, **kw):\n    return [1.0, float('nan')]\n", "returned nan for sample 1"),
-    ("def f(prompts, completions, **kw):\n    return ['1', 0.0]\n", "returned '1' for sample 0"),
+    ("def f(prompts, completions, **kw):\n    raise KeyError('answer')\n",
+     "'f' raised KeyError: 'answer' on sample 0 of this replica's 2 (prompt 'p', completion 'a')"),
+    ("def f(prompts, completions, **kw):\n    return [1.0]\n", "returned 1 values for this replica's 2 completions"),
+    ("def f(prompts, completions, **kw):\n    return [1.0, float('nan')]\n",
+     "returned nan on sample 1 of this replica's 2 (prompt 'q', completion 'b'): a finite number or None"),
+    ("def f(prompts, completions, **kw):\n    return ['1', 0.0]\n", "returned '1' on sample 0 of this replica's 2 (prompt 'p'"),
 ])
 def test_reward_function_failures_are_one_line(tmp_path, body, message):
     from trainer.rl.rewards import RewardError, call_reward_functions, load_reward_function
 
-    fn = load_reward_function(f"{write_module(tmp_path, body)}:f", {}, 8)
-    with pytest.raises(RewardError, match=message) as e:
-        call_reward_functions([("f", fn, 1.0)], ["p", "q"], ["a", "b"], {})
-    assert "\n" not in str(e.value)
+    fn = load_reward_function(f"{write_module(tmp_path, body)}:f", {}, 8, "grpo")
+    with pytest.raises(RewardError) as e:
+        call_reward_functions([("f", fn, 1.0)], ["p", "q"], ["a", "b"], {}, "grpo")
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+SECOND_ROW_FAILS = """
+def strict(prompts, completions, answer, **kw):
+    out = []
+    for completion, truth in zip(completions, answer):
+        text = completion[0]["content"] if isinstance(completion, list) else completion
+        out.append(float(int(text.split()[-1]) == int(truth)))  # a word at the end: ValueError
+    return out
+"""
+
+
+def test_a_raising_reward_function_names_the_first_sample_that_raises_alone(tmp_path):
+    """The batched call raises; called again row by row, the first row that raises is named with excerpts of
+    its prompt (a conversation: its last message) and completion; a message over several lines stays one."""
+    from trainer.rl.rewards import RewardError, call_reward_functions, load_reward_function
+
+    fn = load_reward_function(f"{write_module(tmp_path, SECOND_ROW_FAILS)}:strict", {}, 8, "ppo")
+    long_prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "What is 6 x 7? " * 10}]
+    prompts = ["1+1?", long_prompt, "2+2?"]
+    completions = ["it is 2", [{"role": "assistant", "content": "forty two"}], "four"]
+    with pytest.raises(RewardError) as e:
+        call_reward_functions([("rewards.py:strict", fn, 1.0)], prompts, completions, {"answer": ["2", "42", "4"]}, "ppo")
+    want = ("reward function 'rewards.py:strict' raised ValueError: invalid literal for int() with base 10: 'two' on "
+            f"sample 1 of this replica's 3 (prompt {('What is 6 x 7? ' * 10)[:60] + '...'!r}, completion 'forty two')")
+    assert str(e.value) == want
+
+    only_together = "def pair(prompts, completions, **kw):\n    if len(completions) > 1:\n        raise RuntimeError('a\\nb')\n" \
+                    "    return [0.0]\n"
+    (tmp_path / "pair.py").write_text(only_together)
+    fn = load_reward_function(f"{tmp_path / 'pair.py'}:pair", {}, 8, "grpo")
+    with pytest.raises(RewardError) as e:  # no one row raises alone: the function and the row count
+        call_reward_functions([("pair", fn, 1.0)], ["p", "q"], ["a", "b"], {}, "grpo")
+    assert str(e.value) == "reward function 'pair' raised RuntimeError: a b on this replica's 2 samples (no one sample raises alone)"
+
+
+TRL_STYLE = """
+def last_word_is_answer(prompts, completions, answer, **kw):
+    # TRL's conversational format: completion[0]["content"]; the prompt's last message is the user's
+    out = []
+    for prompt, completion, truth in zip(prompts, completions, answer):
+        assert prompt[-1]["role"] == "user" and completion[0]["role"] == "assistant", (prompt, completion)
+        out.append(float(completion[0]["content"].split()[-1] == truth))
+    return out
+
+
+def standard(prompts, completions, answer, **kw):
+    assert all(isinstance(p, str) and isinstance(c, str) for p, c in zip(prompts, completions))
+    return [float(c.split()[-1] == a) for c, a in zip(completions, answer)]
+"""
+
+
+class WordTokenizer:
+    """Decodes ids as words w<id> (the tests' stand-in for a tokenizer)."""
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return [" ".join(f"w{i}" for i in row) for row in ids]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"w{int(i)}" for i in ids)
+
+
+def word_rollout(answers: list[list[int]], prompt_width: int = 2):
+    from trainer.rl.rollout import Rollout
+
+    width = prompt_width + max(len(a) for a in answers)
+    ids = torch.zeros(len(answers), width, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    ids[:, :prompt_width], mask[:, :prompt_width] = 5, 1
+    for r, a in enumerate(answers):
+        ids[r, prompt_width:prompt_width + len(a)], mask[r, prompt_width:prompt_width + len(a)] = torch.tensor(a), 1
+    n_new = torch.tensor([len(a) for a in answers])
+    return Rollout(ids, mask, ids[:, 1:], mask[:, 1:].float(), n_new > 0, n_new, None)
+
+
+def test_conversational_records_get_trl_message_lists_per_row(tmp_path):
+    """A record whose prompt is a message list: the function gets that list and [{"role": "assistant",
+    "content": text}]; a string prompt (e.g. a single user turn the data layer gave as text): strings. The
+    built-ins take both shapes."""
+    from trainer.rl.rewards import (
+        completion_text,
+        exact_match,
+        format_reward,
+        load_reward_function,
+        math_answer,
+        row_rewards,
+    )
+
+    path = write_module(tmp_path, TRL_STYLE)
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "say w7"}]
+    ro = word_rollout([[3, 7], [7], [4, 4]])
+    records = [{"prompt": chat, "answer": "w7"}, {"prompt": chat, "answer": "w7"}, {"prompt": chat, "answer": "w7"}]
+    trl = ("trl", load_reward_function(f"{path}:last_word_is_answer", {}, 8, "grpo"), 1.0)
+    rewards, per = row_rewards(ro, records, None, [trl], WordTokenizer(), 2, 1.0, "grpo")
+    assert per[:, 0].tolist() == [1.0, 1.0, 0.0] and rewards.tolist() == [1.0, 1.0, 0.0]
+    plain = [{"prompt": "say w7", "answer": "w7"}, {"answer": "w7"}, {"prompt": "say w7", "answer": "w4"}]  # no prompt: decoded
+    std = ("std", load_reward_function(f"{path}:standard", {}, 8, "grpo"), 2.0)
+    assert row_rewards(ro, plain, None, [std], WordTokenizer(), 2, 1.0, "grpo")[0].tolist() == [2.0, 2.0, 2.0]
+
+    conversation = [[{"role": "assistant", "content": "so \\boxed{42}"}], [{"role": "assistant", "content": " yes "}]]
+    assert completion_text(conversation[0]) == "so \\boxed{42}" and completion_text("x") == "x"
+    assert math_answer([chat, chat], conversation, answer=["42", "41"]) == [1.0, 0.0]
+    assert exact_match([chat, chat], conversation, answer=["no", "yes"]) == [0.0, 1.0]
+    assert format_reward("so .*")([chat, chat], conversation) == [1.0, 0.0]
+
+
+def test_reward_key_problems_name_the_section():
+    """One check of the reward keys for PPO's and GRPO's sections, each message naming the key as written."""
+    from trainer.rl.rewards import reward_problems
+
+    raw = {"reward_funcs": ["math_answer", "nosuch"], "reward_kwargs": {"format": {}}, "reward_timeout_s": -1}
+    for section in ("ppo", "grpo"):
+        found = reward_problems(section, raw)
+        assert found[0].startswith(f"{section}.reward_funcs: 'nosuch' is not a built-in"), found
+        assert f"{section}.reward_kwargs: 'format' is not a built-in reward function in {section}.reward_funcs" in found[1]
+        assert found[2] == f"{section}.reward_timeout_s must be positive (seconds) or null (no limit), got -1"
+        assert reward_problems(section, {"reward_funcs": ["format"], "reward_weights": [1, 2]}) == [
+            f"{section}.reward_weights must be a list of 1 number(s), one per reward function, got [1, 2]"]
+        assert reward_problems(section, {"reward_funcs": "format"})[0].startswith(f"{section}.reward_funcs must be a list")
 
 
 def test_reward_function_loading_errors(tmp_path):
     from trainer.rl.rewards import RewardError, load_reward_function, spec_problems
 
-    assert spec_problems(["math_answer", "nosuch", "missing.py:f"], {"format": {"pattern": "x"}})[0].startswith(
+    assert spec_problems(["math_answer", "nosuch", "missing.py:f"], {"format": {"pattern": "x"}}, "grpo")[0].startswith(
         "grpo.reward_funcs: 'nosuch' is not a built-in")
-    assert "no file missing.py" in spec_problems(["missing.py:f"], {})[0]
-    assert "'format' is not a built-in reward function in grpo.reward_funcs" in spec_problems(["math_answer"], {"format": {}})[0]
-    with pytest.raises(RewardError, match="cannot import no_such_module_xyz"):
-        load_reward_function("no_such_module_xyz:f", {}, 8)
+    assert "no file missing.py" in spec_problems(["missing.py:f"], {}, "grpo")[0]
+    assert "'format' is not a built-in reward function in grpo.reward_funcs" in spec_problems(["math_answer"], {"format": {}},
+                                                                                            "grpo")[0]
+    with pytest.raises(RewardError, match="^ppo.reward_funcs: reward function 'no_such_module_xyz:f': cannot import no_such"):
+        load_reward_function("no_such_module_xyz:f", {}, 8, "ppo")
     with pytest.raises(RewardError, match="has no function 'g'"):
-        load_reward_function(f"{write_module(tmp_path, 'x = 1')}:g", {}, 8)
+        load_reward_function(f"{write_module(tmp_path, 'x = 1')}:g", {}, 8, "grpo")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,13 +508,13 @@ def test_a_reward_function_over_its_time_limit_is_one_line(tmp_path):
 
     from trainer.rl.rewards import RewardError, call_reward_functions, load_reward_function
 
-    fn = load_reward_function(f"{write_module(tmp_path, 'import time' + chr(10) + 'def slow(p, c, **kw):' + chr(10) + '    time.sleep(5)')}:slow", {}, 8)
+    fn = load_reward_function(f"{write_module(tmp_path, 'import time' + chr(10) + 'def slow(p, c, **kw):' + chr(10) + '    time.sleep(5)')}:slow", {}, 8, "ppo")
     start = time.perf_counter()
-    with pytest.raises(RewardError, match=r"'slow' took longer than reward_timeout_s = 0.2 s on 2 completions"):
-        call_reward_functions([("slow", fn, 1.0)], ["p", "q"], ["a", "b"], {}, timeout_s=0.2)
+    with pytest.raises(RewardError, match=r"'slow' took longer than ppo.reward_timeout_s = 0.2 s on this replica's 2 completions$"):
+        call_reward_functions([("slow", fn, 1.0)], ["p", "q"], ["a", "b"], {}, "ppo", timeout_s=0.2)
     assert time.perf_counter() - start < 2
-    quick = load_reward_function("exact_match", {}, 8)  # within the limit: the alarm is cancelled after the call
-    assert call_reward_functions([("e", quick, 1.0)], ["p"], ["a"], {"answer": ["a"]}, timeout_s=0.2).tolist() == [[1.0]]
+    quick = load_reward_function("exact_match", {}, 8, "ppo")  # within the limit: the alarm is cancelled after the call
+    assert call_reward_functions([("e", quick, 1.0)], ["p"], ["a"], {"answer": ["a"]}, "ppo", timeout_s=0.2).tolist() == [[1.0]]
     time.sleep(0.3)
 
 
@@ -476,10 +599,10 @@ def test_each_round_draws_further_prompts_with_its_own_seeds(monkeypatch):
     (its position is what a checkpoint saves); round 0's seeds are those of a step without refill, and a
     later round's differ even for the same prompt (else a prompt drawn again would repeat its answers)."""
     from trainer.generation.token_sampling import row_seeds
-    from trainer.rl import grpo_rollout
+    from trainer.rl import rollout
     from trainer.rl.rollout import PromptSampler
 
-    monkeypatch.setattr(grpo_rollout, "broadcast_object", lambda obj: obj)  # one process: rank 0's lists as they are
+    monkeypatch.setattr(rollout, "broadcast_object", lambda obj: obj)  # one process: rank 0's lists as they are
 
     class Prompts:  # 3 prompts, each the same token ids: only the seeds can tell rounds apart
         def __getitem__(self, i):
@@ -489,7 +612,7 @@ def test_each_round_draws_further_prompts_with_its_own_seeds(monkeypatch):
             return {"prompt": f"p{i}", "answer": str(i)}
 
     dataset, sampler = Prompts(), PromptSampler(3, seed=1)
-    rounds = [grpo_rollout.step_prompt_records(sampler, dataset, 2, 2, 7, 4, k) for k in range(3)]
+    rounds = [rollout.step_prompt_records(sampler, dataset, 2, 2, 7, 4, k) for k in range(3)]
     assert [len(p) for p, _, _ in rounds] == [4, 4, 4] and sampler.state_dict() != PromptSampler(3, seed=1).state_dict()
     again = PromptSampler(3, seed=1)
     picked = [again.take(2) for _ in range(3)]  # the same sampler's draws, round after round

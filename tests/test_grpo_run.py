@@ -9,7 +9,10 @@ equal), and the reward rises. In the same launch, one step of 1 stage x 2 replic
 x 1 replica on a rollout that is one minibatch: the same rewards, losses and updated weights (groups stay
 whole on a replica; the DAPO token normalisation spans both replicas). Last in that launch, a 3-step run on
 2 replicas with DAPO's dynamic sampling (a 0/1 reward, max_refill_rounds) after an uninterrupted twin: it
-is SIGKILLed during its step-3 save (--kill-last-at-step) and a second launch resumes it (resume "auto")."""
+is SIGKILLed during its step-3 save (--kill-last-at-step) and a second launch resumes it (resume "auto").
+Also in the first launch: two steps scored by a reward model (tests/ppo_fixtures.py's marker model) and
+two reward functions together, weighted: the logged reward is the weighted sum of the logged
+per-function means and the reward model's score."""
 import json
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from conftest import launch_ranks as launch
 SEQ, NEW, STEPS = 48, 16, 8
 RESUME_STEPS, KILL_AT = 3, 3  # the killed run saved step 2, dies in the (final) save of step 3
 REFILL = 2  # DAPO's dynamic sampling in the resumed run: at most 2 more generation rounds per step
+RM_WEIGHT, FUNCTION_WEIGHTS = 2.0, (0.5, 0.25)  # the reward model's score and marker_count, overlong
 ADAMW = {"type": "AdamW", "params": {"lr": 3e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0, "torch_adam": True}}
 REWARD_FILE = """
 def marker_count(prompts, completions, completion_ids, marker, **kwargs):
@@ -34,7 +38,7 @@ def marker_early(prompts, completions, completion_ids, marker, **kwargs):  # 0 o
 
 @pytest.fixture(scope="module")
 def grpo_run(tmp_path_factory):
-    from ppo_fixtures import choose_marker, peaked_actor_hf
+    from ppo_fixtures import choose_marker, marker_reward_hf, peaked_actor_hf
     from transformers import AutoTokenizer
 
     from convert.hg_to_pp import hg_to_pp
@@ -66,6 +70,11 @@ def grpo_run(tmp_path_factory):
     one_step = {**cfg, "train_steps": 1, "csv_monitor": {"enabled": False},
                 "grpo": {**cfg["grpo"], "rollout_batch_size": 2, "num_iterations": 2}}  # 2 prompts x 8 = 16 rows: one
     # minibatch, trained twice: the second pass has ratios != 1, so a non-zero loss and clipping to compare
+    rm_pp = hg_to_pp(marker_reward_hf(base, tmp / "rm-hf", marker, pad_id=0), tmp / "rm-pp", progress=False)
+    weighted = {**one_step, "save_path": str(tmp / "rm_and_functions"), "train_steps": 2, "reward_path": str(rm_pp),
+                "grpo": {**one_step["grpo"], "num_iterations": 1, "reward_model_weight": RM_WEIGHT,
+                         "reward_funcs": [*cfg["grpo"]["reward_funcs"], "overlong"],
+                         "reward_weights": list(FUNCTION_WEIGHTS), "reward_kwargs": {"overlong": {"buffer": 12}}}}
     two_replicas = {"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}, "parts": [7]}}
     # RESUME_STEPS steps saved every 2 on 2 replicas (2 prompts x 4 answers each, two minibatches, two passes), with
     # DAPO's dynamic sampling: a 0/1 reward, groups without a signal refilled by up to REFILL more rounds
@@ -73,7 +82,7 @@ def grpo_run(tmp_path_factory):
                  "train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
                  "grpo": {**cfg["grpo"], "n_samples_per_prompt": 4, "num_iterations": 2, "filter_zero_std_groups": True,
                           "max_refill_rounds": REFILL, "reward_funcs": [f"{tmp / 'toy_rewards.py'}:marker_early"]}}
-    layouts = {"toy": cfg,
+    layouts = {"toy": cfg, "rm_and_functions": weighted,
                "two_stages": {**one_step, "save_path": str(tmp / "two_stages")},
                "two_replicas": {**one_step, **two_replicas, "save_path": str(tmp / "two_replicas"),
                                 "gradient_accumulation_steps": 1},
@@ -114,6 +123,21 @@ def test_grpo_toy_reward_rises(grpo_run):
     assert 0 < metric(summary, "GRPO/kl")[-1] < 2.0
     written = {p.stem for p in Path(tmp / "logs" / "grpo").glob("*.csv")}
     assert {"GRPO_reward_mean", "GRPO_frac_reward_zero_std", "GRPO_clip_ratio_region_mean"} <= written, written
+
+
+@pytest.mark.multirank
+def test_a_reward_model_and_reward_functions_weighted_together(grpo_run):
+    """GRPO/reward_mean = sum_f w_f GRPO/rewards/<f>/mean + reward_model_weight x GRPO/score_mean (the RM's
+    raw score), each function applying to every row; every term is non-zero."""
+    runs, _ = grpo_run
+    summary = runs["rm_and_functions"]
+    assert summary["step"] == 2
+    for _, m in summary["train_metrics"]:
+        parts = (FUNCTION_WEIGHTS[0] * m["GRPO/rewards/marker_count/mean"], FUNCTION_WEIGHTS[1] * m["GRPO/rewards/overlong/mean"],
+                 RM_WEIGHT * m["GRPO/score_mean"])
+        assert m["GRPO/reward_mean"] == pytest.approx(sum(parts), rel=1e-6, abs=1e-9), (m, parts)
+    for name in ("GRPO/rewards/marker_count/mean", "GRPO/rewards/overlong/mean", "GRPO/score_mean"):
+        assert any(m[name] != 0 for _, m in summary["train_metrics"]), name
 
 
 @pytest.mark.multirank

@@ -1,4 +1,4 @@
-"""The GRPO recipe's own step code (trainer/rl/grpo_rollout.py row_rewards, make_experience,
+"""The GRPO recipe's own step code (trainer/rl/rewards.py row_rewards; trainer/rl/grpo_rollout.py make_experience,
 minibatch_weights, actor_batch; trainer/rl/grpo_losses.py GRPOLoss; the recipe's group placement
 trainer.generation.decoding.replica_rows) on a fixed rollout over 2 data-parallel replicas (two gloo
 processes), groups of 4, a reward function from a file reading a column, a k3 KL loss term and
@@ -58,8 +58,8 @@ def _replica(rank: int, init_file: str, reward_file: str, out: str) -> None:
     from trainer.generation.decoding import replica_rows
     from trainer.rl.grpo_losses import GRPOLoss
     from trainer.rl.grpo_options import GRPOOptions
-    from trainer.rl.grpo_rollout import actor_batch, make_experience, minibatch_weights, row_rewards
-    from trainer.rl.rewards import load_reward_functions
+    from trainer.rl.grpo_rollout import actor_batch, make_experience, minibatch_weights
+    from trainer.rl.rewards import load_reward_functions, row_rewards
     from trainer.rl.rollout import Rollout
 
     ids, mask, answer, ended, n_new, records, old, ref, logits = global_rollout()
@@ -69,7 +69,7 @@ def _replica(rank: int, init_file: str, reward_file: str, out: str) -> None:
                        mask_truncated_completions=True, reward_funcs=(f"{reward_file}:last_is_target",),
                        reward_weights=(WEIGHT,))
     funcs = load_reward_functions(opts)
-    rewards = row_rewards(ro, [records[i] for i in mine], None, funcs, DigitTokenizer(), PROMPT, 1.0)
+    rewards = row_rewards(ro, [records[i] for i in mine], None, funcs, DigitTokenizer(), PROMPT, 1.0, "grpo")
     old_mine, ref_mine = old[mine], ref[mine]
     exp = make_experience(ro, [old_mine[:5], old_mine[5:]], [ref_mine[:3], ref_mine[3:]], *rewards, None, opts, all_reduce_sum)
     chunk = torch.tensor(MINIBATCH)
@@ -134,26 +134,30 @@ def picky(prompts, completions, target, **kw):
 
 
 def _failing_replica(rank: int, init_file: str, reward_file: str, out: str) -> None:
-    """Replica 1's rows make the reward function raise; both replicas must stop with its message."""
+    """Replica 1's rows make the reward function raise; both replicas must stop with its message, in GRPO's
+    step and in PPO's (the same shared scoring)."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     from types import SimpleNamespace
 
-    from trainer.recipes.grpo import score_rewards
+    from trainer.recipes import grpo, ppo
     from trainer.rl.grpo_options import GRPOOptions
+    from trainer.rl.ppo_options import PPOOptions
     from trainer.rl.rewards import RewardError, load_reward_functions
     from trainer.rl.rollout import Rollout
 
     ids, mask, answer, ended, n_new, records, *_ = global_rollout()
     ro = Rollout(ids[:4], mask[:4], ids[:4, 1:], answer[:4], ended[:4], n_new[:4], None)
-    opts = GRPOOptions(actor_path="x", n_samples_per_prompt=GROUP, reward_funcs=(f"{reward_file}:picky",))
     mine = [{**r, "target": "boom" if rank == 1 else "1"} for r in records[:4]]
-    try:
-        score_rewards(ro, mine, None, load_reward_functions(opts), DigitTokenizer(), SimpleNamespace(max_seq_len=PROMPT),
-                      opts, SimpleNamespace(is_last_stage=True))
-        message = None
-    except RewardError as e:
-        message = str(e)
-    torch.save({"message": message}, f"{out}.{rank}")
+    messages = {}
+    for recipe, opts in ((grpo, GRPOOptions(actor_path="x", n_samples_per_prompt=GROUP, reward_funcs=(f"{reward_file}:picky",))),
+                         (ppo, PPOOptions(actor_path="x", critic_path="y", reward_funcs=(f"{reward_file}:picky",)))):
+        try:
+            recipe.score_rewards(ro, mine, None, load_reward_functions(opts), DigitTokenizer(),
+                                 SimpleNamespace(max_seq_len=PROMPT), opts, SimpleNamespace(is_last_stage=True))
+            messages[opts.section] = None
+        except RewardError as e:
+            messages[opts.section] = str(e)
+    torch.save(messages, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
 
@@ -164,7 +168,13 @@ def test_a_reward_function_failure_on_one_replica_stops_both(tmp_path):
     out = str(tmp_path / "result")
     mp.start_processes(_failing_replica, args=(str(tmp_path / "init"), f"{reward_file}", out), nprocs=2, join=True,
                        start_method="spawn")
+    ids, _, _, _, n_new, *_ = global_rollout()
     for rank in range(2):
-        message = torch.load(f"{out}.{rank}", weights_only=True)["message"]
+        messages = torch.load(f"{out}.{rank}", weights_only=True)
+        assert list(messages) == ["grpo", "ppo"] and messages["grpo"] == messages["ppo"]
+        message = messages["ppo"]
+        # the first row that raises alone is named (the records are the test's: prompt "prompt 0")
         assert message.startswith("reward function ") and ":picky' raised ValueError: cannot parse " in message, message
+        assert message.endswith("on sample 0 of this replica's 4 (prompt 'prompt 0', completion "
+                                f"{' '.join(str(i) for i in ids[0, PROMPT:PROMPT + n_new[0]].tolist())!r})"), message
         assert "\n" not in message

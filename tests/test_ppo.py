@@ -8,7 +8,8 @@ sampler's resume, config validation. Real runs (CPU, gloo), three launches in al
     and a generation / training-forward log-prob gap <= 1e-5, the reward rises while the KL stays
     bounded, every PPO/ metric is in the CSV monitor, the exports load in HF and the critic's
     export scores as the pipeline does; 1 stage x 2 replicas takes the same first step as 2 stages
-    x 1 replica; an uninterrupted 6-step run with every option on.
+    x 1 replica; an uninterrupted 6-step run with every option on; a run scored by a reward function
+    alone (no reward model built), its records' column reaching it through the data path.
   B, C: the same 6-step run SIGKILLed during its step-4 save, rerun: it resumes from step 2 and ends
     with the uninterrupted run's actor and critic weights and metrics.
 """
@@ -199,7 +200,7 @@ def test_a_prompts_samples_stay_on_one_replica():
     from trainer.generation.decoding import replica_rows
 
     k, prompts = 4, ["p0", "p1", "p2", "p3", "p4", "p5"]
-    rows = [p for p in prompts for _ in range(k)]  # step_prompts' global list: each prompt k times in a row
+    rows = [p for p in prompts for _ in range(k)]  # step_prompt_records' global list: each prompt k times in a row
     shares = [[rows[i] for i in replica_rows(len(rows), r, 2, group=k)] for r in range(2)]
     assert shares == [["p0"] * 4 + ["p2"] * 4 + ["p4"] * 4, ["p1"] * 4 + ["p3"] * 4 + ["p5"] * 4]
     assert replica_rows(10, 1, 2) == [1, 3, 5, 7, 9]  # group 1: rows[r::D], as before
@@ -208,6 +209,36 @@ def test_a_prompts_samples_stay_on_one_replica():
                   ppo={"rollout_batch_size": 3, "n_samples_per_prompt": 8})
     raw["model_topo"] = {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}, "parts": "auto"}
     assert any("cannot be shared evenly by the 2 data-parallel replicas" in p for p in problems_of(raw))
+
+
+def test_reward_functions_keys_and_when_a_reward_model_is_built():
+    """Without reward_funcs nothing changes (the reward model defaults to the critic's start); with them the
+    reward model is built only when reward_path is given. The reward keys are GRPO's, checked by one function
+    whose messages name the "ppo" section."""
+    from trainer.rl.ppo_models import model_configs
+
+    plain = validate(ppo_raw()).options
+    assert plain.builds_reward_model and plain.reward_model_path == "rm" and plain.weights() == ()
+    funcs = validate(ppo_raw(ppo={"reward_funcs": ["math_answer", "format"], "reward_weights": [1, 0.5]}))
+    o = funcs.options
+    assert o.reward_funcs == ("math_answer", "format") and o.weights() == (1, 0.5) and o.reward_model_weight == 1.0
+    assert not o.builds_reward_model and o.reward_model_path is None
+    assert list(model_configs(funcs, o)) == ["actor_path", "critic_path", "ref_path"]
+    both = validate(ppo_raw(reward_path="my_rm", ppo={"reward_funcs": ["format"], "reward_model_weight": 0.5}))
+    assert both.options.reward_model_path == "my_rm" and model_configs(both, both.options)["reward_path"].path == "my_rm"
+    assert list(model_configs(validate(ppo_raw()), plain)) == ["actor_path", "critic_path", "ref_path", "reward_path"]
+    for ppo, message in [
+        ({"reward_funcs": ["nosuch"]}, "ppo.reward_funcs: 'nosuch' is not a built-in"),
+        ({"reward_funcs": ["format"], "reward_weights": [1, 2]}, "ppo.reward_weights must be a list of 1 number(s)"),
+        ({"reward_funcs": ["format"], "reward_timeout_s": 0}, "ppo.reward_timeout_s must be positive"),
+        ({"reward_funcs": ["format"], "reward_kwargs": {"overlong": {}}}, "'overlong' is not a built-in reward function in "
+                                                                          "ppo.reward_funcs"),
+        ({"reward_funcs": ["format"], "reward_model_weight": 2}, "ppo.reward_model_weight set, but with ppo.reward_funcs the "
+                                                                "reward model is built only when reward_path is given"),
+        ({"reward_funcs": "format"}, "ppo.reward_funcs must be a list of names"),
+        ({"reward_model_weight": "1"}, "ppo.reward_model_weight must be a finite number"),
+    ]:
+        assert any(message in p for p in problems_of(ppo_raw(ppo=ppo))), (ppo, problems_of(ppo_raw(ppo=ppo)))
 
 
 def test_shipped_ppo_configs_validate():
@@ -255,6 +286,8 @@ def test_auto_parts_fit_the_four_models_together_on_each_stage(random_pp):
     assert shared != alone and max(totals) <= budget
     assert max(alone_totals) > budget
     assert shared["ref_path"] == alone["ref_path"] and shared["reward_path"] == alone["reward_path"]  # few moves
+    without_rm, _ = plans_for(budget, ppo={"max_new_tokens": 16, "reward_funcs": ["format"]})  # reward functions alone
+    assert list(without_rm) == ["actor_path", "critic_path", "ref_path"]
     tight = 0.85 * max(alone_totals)  # one model at a time cannot make room: every model within its share first
     _, totals = plans_for(tight)
     assert max(totals) <= tight
@@ -327,6 +360,29 @@ ONE_STEP = dict(train_steps=1, train_batch_size=4, train_micro_batch_size_per_gp
                 ppo={"rollout_batch_size": 4, "max_new_tokens": 8, "critic": CRITIC, "ema_decay": EMA_DECAY})  # one minibatch
 
 
+MARKER_FUNCTION = """
+def marker_count(prompts, completions, completion_ids, marker, **kwargs):
+    assert all(p.startswith("Tell me about") for p in prompts), prompts  # the records' prompts, as the data gave them
+    return [float(sum(1 for t in ids if t == int(m))) for ids, m in zip(completion_ids, marker)]
+"""
+FUNCTION_WEIGHT = 2.0
+
+
+def functions_only_config(tmp: Path, models: dict) -> dict:
+    """Reward functions alone (no reward_path: no reward model): a column `marker` in every prompt record,
+    counted in the answers by a function from a file; 1 stage x 2 replicas (the records shared as the rows)."""
+    prompts_file = REPO / "data" / "samples" / "rlhf_prompts.jsonl"
+    data = tmp / "marker_prompts.jsonl"
+    data.write_text("".join(json.dumps({**json.loads(line), "marker": str(models["marker"])}) + "\n"
+                            for line in prompts_file.read_text().splitlines()))
+    (tmp / "marker_rewards.py").write_text(MARKER_FUNCTION)
+    return dict(train_steps=3, data_path=str(data), train_batch_size=4, train_micro_batch_size_per_gpu=2,
+                gradient_accumulation_steps=1,
+                model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}, "parts": [7]},
+                ppo={"rollout_batch_size": 4, "max_new_tokens": 8, "critic": {**CRITIC, "parts": [7]},
+                     "reward_funcs": [f"{tmp / 'marker_rewards.py'}:marker_count"], "reward_weights": [FUNCTION_WEIGHT]})
+
+
 @pytest.fixture(scope="module")
 def runs(models, tmp_path_factory):
     """Launch A: {name: (summary, save_path)}, the launch's output, tmp."""
@@ -339,6 +395,7 @@ def runs(models, tmp_path_factory):
                                                                      "ppo": {**ONE_STEP["ppo"], "critic": {**CRITIC, "parts": [7]}}},
                                     model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}, "parts": [7]}),
         "full": make_config(tmp, "full", models, **FULL),
+        "functions": make_config(tmp, "functions", models, **functions_only_config(tmp, models)),
     }
     out = tmp / "results.jsonl"
     proc = launch(str(REPO / "tests" / "multirank" / "train_runs.py"), *[a for p in names.values() for a in ("--config", str(p))],
@@ -362,6 +419,27 @@ def test_first_step_with_reference_equal_to_actor_has_zero_kl_and_matching_log_p
             assert metric(summary, "PPO/kl")[0] == 0.0, name
     # frozen_bf16: the reference is the actor's start rounded to bf16, a small KL but not 0
     assert 0 < abs(metric(runs["full"][0], "PPO/kl")[0]) < 0.5
+
+
+@pytest.mark.multirank
+def test_reward_functions_alone_train_without_a_reward_model(runs, models):
+    """No reward_path with reward_funcs: the reward model is not built (the run's models), the score is the
+    function's weighted value, the per-function mean is logged as GRPO logs it, and the actor trains."""
+    runs, _, _ = runs
+    summary, save = runs["functions"]
+    assert summary["models"] == ["actor_path", "critic_path", "ref_path"]
+    assert runs["toy"][0]["models"] == ["actor_path", "critic_path", "ref_path", "reward_path"]
+    assert summary["step"] == 3 and summary["tags"] == ["global_step3"]
+    for _, m in summary["train_metrics"]:
+        assert m["PPO/score_mean"] == pytest.approx(FUNCTION_WEIGHT * m["PPO/rewards/marker_count/mean"], rel=1e-9, abs=1e-12)
+        assert "PPO/rm_score_mean" not in m and math.isfinite(m["PPO/value_loss"])
+    assert sum(m["PPO/rewards/marker_count/mean"] for _, m in summary["train_metrics"]) > 0  # the marker was sampled
+    assert metric(summary, "PPO/kl")[0] == 0.0 and max(metric(summary, "PPO/logprob_gap")) <= 1e-5
+    changed = 0
+    for f in sorted((save / "global_step3").glob("layer_*-model_states.pt")):
+        start, trained = torch.load(models["actor"] / f.name, weights_only=True), torch.load(f, weights_only=True)
+        changed += any(not torch.equal(start[k], trained[k]) for k in start)
+    assert changed > 0  # the actor trained
 
 
 @pytest.mark.multirank

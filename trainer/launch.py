@@ -10,7 +10,7 @@ start the rank, run a recipe on it, turn the recipe's errors into the process's 
 run_recipe maps a recipe's errors to exit statuses, each printed by rank 0 as one message, no traceback:
 
     NonFiniteError, PreflightError, CheckpointError   1   (a run that went wrong, a bad checkpoint/resume)
-    RewardError                                       1   (a GRPO reward function failed: every rank stops)
+    RewardError                                       1   (a PPO or GRPO reward function failed: every rank stops)
     TokenizerError, DataError                         2   (the user's data or tokenizer)
     anything else                                     1   the traceback, logged with its rank (report_crash)
 """

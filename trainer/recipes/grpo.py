@@ -48,12 +48,12 @@ from trainer.metrics import StepMeter, log_plan
 from trainer.rl.dynamic_sampling import ScoredRound, sample_groups
 from trainer.rl.grpo_losses import GRPOLoss
 from trainer.rl.grpo_metrics import rollout_sums, step_metrics
-from trainer.rl.grpo_rollout import actor_batch, make_experience, minibatch_weights, row_rewards, step_prompt_records
+from trainer.rl.grpo_rollout import actor_batch, make_experience, minibatch_weights
 from trainer.rl.ppo_losses import reduce_scores, reduce_token_logps
 from trainer.rl.ppo_metrics import logprob_gap
 from trainer.rl.ppo_models import check_models, frozen_config, with_parts
-from trainer.rl.rewards import RewardError, load_reward_functions, stop_all_ranks_on
-from trainer.rl.rollout import PromptSampler, generate_rollout
+from trainer.rl.rewards import load_reward_functions, score_rows
+from trainer.rl.rollout import PromptSampler, generate_rollout, step_prompt_records
 
 SHOWN = {"reward": "GRPO/reward_mean", "kl": "GRPO/kl", "len": "GRPO/completions/mean_length"}
 
@@ -199,15 +199,8 @@ def reward_model_scores(ro, reward, cfg):
 def score_rewards(ro, records, rm_scores, funcs, tokenizer, cfg, opts, topo) -> tuple:
     """Collective: (rewards float64[R], per function float64[R,F]) on the last stage, (None, None)
     elsewhere; a reward function's failure on any replica stops every rank with its message."""
-    out, message = (None, None), None
-    if topo.is_last_stage:
-        try:
-            out = row_rewards(ro, records, rm_scores, funcs, tokenizer, cfg.max_seq_len, opts.reward_model_weight,
-                              opts.reward_timeout_s)
-        except RewardError as e:
-            message = str(e)
-    stop_all_ranks_on(message)
-    return out
+    return score_rows(ro, records, rm_scores, funcs, tokenizer, cfg.max_seq_len, opts.reward_model_weight, opts.section,
+                      opts.reward_timeout_s, topo.is_last_stage)
 
 
 def update(actor, ro, exp, cfg, opts, topo, step: int) -> list:

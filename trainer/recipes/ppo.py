@@ -6,21 +6,24 @@ PipelineModules on the same (P, D) ranks.
 Models (trainer/rl/ppo_options.py has every key): the actor (`actor_path`, LM head) and the critic
 (`critic_path`, value head) are trained, each with its own optimizer and scheduler (the critic's
 from "ppo": {"critic": {...}}, else the actor's); the reference (`ref_path`, default the actor's
-start) and the reward model (`reward_path`, default the critic's start) are frozen engines with no
-optimizer. Each may have its own parts; all four share the topology, so stage s of every model is
-on the same ranks and the last stage of each replica holds every model's outputs.
+start) and the reward model (`reward_path`, default the critic's start; with ppo.reward_funcs only
+when given) are frozen engines with no optimizer. Each may have its own parts; all share the
+topology, so stage s of every model is on the same ranks and the last stage of each replica holds
+every model's outputs.
 
 One step (every replica works on its own rows; only sums cross replicas):
-  1. rollout: rank 0 picks `rollout_batch_size` prompts (trainer.rl.rollout), each replica generates
-     its share of them, n_samples_per_prompt answers each, with the actor's current weights
-     (trainer.generation.decoding: KV-cached, micro-batches in flight across the stages), laid out at one
-     fixed width S = max_seq_len + max_new_tokens (PPOOptions.rollout_width).
+  1. rollout: rank 0 picks `rollout_batch_size` prompts with their records (trainer.rl.rollout), each
+     replica generates its share of them, n_samples_per_prompt answers each, with the actor's current
+     weights (trainer.generation.decoding: KV-cached, micro-batches in flight across the stages), laid
+     out at one fixed width S = max_seq_len + max_new_tokens (PPOOptions.rollout_width).
   2. score, pipelined forward-only passes (trainer.engine.forward_only) over micro-batches of the rows: the
      actor's log-probs recomputed with the training forward (the "old" log-probs of the ratio), the
      reference's log-probs, the critic's values, and the reward model's score at each row's last
-     real token (models.heads.last_token_index: the RM recipe's rule).
+     real token (models.heads.last_token_index: the RM recipe's rule); the reward functions on the
+     decoded answers (trainer.rl.rewards, GRPO's: a failure stops every rank). A row's score =
+     sum_f w_f r_f (None skipped) + reward_model_weight x the RM score.
   3. advantages (trainer.rl.rollout.make_experience with trainer.rl.ppo_math, on the last stage):
-     -kl_coef * KL_t per answer token (or a KL loss term), the clipped score (minus missing_eos_penalty)
+     -kl_coef * KL_t per answer token (or a KL loss term), the clipped score (then minus missing_eos_penalty)
      at the last answer token; GAE; returns = advantages + values; advantages whitened over the whole
      rollout (sums all-reduced).
   4. update: ppo_epochs x minibatches of train_batch_size rows (a seeded shuffle, the same on every
@@ -35,8 +38,10 @@ One step (every replica works on its own rows; only sums cross replicas):
 Setup (trainer.rl.ppo_models): the four models' configs, their joint "auto" split, their checks.
 
 Metrics (trainer.rl.ppo_metrics; rank 0; DeepSpeed's monitor: CSV / TensorBoard / W&B as configured, and the progress bar):
-PPO/reward_mean, PPO/reward_std (per row: sum of its token rewards), PPO/score_mean (the raw RM
-score), PPO/kl (per row: sum of the KL estimate over its answer; of KL(pi || ref) at T = 1 by default,
+PPO/reward_mean, PPO/reward_std (per row: sum of its token rewards), PPO/score_mean (the rows' score
+before the clip: the RM's and/or the reward functions' weighted sum), PPO/rewards/<function>/mean (over
+the rows it applied to), PPO/rm_score_mean (the RM's raw score, with both an RM and functions),
+PPO/kl (per row: sum of the KL estimate over its answer; of KL(pi || ref) at T = 1 by default,
 of KL(pi_T || ref_T) with logprobs_at_temperature, see trainer/rl/ppo_options.py), PPO/loss (the actor's whole loss),
 PPO/policy_loss (the clipped surrogate alone), PPO/kl_loss (the KL loss term's estimate, kl_in_reward
 false), PPO/value_loss, PPO/clip_frac (tokens whose clip is active), PPO/approx_kl, PPO/entropy (means
@@ -54,6 +59,7 @@ last, once all are complete. Export:
     python convert_model.py pp_to_hg --input-path SAVE_PATH/critic --save-path critic_hf  (*ForSequenceClassification)
     python convert_model.py pp_to_hg --input-path SAVE_PATH/ema --save-path actor_ema_hf  (with ema_decay)
 """
+import contextlib
 import functools
 import logging
 import time
@@ -70,6 +76,7 @@ from trainer.engine.forward_only import forward_only
 from trainer.engine.guards import check_finite_loss
 from trainer.engine.memory import memory_budget
 from trainer.engine.preflight import preflight
+from trainer.generation.decoding import replica_share
 from trainer.generation.stop_ids import answer_stop_ids
 from trainer.generation.token_sampling import SamplingConfig
 from trainer.metrics import StepMeter, log_plan
@@ -78,13 +85,14 @@ from trainer.rl.ppo_losses import ActorLoss, CriticLoss, reduce_scores, reduce_t
 from trainer.rl.ppo_metrics import logprob_gap, rollout_sums, step_metrics, whitening_moments
 from trainer.rl.ppo_models import check_models, critic_config, frozen_config, log_plans, model_configs, plan_models
 from trainer.rl.ptx import load_ptx_batches, ptx_step
+from trainer.rl.rewards import load_reward_functions, metric_names, score_rows
 from trainer.rl.rollout import (
     PromptSampler,
     actor_batch,
     critic_batch,
     generate_rollout,
     make_experience,
-    step_prompts,
+    step_prompt_records,
     whiten_advantages,
 )
 
@@ -96,16 +104,18 @@ SHOWN = {"reward": "PPO/reward_mean", "score": "PPO/score_mean", "kl": "PPO/kl",
 
 def run(cfg, topo, device_name: str) -> dict:
     """Train; returns {"step", "history" ([step, policy loss]), "evals" ([]), "train_metrics"
-    ([step, {PPO/...}])} on every rank. Collective: every rank calls it."""
+    ([step, {PPO/...}]), "models" (the config keys of the models built)} on every rank. Collective: every
+    rank calls it."""
     from transformers import AutoTokenizer
 
     hosts = preflight(cfg, topo.rank, topo.world_size)
     opts = cfg.options
     specs = model_configs(cfg, opts)
     plans = plan_models(cfg, opts, memory_budget(), specs)
-    actor_plan, critic_plan, ref_plan, reward_plan = plans.values()
+    actor_plan, critic_plan, ref_plan, reward_plan = (plans.get(k) for k in ("actor_path", "critic_path", "ref_path", "reward_path"))
     tokenizer = AutoTokenizer.from_pretrained(actor_plan.side_dir)
     check_models(cfg, opts, tokenizer, plans)
+    funcs = load_reward_functions(opts)
 
     # Prompts: rank 0 only (it broadcasts each step's); a data error stops every rank.
     data = build_data_rank0_first(cfg, tokenizer, "prompt", topo, build_here=False)
@@ -136,7 +146,7 @@ def run(cfg, topo, device_name: str) -> dict:
     companions = {CRITIC_DIR: critic, **({EMA_DIR: ema} if ema else {})}
     ptx = load_ptx_batches(cfg, opts, tokenizer, topo) if opts.ptx_coef else None
     frozen_cfg = frozen_config(cfg, opts)
-    with frozen_engine(frozen_cfg, ref_plan, topo) as ref, frozen_engine(frozen_cfg, reward_plan, topo) as reward:
+    with frozen_engine(frozen_cfg, ref_plan, topo) as ref, frozen_or_none(frozen_cfg, reward_plan, topo) as reward:
         if topo.rank == 0:
             prepare_save_paths(cfg, actor_plan, critic_plan, ema is not None, pad_id, topo, hosts)
         state = checkpoint.start_or_resume(actor, resume_from, sampler, companions={CRITIC_DIR: critic})
@@ -147,16 +157,19 @@ def run(cfg, topo, device_name: str) -> dict:
         for step in range(state.step + 1, total_steps + 1):
             # 1. Rollout: this replica's share of the step's prompts (all samples of a prompt together), by the actor.
             t0 = time.perf_counter()
-            prompts, seeds = step_prompts(sampler, data.train if data else None, prompts_per_step,
-                                          opts.n_samples_per_prompt, cfg.seed, step)
+            prompts, seeds, records = step_prompt_records(sampler, data.train if data else None, prompts_per_step,
+                                                          opts.n_samples_per_prompt, cfg.seed, step)
             ro = generate_rollout(actor, actor_plan, prompts, seeds, cfg, opts, sampling_of(opts), stop_ids, pad_id)
             t1 = time.perf_counter()
-            # 2. Score: the four models' forward-only passes; results on the last stage.
-            outputs = score_rollout(ro, actor, ref, critic, reward, cfg, opts)
+            # 2. Score: the models' forward-only passes; the reward functions; results on the last stage.
+            old_logps, ref_logps, values, rm_scores = score_rollout(ro, actor, ref, critic, reward, cfg, opts)
+            scores, per_function = score_rewards(ro, replica_share(records, actor.module, opts.n_samples_per_prompt),
+                                                 rm_scores, funcs, tokenizer, cfg, opts, topo)
             t2 = time.perf_counter()
             # 3. Advantages: token rewards, GAE, returns (last stage); whitened over the whole rollout.
-            exp = make_experience(ro, *outputs, opts) if topo.is_last_stage else None
-            rollout_stats = rollout_sums(ro, exp)
+            exp = make_experience(ro, old_logps, ref_logps, values, scores, per_function, rm_scores, opts) \
+                if topo.is_last_stage else None
+            rollout_stats = rollout_sums(ro, exp, len(funcs))
             if opts.whiten_advantages:
                 whiten_advantages(exp, ro, *whitening_moments(rollout_stats)[1:])
             # 4. Update: ppo_epochs x minibatches, one optimizer step of each model per minibatch.
@@ -164,7 +177,8 @@ def run(cfg, topo, device_name: str) -> dict:
             t3 = time.perf_counter()
             # 5. Log and save.
             metrics = step_metrics(rollout_stats, all_reduce_sum(actor_loss.take_stats()), losses, logprob_gap(ro, exp),
-                                   opts.ppo_epochs, {"generate": t1 - t0, "score": t2 - t1, "train": t3 - t2})
+                                   opts.ppo_epochs, {"generate": t1 - t0, "score": t2 - t1, "train": t3 - t2},
+                                   metric_names(funcs), reward is not None and bool(funcs))
             state.step = step
             state.history.append([step, metrics["PPO/loss"]])
             train_metrics.append([step, metrics])
@@ -176,11 +190,16 @@ def run(cfg, topo, device_name: str) -> dict:
         if last_saved != state.step:
             save(actor, cfg, state, sampler, companions, train_metrics, ptx, topo)
     return {"step": state.step, "start_step": meter.start_step, "history": state.history, "evals": state.evals,
-            "train_metrics": train_metrics}
+            "train_metrics": train_metrics, "models": list(plans)}
 
 
 # ---------------------------------------------------------------------------------------------
 # The step's parts.
+
+def frozen_or_none(cfg, plan, topo):
+    """The reward model's frozen engine; None (no engine) when the reward functions score alone (plan None)."""
+    return frozen_engine(cfg, plan, topo) if plan is not None else contextlib.nullcontext()
+
 
 def sampling_of(opts) -> SamplingConfig:
     """How the actor samples its answers (and at which temperature its log-probs are taken)."""
@@ -189,17 +208,29 @@ def sampling_of(opts) -> SamplingConfig:
 
 
 def score_rollout(ro, actor, ref, critic, reward, cfg, opts) -> tuple:
-    """Collective: (actor log-probs, reference log-probs, critic values, reward scores), each a list of
-    per-micro-batch tensors on the last stage (None elsewhere)."""
+    """Collective: (actor log-probs, reference log-probs, critic values: each a list of per-micro-batch
+    tensors; the reward model's scores float32[R] or None without one) on the last stage (None elsewhere)."""
     n_micro = ro.n_rows // cfg.micro_batch
     micro_rows = ro.micro_batches(torch.arange(ro.n_rows), cfg.micro_batch)
     feed = [(ro.ids[r], ro.mask[r]) for r in micro_rows]
     token_feed = [(inputs, (ro.tokens[r],)) for inputs, r in zip(feed, micro_rows)]
     token_logps = functools.partial(reduce_token_logps, temperature=opts.logprob_temperature)
-    return (forward_only(actor, token_feed, n_micro, token_logps, deferred_logits=cfg.chunked_loss),
-            forward_only(ref, token_feed, n_micro, token_logps, deferred_logits=cfg.chunked_loss),
-            forward_only(critic, token_feed, n_micro, reduce_values),
-            forward_only(reward, [(inputs, (last_token_index(inputs[1]),)) for inputs in feed], n_micro, reduce_scores))
+    old = forward_only(actor, token_feed, n_micro, token_logps, deferred_logits=cfg.chunked_loss)
+    ref_logps = forward_only(ref, token_feed, n_micro, token_logps, deferred_logits=cfg.chunked_loss)
+    values = forward_only(critic, token_feed, n_micro, reduce_values)
+    rm_scores = None
+    if reward is not None:
+        rm_scores = forward_only(reward, [(inputs, (last_token_index(inputs[1]),)) for inputs in feed], n_micro, reduce_scores)
+        rm_scores = torch.cat(rm_scores) if rm_scores is not None else None
+    return old, ref_logps, values, rm_scores
+
+
+def score_rewards(ro, records: list, rm_scores, funcs: list, tokenizer, cfg, opts, topo) -> tuple:
+    """Collective: (each row's score float64[R] = sum_f w_f r_f (None skipped) + reward_model_weight x the
+    RM score, each function's rewards float64[R,F]) on the last stage, (None, None) elsewhere; a reward
+    function's failure on any replica stops every rank with its message. records: this replica's rows'."""
+    return score_rows(ro, records, rm_scores, funcs, tokenizer, cfg.max_seq_len, opts.reward_model_weight, opts.section,
+                      opts.reward_timeout_s, topo.is_last_stage)
 
 
 def update(actor, critic, ro, exp, cfg, opts, topo, step: int, ptx, ema) -> dict:

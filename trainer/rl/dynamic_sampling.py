@@ -19,7 +19,7 @@ round's prompts do not). The rounds' rollouts (ids, masks, rewards: not the KV c
 batch is taken: at most 1 + max_refill_rounds rollouts.
 
 Determinism (resume): rank 0's prompt sampler advances by rollout_batch_size per round, and round k's
-per-row sampling seeds come from (seed, step, k) (trainer.rl.grpo_rollout.step_prompt_records); the
+per-row sampling seeds come from (seed, step, k) (trainer.rl.rollout.step_prompt_records); the
 number of rounds follows from the rewards, which follow from both. A checkpoint after the step holds the
 sampler's position after the last round, so a resumed run draws what the uninterrupted one drew.
 """

@@ -55,7 +55,6 @@ global_stepN folder):
   frozen_bf16          (false) hold the reference and the reward model in bf16
 """
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -63,6 +62,7 @@ from trainer.config import section_problems, type_problems
 from trainer.rl.advantages import ESTIMATORS, KL_IN_REWARD, SCALE_REWARDS
 from trainer.rl.grpo_losses import LOSS_TYPES
 from trainer.rl.ppo_math import KL_ESTIMATORS, KL_LOSS_ESTIMATORS
+from trainer.rl.rewards import reward_problems
 from trainer.rl.rollout_options import RolloutOptions
 
 
@@ -139,9 +139,6 @@ class GRPOOptions(RolloutOptions):
     def reference_path(self) -> str:
         return self.ref_path or self.actor_path
 
-    def weights(self) -> tuple:
-        return self.reward_weights or (1.0,) * len(self.reward_funcs)
-
 
 _NUMBERS = ("temperature", "top_p", "repetition_penalty", "epsilon", "epsilon_high", "kl_coef", "reward_model_weight",
             "reward_timeout_s")
@@ -167,15 +164,7 @@ def problems(keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[s
                          ("kl_estimator", KL_ESTIMATORS)):
         if key in raw and raw[key] not in allowed:
             out.append(f"grpo.{key} must be one of {list(allowed)}, got {json.dumps(raw[key])}")
-    funcs, weights = raw.get("reward_funcs", []), raw.get("reward_weights")
-    if not isinstance(funcs, list) or not all(isinstance(f, str) and f for f in funcs):
-        out.append(f'grpo.reward_funcs must be a list of names ("math_answer", "module:function"), got {json.dumps(funcs)}')
-    elif weights is not None and (not isinstance(weights, list) or len(weights) != len(funcs) or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)):
-        out.append(f"grpo.reward_weights must be a list of {len(funcs)} number(s), one per reward function, got "
-                   f"{json.dumps(weights)}")
-    if not isinstance(raw.get("reward_kwargs", {}), dict):
-        out.append(f"grpo.reward_kwargs must be an object (built-in name -> its options), got {json.dumps(raw['reward_kwargs'])}")
+    out.extend(reward_problems("grpo", raw))
     for name in ("ref_parts", "reward_parts"):
         parts = raw.get(name)
         if parts is None or parts == "auto":
@@ -190,12 +179,6 @@ def problems(keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[s
     if not opts.reward_funcs and not opts.reward_path:
         out.append("stage \"grpo\" needs a reward: grpo.reward_funcs (e.g. [\"math_answer\"]) and/or reward_path "
                    "(a reward model)")
-    if opts.reward_funcs:
-        from trainer.rl.rewards import spec_problems
-
-        out.extend(spec_problems(opts.reward_funcs, opts.reward_kwargs))
-    if opts.reward_timeout_s is not None and opts.reward_timeout_s <= 0:
-        out.append(f"grpo.reward_timeout_s must be positive (seconds) or null (no limit), got {opts.reward_timeout_s}")
     for key in ("epsilon", "temperature"):
         if getattr(opts, key) <= 0:
             out.append(f"grpo.{key} must be positive, got {getattr(opts, key)}")

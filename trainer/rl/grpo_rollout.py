@@ -1,6 +1,7 @@
-"""GRPO's step between the generator and train_batch: the prompts' records, the rows' rewards (reward
-functions on decoded text and/or a reward model's score), the group-relative advantages, the loss
-weights, and what the actor's loss_fn is fed.
+"""GRPO's step between the generator and train_batch: the group-relative advantages from the rows' rewards
+(trainer.rl.rewards.row_rewards: reward functions on decoded text and/or a reward model's score; the
+prompts' records: trainer.rl.rollout.step_prompt_records), the loss weights, and what the actor's
+loss_fn is fed.
 
 Rows. A replica holds whole groups: prompt g's n_samples_per_prompt answers are rows g*G .. g*G+G-1 of
 its Rollout (trainer.rl.rollout, trainer.generation.decoding.replica_share), so a group's rewards are
@@ -13,59 +14,9 @@ from typing import Optional
 
 import torch
 
-from trainer.engine.distributed import broadcast_object
-from trainer.generation.token_sampling import row_seed, row_seeds
 from trainer.rl.advantages import ESTIMATORS, zero_std_groups
 from trainer.rl.grpo_losses import loss_weights
 from trainer.rl.ppo_math import kl_estimate
-from trainer.rl.rewards import RewardError, call_reward_functions, weighted_sum
-from trainer.rl.rollout import prompt_ids
-
-
-def step_prompt_records(sampler, dataset, n_prompts: int, n_samples: int, seed: int, step: int,
-                        round_: int = 0) -> tuple[list, list, list]:
-    """Collective: (prompt token ids, one sampling seed, the prompt's record) per row, the same global lists
-    on every rank (rank 0 chooses: trainer.rl.rollout.step_prompts' rule). Each prompt n_samples times in
-    a row; a record is {"prompt": as the data gave it, **its other fields} (data.batching.PromptDataset.record).
-    round_: the step's generation round (trainer.rl.dynamic_sampling); the seeds depend on (seed, step,
-    round_), so a prompt drawn again in a later round of the step gets other answers."""
-    chosen = None
-    if sampler is not None:
-        picked = sampler.take(n_prompts)
-        chosen = ([prompt_ids(dataset, i) for i in picked for _ in range(n_samples)],
-                  [dataset.record(i) for i in picked for _ in range(n_samples)])
-    prompts, records = broadcast_object(chosen)
-    base = seed * 1_000_003 + step
-    return prompts, row_seeds(base if round_ == 0 else row_seed(base, [round_]), prompts), records
-
-
-def completions_of(ro, prompt_width: int) -> list[list[int]]:
-    """Each row's answer token ids (stop token included), from column prompt_width of the rollout."""
-    return [ro.ids[r, prompt_width:prompt_width + int(n)].tolist() for r, n in enumerate(ro.n_new)]
-
-
-def row_rewards(ro, records: list, rm_scores: Optional[torch.Tensor], funcs: list, tokenizer, prompt_width: int,
-                rm_weight: float, timeout_s: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """This replica's rows -> (rewards float64[R], each function's rewards float64[R,F] (NaN: None)).
-    Reward functions get the prompts as the records gave them (else the decoded prompt), the answers
-    decoded without special tokens, every other record field as a column, and completion_ids. RewardError
-    names the function and the sample; a function's call may take at most timeout_s seconds (None: no limit)."""
-    ids = completions_of(ro, prompt_width)
-    completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    prompts = [rec.get("prompt") if rec.get("prompt") is not None else
-               tokenizer.decode(ro.ids[r, :prompt_width][ro.mask[r, :prompt_width].bool()], skip_special_tokens=True)
-               for r, rec in enumerate(records)]
-    names = sorted({k for rec in records for k in rec} - {"prompt"})
-    columns = {k: [rec.get(k) for rec in records] for k in names}
-    if "completion_ids" in columns:
-        raise RewardError("a prompt record has a field 'completion_ids': the name is the answers' token ids "
-                          "(TRL's); rename the field")
-    per_function = call_reward_functions(funcs, prompts, completions, {**columns, "completion_ids": ids}, timeout_s) if funcs \
-        else torch.zeros(len(ids), 0, dtype=torch.float64)
-    rewards = weighted_sum(per_function, [w for _, _, w in funcs])
-    if rm_scores is not None:
-        rewards = rewards + rm_weight * rm_scores.double()
-    return rewards, per_function
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""PPO's four models on the same ranks: the config each is built with (the critic's own optimizer
-settings, bf16 frozen models), their joint "auto" split, and the checks before any engine exists."""
+"""PPO's four models on the same ranks (three when reward functions score alone): the config each is
+built with (the critic's own optimizer settings, bf16 frozen models), their joint "auto" split, and the
+checks before any engine exists."""
 import dataclasses
 import logging
 
@@ -13,17 +14,21 @@ MODELS = "ppo: the actor, critic, reference and reward model"
 
 
 def model_configs(cfg, opts) -> dict:
-    """key (the config key naming the model) -> ModelSpec, in the order actor, critic, reference, reward."""
+    """key (the config key naming the model) -> ModelSpec, in the order actor, critic, reference, reward;
+    no reward model when reward functions score alone (PPOOptions.builds_reward_model)."""
     critic_parts = opts.critic.get("parts")
     frozen = frozen_config(cfg, opts)
-    return {"actor_path": ModelSpec(cfg, "lm", opts.actor_path, False),
-            "critic_path": ModelSpec(critic_config(cfg, opts), "value", opts.critic_path, False),
-            "ref_path": ModelSpec(with_parts(frozen, opts.ref_parts), "lm", opts.reference_path, True),
-            "reward_path": ModelSpec(with_parts(frozen, opts.reward_parts or critic_parts), "value", opts.reward_model_path, True)}
+    specs = {"actor_path": ModelSpec(cfg, "lm", opts.actor_path, False),
+             "critic_path": ModelSpec(critic_config(cfg, opts), "value", opts.critic_path, False),
+             "ref_path": ModelSpec(with_parts(frozen, opts.ref_parts), "lm", opts.reference_path, True)}
+    if opts.builds_reward_model:
+        specs["reward_path"] = ModelSpec(with_parts(frozen, opts.reward_parts or critic_parts), "value",
+                                         opts.reward_model_path, True)
+    return specs
 
 
 def plan_models(cfg, opts, device_budget, specs=None) -> dict:
-    """The four models' plans, "auto" parts fitting the four together on each stage
+    """The models' plans, "auto" parts fitting them together on each stage
     (trainer.engine.plan.plan_co_resident); device_budget None: no memory limit."""
     return plan_co_resident(specs or model_configs(cfg, opts), device_budget, MODELS,
                             hint=". ppo.frozen_bf16 halves the reference and reward model; the actor's generation (the KV "

@@ -6,7 +6,8 @@ global_stepN folder):
   critic_path   (required) the value model to train, usually an RM run's save_path (value head;
                 an LM checkpoint also works: its head is then a fresh seeded value head)
   ref_path      the frozen reference of the KL penalty (default: actor_path)
-  reward_path   the frozen reward model (default: critic_path; value head)
+  reward_path   the frozen reward model (value head). Without ppo.reward_funcs the default is critic_path;
+                with ppo.reward_funcs a reward model is built only when reward_path is given
 
 "ppo": {...} (every key optional; defaults are DeepSpeed-Chat's where it has one):
   rollout_batch_size   (train_batch_size) prompts generated per PPO step, over all replicas
@@ -24,8 +25,18 @@ global_stepN folder):
   kl_coef (0.1), kl_estimator ("k1" | "k2" | "k3"), kl_in_reward (true: -kl_coef KL_t in each token's
                        reward; false: kl_coef x mean KL added to the actor's loss, with the reference's log-probs;
                        then "k2" (gradient of KL(policy || ref)) or "k3" (of KL(ref || policy)): k1's is zero)
-  reward_clip          (5) the RM score is clipped to +-reward_clip
-  missing_eos_penalty  (null) subtracted from the score of answers that hit max_new_tokens without EOS
+  reward_funcs         ([]) reward functions on the decoded answers, TRL's interface (as grpo.reward_funcs:
+                       a built-in of trainer/rl/rewards.py, "module:function" or "path/to/file.py:function";
+                       each gets the prompt record's other fields as columns), instead of or beside the reward model
+  reward_weights       (1.0 each) one weight per reward function
+  reward_model_weight  (1.0) the reward model's score's weight in the sum (with a reward model)
+  reward_timeout_s     (null: no limit) the longest one reward function's call on a replica's rows may take
+  reward_kwargs        ({}) built-in options: {"format": {"pattern": ...}, "overlong": {...}} (trainer/rl/rewards.py)
+                       A row's score = sum_f reward_weights[f] x f's reward (functions returning None skipped:
+                       TRL's nansum) + reward_model_weight x the RM score; reward_clip and missing_eos_penalty
+                       apply to that score
+  reward_clip          (5) the score is clipped to +-reward_clip
+  missing_eos_penalty  (null) subtracted from the (clipped) score of answers that hit max_new_tokens without EOS
   clip_range (0.2), value_clip (0.2), gamma (1.0), lambda (0.95), whiten_advantages (true)
   entropy_coef         (0) entropy bonus in the actor's loss (PPO/entropy is reported either way)
   ptx_coef, ptx_data_path  (0, none) InstructGPT's PPO-ptx: after each actor minibatch step, one more actor
@@ -46,6 +57,7 @@ from typing import Optional, Union
 
 from trainer.config import section_problems, type_problems
 from trainer.rl.ppo_math import KL_ESTIMATORS, KL_LOSS_ESTIMATORS
+from trainer.rl.rewards import reward_problems
 from trainer.rl.rollout_options import RolloutOptions
 
 PATH_KEYS = ("actor_path", "critic_path", "reward_path")  # ref_path is shared with DPO
@@ -61,7 +73,7 @@ class PPOOptions(RolloutOptions):
     actor_path: str = ""
     critic_path: str = ""
     ref_path: Optional[str] = None  # None: actor_path
-    reward_path: Optional[str] = None  # None: critic_path
+    reward_path: Optional[str] = None  # None: critic_path, unless reward_funcs (then no reward model)
     rollout_batch_size: Optional[int] = None  # None: train_batch_size
     n_samples_per_prompt: int = 1
     max_new_tokens: int = 64
@@ -88,6 +100,11 @@ class PPOOptions(RolloutOptions):
     ptx_coef: float = 0.0
     ptx_data_path: Union[str, list, None] = None
     ema_decay: Optional[float] = None
+    reward_funcs: tuple = ()
+    reward_weights: Optional[tuple] = None
+    reward_model_weight: float = 1.0
+    reward_timeout_s: Optional[float] = None
+    reward_kwargs: dict = field(default_factory=dict)
     critic: dict = field(default_factory=dict)
     ref_parts: Union[list, str, None] = None
     reward_parts: Union[list, str, None] = None
@@ -97,6 +114,9 @@ class PPOOptions(RolloutOptions):
         section = dict(keys.get("ppo") or {})
         if "lambda" in section:
             section["lam"] = section.pop("lambda")
+        for key in ("reward_funcs", "reward_weights"):
+            if section.get(key) is not None:
+                section[key] = tuple(section[key])
         return cls(**{k: v for k, v in keys.items() if k != "ppo"}, **section)
 
     @classmethod
@@ -113,15 +133,23 @@ class PPOOptions(RolloutOptions):
         return self.ref_path or self.actor_path
 
     @property
-    def reward_model_path(self) -> str:
-        return self.reward_path or self.critic_path
+    def builds_reward_model(self) -> bool:
+        """Without reward functions always (reward_path defaults to critic_path); with them only when
+        reward_path is given."""
+        return not self.reward_funcs or bool(self.reward_path)
+
+    @property
+    def reward_model_path(self) -> Optional[str]:
+        return (self.reward_path or self.critic_path) if self.builds_reward_model else None
 
 
 _NUMBERS = ("temperature", "top_p", "repetition_penalty", "kl_coef", "reward_clip", "clip_range", "value_clip", "gamma",
-            "lambda", "entropy_coef", "missing_eos_penalty", "ptx_coef", "ema_decay")
+            "lambda", "entropy_coef", "missing_eos_penalty", "ptx_coef", "ema_decay", "reward_model_weight",
+            "reward_timeout_s")
 _INTEGERS = ("rollout_batch_size", "n_samples_per_prompt", "max_new_tokens", "top_k", "ppo_epochs")
 _BOOLS = ("greedy", "kl_in_reward", "whiten_advantages", "frozen_bf16", "disable_dropout", "logprobs_at_temperature")
-KEYS = _NUMBERS + _INTEGERS + _BOOLS + ("kl_estimator", "critic", "ref_parts", "reward_parts", "ptx_data_path")
+KEYS = _NUMBERS + _INTEGERS + _BOOLS + ("kl_estimator", "critic", "ref_parts", "reward_parts", "ptx_data_path", "reward_funcs",
+                                        "reward_weights", "reward_kwargs")
 
 
 def problems(keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[str]:
@@ -137,6 +165,13 @@ def problems(keys: dict, project: dict, ds: dict, pipe: Optional[int]) -> list[s
         out.append("stage \"ppo\" starts from trained models (actor_path, critic_path); from_scratch is not supported")
     raw = keys.get("ppo", {})
     out.extend(section_problems("ppo", raw, KEYS, _NUMBERS, _INTEGERS, _BOOLS))
+    out.extend(reward_problems("ppo", raw))
+    if raw.get("reward_funcs") and not keys.get("reward_path"):
+        unused = [k for k in ("reward_model_weight", "reward_parts") if k in raw]
+        if unused:
+            out.append(f"{', '.join(f'ppo.{k}' for k in unused)} set, but with ppo.reward_funcs the reward model is built "
+                       "only when reward_path is given: add reward_path (its score joins the functions' sum) or remove "
+                       f"{'them' if len(unused) > 1 else 'it'}")
     if raw.get("kl_estimator", "k1") not in KL_ESTIMATORS:
         out.append(f"ppo.kl_estimator must be one of {list(KL_ESTIMATORS)}, got {raw['kl_estimator']!r}")
     elif raw.get("kl_in_reward") is False and raw.get("kl_estimator", "k1") not in KL_LOSS_ESTIMATORS:

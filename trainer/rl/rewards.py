@@ -1,22 +1,28 @@
-"""Reward functions for GRPO (verifiable rewards), TRL's interface:
+"""Reward functions for PPO and GRPO (verifiable rewards), TRL's interface:
 
-    f(prompts: list[str | list[dict]], completions: list[str], **columns) -> list[float | None]
+    f(prompts: list[str | list[dict]], completions: list[str | list[dict]], **columns) -> list[float | None]
 
-prompts: each row's prompt as the record gave it (a string, or a list of {"role", "content"} messages);
-completions: the generated answers decoded without special tokens; columns: every other field of the
-prompt records, one list per field (e.g. answer=[...]), plus completion_ids (the answer token ids, as
-TRL passes them). A function may ignore what it does not need (**kwargs). None means "does not apply to
-this sample": a row's reward is the weighted sum over the functions that apply (TRL's nansum; a row no
-function applies to gets 0).
+prompts: each row's prompt as the record gave it; completions: the generated answers decoded without
+special tokens; columns: every other field of the prompt records, one list per field (e.g. answer=[...]),
+plus completion_ids (the answer token ids, as TRL passes them). A function may ignore what it does not
+need (**kwargs). None means "does not apply to this sample": a row's reward is the weighted sum over the
+functions that apply (TRL's nansum; a row no function applies to gets 0), plus reward_model_weight x the
+reward model's score where the recipe has one.
 
-A reward function is named in grpo.reward_funcs as
-    "math_answer" | "exact_match" | "format" | "overlong"      a built-in (below; options in grpo.reward_kwargs)
+Shapes (TRL's two formats, decided per row): a record whose prompt is a list of {"role", "content"}
+messages is conversational: its prompt is passed as that list and its completion as
+[{"role": "assistant", "content": text}]; any other prompt (a string) is standard: the completion is the
+text. The built-ins take both.
+
+A reward function is named in SECTION.reward_funcs (SECTION: "ppo" or "grpo", the recipe's section) as
+    "math_answer" | "exact_match" | "format" | "overlong"      a built-in (below; options in SECTION.reward_kwargs)
     "my_rewards:exact_answer"                                 module:function, the module importable from
                                                               the working directory or PYTHONPATH
     "path/to/rewards.py:exact_answer"                         a file
 A function that raises, returns a list of the wrong length, a NaN or a non-number, or whose call takes
-longer than grpo.reward_timeout_s, stops the run on every rank with one line (RewardError) naming the
-function (and the sample).
+longer than SECTION.reward_timeout_s, stops the run on every rank with one line (RewardError) naming the
+function and, but for a time-out or a wrong length, the sample (when a call on all the rows raises, the
+function is called again one row at a time to find the first row that raises alone).
 
 Built-ins:
     math_answer   1.0 when the completion's answer (its last \\boxed{...}, else its last number) equals the
@@ -27,10 +33,11 @@ Built-ins:
                   think/answer format "<think>.*?</think>\\s*<answer>.*?</answer>"
     overlong      DAPO's soft overlong penalty on the answer's token count L: 0 for L <= max_length - buffer,
                   (max_length - buffer - L) / buffer up to max_length, -1 beyond (reward_kwargs "overlong":
-                  {"max_length": (grpo.max_new_tokens), "buffer": (a fifth of max_length)})
+                  {"max_length": (SECTION.max_new_tokens), "buffer": (a fifth of max_length)})
 """
 import importlib
 import importlib.util
+import json
 import math
 import re
 import signal
@@ -48,6 +55,22 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 class RewardError(RuntimeError):
     """A reward function failed (raised, wrong length, NaN, non-number) or cannot be loaded: one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The two shapes.
+
+def is_conversation(prompt) -> bool:
+    """A prompt given as a non-empty list of {"role", "content"} messages (TRL's conversational format)."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                             for m in prompt)
+
+
+def completion_text(completion) -> str:
+    """A completion in either shape -> its text (a conversational one: its messages' contents, joined)."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(str(m.get("content", "")) for m in completion)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +109,7 @@ def math_answer(prompts, completions, answer=None, **_) -> list:
         if truth is None:
             out.append(None)
             continue
-        got = extract_answer(completion)
+        got = extract_answer(completion_text(completion))
         out.append(1.0 if got is not None and normalise_answer(got) == normalise_answer(truth) else 0.0)
     return out
 
@@ -94,14 +117,14 @@ def math_answer(prompts, completions, answer=None, **_) -> list:
 def exact_match(prompts, completions, answer=None, **_) -> list:
     if answer is None:
         return [None] * len(completions)
-    return [None if a is None else float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
+    return [None if a is None else float(completion_text(c).strip() == str(a).strip()) for c, a in zip(completions, answer)]
 
 
 def format_reward(pattern: str = THINK_ANSWER) -> Callable:
     regex = re.compile(pattern, re.DOTALL)
 
     def format(prompts, completions, **_) -> list:
-        return [1.0 if regex.fullmatch(c.strip()) else 0.0 for c in completions]
+        return [1.0 if regex.fullmatch(completion_text(c).strip()) else 0.0 for c in completions]
     return format
 
 
@@ -118,9 +141,31 @@ def overlong_penalty(max_length: int, buffer: Optional[int] = None) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------
-# Names -> functions.
+# The reward keys of a recipe's section, and names -> functions.
 
-def spec_problems(specs, kwargs: dict) -> list[str]:
+def reward_problems(section: str, raw: dict) -> list[str]:
+    """The reward keys of a recipe's config section (raw: the "ppo" or "grpo" object as written; section
+    its name): reward_funcs, reward_weights, reward_kwargs, reward_timeout_s (their JSON types: the
+    recipe's section_problems). [] when nothing is wrong; messages name SECTION.key."""
+    out = []
+    funcs, weights, kwargs = raw.get("reward_funcs", []), raw.get("reward_weights"), raw.get("reward_kwargs", {})
+    if not isinstance(funcs, list) or not all(isinstance(f, str) and f for f in funcs):
+        out.append(f'{section}.reward_funcs must be a list of names ("math_answer", "module:function"), got {json.dumps(funcs)}')
+    elif weights is not None and (not isinstance(weights, list) or len(weights) != len(funcs) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)):
+        out.append(f"{section}.reward_weights must be a list of {len(funcs)} number(s), one per reward function, got "
+                   f"{json.dumps(weights)}")
+    if not isinstance(kwargs, dict):
+        out.append(f"{section}.reward_kwargs must be an object (built-in name -> its options), got {json.dumps(kwargs)}")
+    if not out:
+        out.extend(spec_problems(funcs, kwargs, section))
+    timeout = raw.get("reward_timeout_s")
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout <= 0:
+        out.append(f"{section}.reward_timeout_s must be positive (seconds) or null (no limit), got {timeout}")
+    return out
+
+
+def spec_problems(specs, kwargs: dict, section: str) -> list[str]:
     """Config checks that need no import: known built-ins, module:function form, files that exist."""
     out = []
     for spec in specs:
@@ -128,22 +173,23 @@ def spec_problems(specs, kwargs: dict) -> list[str]:
             continue
         module, _, name = spec.rpartition(":")
         if not module or not name:
-            out.append(f"grpo.reward_funcs: {spec!r} is not a built-in ({', '.join(BUILTIN_OPTIONS)}) nor "
+            out.append(f"{section}.reward_funcs: {spec!r} is not a built-in ({', '.join(BUILTIN_OPTIONS)}) nor "
                        "\"module:function\" / \"path/to/file.py:function\"")
         elif module.endswith(".py") and not Path(module).is_file():
-            out.append(f"grpo.reward_funcs: {spec!r}: no file {module}")
+            out.append(f"{section}.reward_funcs: {spec!r}: no file {module}")
     for name, options in kwargs.items():
         if name not in BUILTIN_OPTIONS or name not in specs:
-            out.append(f"grpo.reward_kwargs: {name!r} is not a built-in reward function in grpo.reward_funcs "
+            out.append(f"{section}.reward_kwargs: {name!r} is not a built-in reward function in {section}.reward_funcs "
                        f"(options exist for {[n for n, o in BUILTIN_OPTIONS.items() if o]})")
         elif not isinstance(options, dict) or set(options) - set(BUILTIN_OPTIONS[name]):
-            out.append(f"grpo.reward_kwargs.{name} must be an object with keys among {list(BUILTIN_OPTIONS[name])}, "
+            out.append(f"{section}.reward_kwargs.{name} must be an object with keys among {list(BUILTIN_OPTIONS[name])}, "
                        f"got {options!r}")
     return out
 
 
-def load_reward_function(spec: str, kwargs: dict, max_new_tokens: int) -> Callable:
-    """A reward_funcs entry -> the callable; RewardError (one line) when it cannot be loaded."""
+def load_reward_function(spec: str, kwargs: dict, max_new_tokens: int, section: str) -> Callable:
+    """A reward_funcs entry -> the callable; RewardError (one line, naming SECTION.reward_funcs) when it
+    cannot be loaded."""
     if spec == "math_answer":
         return math_answer
     if spec == "exact_match":
@@ -163,17 +209,24 @@ def load_reward_function(spec: str, kwargs: dict, max_new_tokens: int) -> Callab
                 sys.path.insert(0, str(Path.cwd()))
             module = importlib.import_module(where)
     except Exception as e:  # noqa: BLE001 - the user's module: any error is theirs, reported in one line
-        raise RewardError(f"reward function {spec!r}: cannot import {where}: {type(e).__name__}: {e}") from None
+        raise RewardError(f"{section}.reward_funcs: reward function {spec!r}: cannot import {where}: "
+                          f"{type(e).__name__}: {_one_line(e)}") from None
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise RewardError(f"reward function {spec!r}: {where} has no function {name!r}")
+        raise RewardError(f"{section}.reward_funcs: reward function {spec!r}: {where} has no function {name!r}")
     return fn
 
 
 def load_reward_functions(opts) -> list[tuple[str, Callable, float]]:
-    """(name, function, weight) of each grpo.reward_funcs entry."""
-    return [(spec, load_reward_function(spec, opts.reward_kwargs, opts.max_new_tokens), float(w))
+    """(name, function, weight) of each reward_funcs entry of a recipe's options (opts: reward_funcs,
+    reward_kwargs, weights(), max_new_tokens, section)."""
+    return [(spec, load_reward_function(spec, opts.reward_kwargs, opts.max_new_tokens, opts.section), float(w))
             for spec, w in zip(opts.reward_funcs, opts.weights())]
+
+
+def metric_names(funcs: list) -> list[str]:
+    """Each function's name in the metrics (RECIPE/rewards/<name>/mean): a spec's function part."""
+    return [spec.rpartition(":")[2] for spec, _, _ in funcs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,30 +254,68 @@ def _call_with_timeout(fn, timeout_s: Optional[float], *args, **kwargs):
         signal.signal(signal.SIGALRM, previous)
 
 
-def call_reward_functions(funcs: list, prompts: list, completions: list, columns: dict,
+def _one_line(text) -> str:
+    return " ".join(str(text).split("\n"))
+
+
+def _excerpt(value, n: int = 60) -> str:
+    """repr of a prompt's or completion's first n characters (a conversation: its last message's content)."""
+    text = str(value[-1]["content"]) if is_conversation(value) else str(value)
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+def _sample(i: int, prompts: list, completions: list) -> str:
+    return (f"sample {i} of this replica's {len(completions)} (prompt {_excerpt(prompts[i])}, "
+            f"completion {_excerpt(completions[i])})")
+
+
+def _first_failing_row(fn, prompts: list, completions: list, columns: dict):
+    """(row, exception) of the first row whose call alone raises, else None (the failure needs several rows)."""
+    for i in range(len(completions)):
+        try:
+            fn([prompts[i]], [completions[i]], **{k: [v[i]] for k, v in columns.items()})
+        except _Timeout:  # the search's own time limit (the caller's), not the row's failure
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's code
+            return i, e
+    return None
+
+
+def call_reward_functions(funcs: list, prompts: list, completions: list, columns: dict, section: str,
                           timeout_s: Optional[float] = None) -> torch.Tensor:
-    """float64[R, F]: each function's reward per row, NaN where it returned None. RewardError naming the
-    function and the sample on an exception, a call longer than timeout_s, a wrong length, a NaN or a
-    non-number."""
-    out = torch.full((len(completions), len(funcs)), math.nan, dtype=torch.float64)
+    """float64[R, F]: each function's reward per row, NaN where it returned None. RewardError (one line)
+    on an exception (naming the first sample that raises alone: the function is called again row by
+    row, within one more timeout_s), a call longer than timeout_s (SECTION.reward_timeout_s), a wrong
+    length, a NaN or a non-number (naming the sample)."""
+    n = len(completions)
+    out = torch.full((n, len(funcs)), math.nan, dtype=torch.float64)
     for f, (name, fn, _) in enumerate(funcs):
         try:
             values = _call_with_timeout(fn, timeout_s, prompts, completions, **columns)
         except _Timeout:
-            raise RewardError(f"reward function {name!r} took longer than reward_timeout_s = {timeout_s} s on "
-                              f"{len(completions)} completions") from None
+            raise RewardError(f"reward function {name!r} took longer than {section}.reward_timeout_s = {timeout_s} s on "
+                              f"this replica's {n} completions") from None
         except Exception as e:  # noqa: BLE001 - the user's code: reported in one line on every rank
-            raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}") from None
-        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            try:
+                found = _call_with_timeout(_first_failing_row, timeout_s, fn, prompts, completions, columns)
+            except _Timeout:
+                found = None
+            if found is None:
+                raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {_one_line(e)} on this "
+                                  f"replica's {n} samples (no one sample raises alone)") from None
+            i, row_error = found
+            raise RewardError(f"reward function {name!r} raised {type(row_error).__name__}: {_one_line(row_error)} on "
+                              f"{_sample(i, prompts, completions)}") from None
+        if not isinstance(values, (list, tuple)) or len(values) != n:
             got = f"{len(values)} values" if isinstance(values, (list, tuple)) else f"a {type(values).__name__}"
-            raise RewardError(f"reward function {name!r} returned {got} for {len(completions)} completions "
+            raise RewardError(f"reward function {name!r} returned {got} for this replica's {n} completions "
                               "(one float or None per completion)")
         for i, v in enumerate(values):
             if v is None:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v):
-                raise RewardError(f"reward function {name!r} returned {v!r} for sample {i} (prompt "
-                                  f"{str(prompts[i])[:60]!r}): a finite number or None is needed")
+                raise RewardError(f"reward function {name!r} returned {v!r} on {_sample(i, prompts, completions)}: "
+                                  "a finite number or None is needed")
             out[i, f] = float(v)
     return out
 
@@ -233,6 +324,52 @@ def weighted_sum(per_function: torch.Tensor, weights) -> torch.Tensor:
     """float64[R]: sum over the functions that apply (not NaN) of weight x reward (TRL's nansum)."""
     w = torch.tensor(list(weights), dtype=torch.float64)
     return torch.nan_to_num(per_function * w, nan=0.0).sum(dim=1)
+
+
+def row_rewards(ro, records: list, rm_scores: Optional[torch.Tensor], funcs: list, tokenizer, prompt_width: int,
+                rm_weight: float, section: str, timeout_s: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A replica's rows (ro: a trainer.rl.rollout.Rollout, records: each row's prompt record) -> (rewards
+    float64[R] = sum_f w_f r_f (None skipped) + rm_weight x rm_scores, each function's rewards float64[R,F]
+    (NaN: None)). Functions get each prompt as its record gave it (else the decoded prompt) and the
+    answer decoded without special tokens, both in the row's shape (module doc), every other record field
+    as a column, and completion_ids. Without functions nothing is decoded. RewardError names the function
+    and the sample; one call may take at most timeout_s seconds (None: no limit)."""
+    per_function = torch.zeros(ro.n_rows, 0, dtype=torch.float64)
+    if funcs:
+        assert len(records) == ro.n_rows, (len(records), ro.n_rows)  # this replica's records, one per row
+        ids = ro.answer_ids(prompt_width)
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        prompts = [rec.get("prompt") if rec.get("prompt") is not None else
+                   tokenizer.decode(ro.ids[r, :prompt_width][ro.mask[r, :prompt_width].bool()], skip_special_tokens=True)
+                   for r, rec in enumerate(records)]
+        completions = [[{"role": "assistant", "content": text}] if is_conversation(prompt) else text
+                       for prompt, text in zip(prompts, texts)]
+        names = sorted({k for rec in records for k in rec} - {"prompt"})
+        columns = {k: [rec.get(k) for rec in records] for k in names}
+        if "completion_ids" in columns:
+            raise RewardError("a prompt record has a field 'completion_ids': the name is the answers' token ids "
+                              "(TRL's); rename the field")
+        per_function = call_reward_functions(funcs, prompts, completions, {**columns, "completion_ids": ids}, section,
+                                             timeout_s)
+    rewards = weighted_sum(per_function, [w for _, _, w in funcs])
+    if rm_scores is not None:
+        rewards = rewards + rm_weight * rm_scores.double()
+    return rewards, per_function
+
+
+def score_rows(ro, records: list, rm_scores: Optional[torch.Tensor], funcs: list, tokenizer, prompt_width: int,
+               rm_weight: float, section: str, timeout_s: Optional[float], on_last_stage: bool) -> tuple:
+    """Collective when there are functions: row_rewards on the last stage, (None, None) elsewhere; a reward
+    function's failure on any replica stops every rank with its message (stop_all_ranks_on)."""
+    out, message = (None, None), None
+    if on_last_stage:
+        try:
+            out = row_rewards(ro, records, rm_scores, funcs, tokenizer, prompt_width, rm_weight, section, timeout_s)
+        except RewardError as e:
+            message = str(e)
+    if funcs:  # every rank holds the same list: all join the collective or none
+        stop_all_ranks_on(message)
+    return out
 
 
 def stop_all_ranks_on(message: Optional[str]) -> None:

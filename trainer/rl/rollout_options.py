@@ -1,10 +1,21 @@
-"""What the on-policy recipes (PPO, GRPO) share in their options: the actor is the run's model, and
-a step's rollout is rollout_batch_size prompts x n_samples_per_prompt rows at one fixed width."""
+"""What the on-policy recipes (PPO, GRPO) share in their options: the actor is the run's model, a
+step's rollout is rollout_batch_size prompts x n_samples_per_prompt rows at one fixed width, and the
+reward keys (reward_funcs, reward_weights, ...: checked by trainer.rl.rewards.reward_problems)."""
 from trainer.config import RecipeOptions
 
 
 class RolloutOptions(RecipeOptions):
-    """For an options dataclass with actor_path, rollout_batch_size, n_samples_per_prompt and max_new_tokens."""
+    """For an options dataclass with actor_path, rollout_batch_size, n_samples_per_prompt, max_new_tokens,
+    reward_funcs and reward_weights, and a LABEL naming the recipe ("PPO")."""
+
+    @property
+    def section(self) -> str:
+        """The config section the recipe's keys are in ("ppo"): messages name keys as SECTION.key."""
+        return self.LABEL.lower()
+
+    def weights(self) -> tuple:
+        """One weight per reward function (reward_weights, default 1.0 each)."""
+        return self.reward_weights or (1.0,) * len(self.reward_funcs)
 
     @classmethod
     def shared_defaults(cls, keys: dict) -> dict:
