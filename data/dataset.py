@@ -46,7 +46,7 @@ from torch.utils.data import Dataset
 from data import cache as cache_mod
 from data.batching import LMDataset, PairwiseDataset, PromptDataset, RankedDataset
 from data.chat_template import TEMPLATES, make_template
-from data.errors import DataError, Problem
+from data.errors import DataError, NoSamplesError, Problem
 from data.hashing import file_sha256
 from data.packing import OVERFLOW_POLICIES, Samples, SampleWriter, fit_length, rows_to_arrays
 from data.packing import pack as pack_rows
@@ -141,10 +141,14 @@ def build_dataset(data_paths: PathsArg, tokenizer, max_seq_len: int, *, kind: st
     train = _make(payload, "train")
     if len(train) == 0:
         st = payload["stats"]["train"]
-        hints = "".join(f"; {h}" for h in unused_hints(kind, st["unused"]))
-        raise ValueError(f"no {kind} samples left to train on (types used: {st['types']}, not used by kind={kind!r}: "
-                         f"{st['unused']}, dropped: {st['dropped']}){hints}; check the data, kind, max_seq_len and "
-                         "overflow policy with `python -m data.inspect`")
+        hints = unused_hints(kind, st["unused"])
+        if st["dropped"].get("too_long"):
+            hints.append(f"{st['dropped']['too_long']} record(s) do not fit max_seq_len {max_seq_len} tokens"
+                         + (" even cut (a model template's prompt is cut between whole messages only)"
+                            if overflow != "drop" else " (overflow \"drop\")") + ": raise max_seq_len")
+        raise NoSamplesError(f"no {kind} samples left to train on (types used: {st['types']}, not used by kind={kind!r}: "
+                             f"{st['unused']}, dropped: {st['dropped']}){''.join(f'; {h}' for h in hints)}; check the "
+                             "data, kind, max_seq_len and overflow policy with `python -m data.inspect`")
     return Built(train, _make(payload, "eval"), payload["stats"])
 
 

@@ -43,11 +43,20 @@ class DataError(Exception):
         super().__init__(f"{header}: {n} problem{'s' if n != 1 else ''}\n" + "\n".join(self.lines))
 
 
-class TokenizerError(DataError):
-    """The tokenizer cannot serve this data build (e.g. no safe pad token). A ``DataError``, so every
-    caller that reports data errors without a traceback reports this one too; ``lines`` holds the
-    one message and ``problems`` is empty."""
+class DataMessage(DataError):
+    """A data problem that is one message, not a list of bad records. A ``DataError``, so every caller
+    that reports data errors without a traceback reports this one too; ``lines`` holds the one message
+    and ``problems`` is empty."""
 
     def __init__(self, message: str):
         Exception.__init__(self, message)
         self.problems, self.lines = [], [message]
+
+
+class TokenizerError(DataMessage):
+    """The tokenizer cannot serve this data build (e.g. no safe pad token)."""
+
+
+class NoSamplesError(DataMessage, ValueError):
+    """No sample of the kind asked for is left to train on (every record unused, invalid and skipped, or
+    dropped): the message says what was used, unused and dropped, and what to change."""

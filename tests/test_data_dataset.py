@@ -214,9 +214,18 @@ def _race(cache_dir, q):
 
 
 def test_nothing_to_train_on_is_an_error(tmp_path):
+    """One message (a DataMessage: the entry points print it as one line, exit status 2) that says what was
+    not used and, when records were dropped as too long, that max_seq_len is what to raise."""
+    from data.errors import DataMessage, NoSamplesError
+
     path = write_json(tmp_path / "p.json", [{"type": "prompt", "prompt": "hi"}])
-    with pytest.raises(ValueError, match=r"no lm samples left to train on .*'prompt': 1"):
+    with pytest.raises(NoSamplesError, match=r"no lm samples left to train on .*'prompt': 1") as e:
         build_dataset(path, load_tokenizer("bloom"), T)
+    assert isinstance(e.value, DataMessage) and isinstance(e.value, ValueError) and "max_seq_len 96" not in str(e.value)
+    long = write_json(tmp_path / "long.json", [{"type": "pretrain", "text": "word " * 400}])
+    with pytest.raises(NoSamplesError, match=r"dropped: \{'too_long': 1\}\); 1 record\(s\) do not fit max_seq_len 96 "
+                       r"tokens \(overflow \"drop\"\): raise max_seq_len"):
+        build_dataset(long, load_tokenizer("bloom"), T, overflow="drop")
 
 
 def test_cache_key_covers_the_data_building_code(tmp_path, monkeypatch):

@@ -275,7 +275,7 @@ def test_data_errors_point_at_the_fault(tmp_path, monkeypatch, capsys):
     """Point 12: a JSONL line missing its `}` is reported at its end (column 58, as Python says), not
     column 1; a typo'd record field gets "did you mean"; a missing data file is not told to set
     skip_bad_records (bad records still are)."""
-    from data.errors import DataError, Problem
+    from data.errors import DataError, NoSamplesError, Problem
     from data.records import load_records
     from trainer import launch
 
@@ -301,6 +301,12 @@ def test_data_errors_point_at_the_fault(tmp_path, monkeypatch, capsys):
         assert status == 2 and ("skip_bad_records" in err) == hint, err
         assert err.splitlines()[0] == ("error: the training data has problems (fix them or set \"skip_bad_records\": true):"
                                        if hint else "error: the training data has problems:")
+
+    def nothing_left(*args):
+        raise NoSamplesError("no prompt samples left to train on (...): raise max_seq_len")
+    monkeypatch.setattr(recipes, "get_recipe", lambda stage: nothing_left)
+    status, _ = launch.run_recipe(type("Cfg", (), {"stage": "grpo"})(), launch.Rank(0, 1, "cpu"))
+    assert status == 2 and capsys.readouterr().err == "error: no prompt samples left to train on (...): raise max_seq_len\n"
 
 
 def saved_figures(monkeypatch) -> list:

@@ -11,7 +11,7 @@ run_recipe maps a recipe's errors to exit statuses, each printed by rank 0 as on
 
     NonFiniteError, PreflightError, CheckpointError   1   (a run that went wrong, a bad checkpoint/resume)
     RewardError                                       1   (a PPO or GRPO reward function failed: every rank stops)
-    TokenizerError, DataError                         2   (the user's data or tokenizer)
+    DataMessage (tokenizer, no samples), DataError    2   (the user's data or tokenizer)
     anything else                                     1   the traceback, logged with its rank (report_crash)
 """
 import logging
@@ -80,7 +80,7 @@ def run_recipe(cfg, where: Rank, step: Optional[str] = None) -> tuple[int, Optio
     """Collective: the recipe of cfg.stage on every rank. (0, its summary), or (exit status, None)
     with the error printed by rank 0 (the module docstring's table); `step` names the chain's step in
     the message ("error: [rm] ...")."""
-    from data.errors import DataError, TokenizerError
+    from data.errors import DataError, DataMessage
     from models.pipe_dir import CheckpointError
     from trainer.engine.distributed import report_crash
     from trainer.engine.guards import NonFiniteError
@@ -94,7 +94,7 @@ def run_recipe(cfg, where: Rank, step: Optional[str] = None) -> tuple[int, Optio
         return 0, get_recipe(cfg.stage)(cfg, Topology.from_config(cfg, where.rank, where.world_size), where.device_name)
     except (NonFiniteError, PreflightError, CheckpointError, RewardError) as e:
         status, lines = 1, [f"error: {tag}{e}"]
-    except TokenizerError as e:
+    except DataMessage as e:  # the tokenizer, or no samples left: one message
         status, lines = 2, [f"error: {tag}{e}"]
     except DataError as e:
         where_to_set = " in the section" if step else ""
