@@ -186,6 +186,12 @@ def test_dynamic_sampling_trains_on_groups_with_a_signal(grpo_run):
     for m in steps:  # here one more round always found enough signal groups for both replicas
         assert m["GRPO/frac_reward_zero_std_after_refill"] == 0 and m["GRPO/reward_std"] >= 0.5, m
         assert m["GRPO/num_gen_batches"] == (1 if m["GRPO/frac_reward_zero_std"] == 0 else 2), m
+    # generated tokens/s counts every round's answers: more tokens than the trained batch's when a round was added
+    rows = 2 * 2 * 4  # 2 replicas x 2 prompts x 4 answers
+    for m in steps:
+        generated = m["GRPO/gen_tokens_per_s"] * m["GRPO/time_generate_s"]
+        trained = m["GRPO/completions/mean_length"] * rows
+        assert generated == pytest.approx(trained, rel=1e-9) if m["GRPO/num_gen_batches"] == 1 else generated > trained, m
 
 
 @pytest.mark.multirank

@@ -10,9 +10,10 @@ elsewhere), all-reduced over every rank, then means.
     clipped surrogate's token mean), GRPO/entropy, GRPO/clip_ratio/low_mean, /high_mean, /region_mean
     (token shares where the clip is active, over the update's loss tokens), GRPO/completions/mean_length,
     GRPO/completions/clipped_ratio (answers that hit max_new_tokens without a stop token),
-    GRPO/logprob_gap (max |generator log-prob - training-forward log-prob|), GRPO/gen_tokens_per_s,
-    GRPO/time_generate_s (generation and rewards, every round), GRPO/time_score_s (the log-probs),
-    GRPO/time_train_s. With grpo.max_refill_rounds > 0 (DAPO's dynamic sampling, trainer.rl.dynamic_sampling):
+    GRPO/logprob_gap (max |generator log-prob - training-forward log-prob|), GRPO/gen_tokens_per_s (answer
+    tokens generated, every round and replica, per second of generation), GRPO/time_generate_s (the
+    generation of every round), GRPO/time_score_s (the rewards of every round: reward model and functions;
+    then the actor's and the reference's log-probs of the batch), GRPO/time_train_s. With grpo.max_refill_rounds > 0 (DAPO's dynamic sampling, trainer.rl.dynamic_sampling):
     GRPO/num_gen_batches (generation rounds of the step, verl's name) and
     GRPO/frac_reward_zero_std_after_refill (groups of the trained batch still without a signal: masked).
     The reward and length metrics are over the trained batch's rows.
@@ -24,13 +25,14 @@ from trainer.rl.advantages import group_std, zero_std_groups
 from trainer.rl.grpo_losses import GRPO_STATS
 
 ROLLOUT_SUMS = ("rows", "groups", "reward", "group_std", "zero_std", "zero_std_after_refill", "rm_score", "kl",
-                "answer_tokens", "truncated")
+                "answer_tokens", "truncated", "generated_tokens")
 
 
-def rollout_sums(ro, exp, group: int, n_functions: int, first_rewards=None) -> dict:
+def rollout_sums(ro, exp, group: int, n_functions: int, first_rewards=None, generated_tokens: float = 0.0) -> dict:
     """Collective: the rollout's sums over every replica (float64); exp None off the last stage.
     first_rewards: the first generation round's rewards float64[R] (zero_std counts its groups; default
-    the batch's)."""
+    the batch's). generated_tokens: the answer tokens this replica generated in the step, every round
+    (given on the last stage; default the batch's)."""
     sums = torch.zeros(len(ROLLOUT_SUMS) + 2 * n_functions, dtype=torch.float64)
     if exp is not None:
         r = exp.rewards.double()
@@ -41,7 +43,8 @@ def rollout_sums(ro, exp, group: int, n_functions: int, first_rewards=None) -> d
             zero_std_groups(first_rewards if first_rewards is not None else r, group).double().sum(),
             zero_std_groups(r, group).double().sum(),
             exp.rm_scores.double().sum() if exp.rm_scores is not None else torch.zeros((), dtype=torch.float64),
-            exp.kl.double().sum(), ro.answer.double().sum(), (~ro.ended).double().sum()]),
+            exp.kl.double().sum(), ro.answer.double().sum(), (~ro.ended).double().sum(),
+            torch.tensor(float(generated_tokens or ro.answer.sum()), dtype=torch.float64)]),
             torch.nan_to_num(exp.per_function, nan=0.0).sum(0), applies.double().sum(0)])
     values = all_reduce_sum(sums).tolist()
     out = dict(zip(ROLLOUT_SUMS, values))
@@ -72,7 +75,7 @@ def step_metrics(sums: dict, loss_stats, losses: list, function_names: list, wit
         "GRPO/completions/mean_length": sums["answer_tokens"] / rows,
         "GRPO/completions/clipped_ratio": sums["truncated"] / rows,
         "GRPO/logprob_gap": gap,
-        "GRPO/gen_tokens_per_s": sums["answer_tokens"] / max(seconds["generate"], 1e-9),
+        "GRPO/gen_tokens_per_s": sums["generated_tokens"] / max(seconds["generate"], 1e-9),
         "GRPO/time_generate_s": seconds["generate"],
         "GRPO/time_score_s": seconds["score"],
         "GRPO/time_train_s": seconds["train"],
