@@ -195,6 +195,24 @@ def test_math_answer_and_gsm8k_answers():
     assert math_answer(None, ["1"], answer=[None]) == [None]
 
 
+def test_the_shipped_gsm8k_prompts_reach_math_answer():
+    """data/samples/math_prompts.jsonl (GSM8K's question/answer lines, README's GRPO example): every line is a
+    prompt whose answer column math_answer checks; the reference solution scores 1, the question's own
+    last number 0 (none of them is the answer)."""
+    from transformers import AutoTokenizer
+
+    from data.dataset import build_dataset
+    from trainer.rl.rewards import math_answer
+
+    built = build_dataset(str(REPO / "data" / "samples" / "math_prompts.jsonl"),
+                          AutoTokenizer.from_pretrained(REPO / "configs" / "tiny-llama"), 128, kind="prompt")
+    records = [built.train.record(i) for i in range(len(built.train))]
+    assert len(records) == 16 and built.stats["types"] == {"prompt": 16}
+    answers = [r["answer"] for r in records]
+    assert math_answer(None, answers, answer=answers) == [1.0] * 16
+    assert math_answer(None, [r["prompt"] for r in records], answer=answers) == [0.0] * 16
+
+
 def test_builtin_format_exact_and_overlong():
     from trainer.rl.rewards import exact_match, format_reward, overlong_penalty
 
