@@ -259,6 +259,58 @@ def test_reward_function_failures_are_one_line(tmp_path, body, message):
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+
+TRL_DOCS_STYLE = """
+import numpy as np
+import torch
+
+def reward_len(completions, **kwargs):  # TRL's documentation example: keywords only matter
+    return [-abs(3 - len(c)) for c in completions]
+
+def as_numpy(prompts, completions, **kwargs):
+    return np.array([1.5, 2.0], dtype=np.float32)
+
+def as_tensor(completions, trainer_state, **kwargs):
+    return torch.tensor([float(trainer_state.global_step), float(trainer_state.max_steps)])
+
+def numpy_scalars(completions, **kwargs):
+    return [np.float32(0.25), np.int64(3)]
+
+def a_bool(completions, **kwargs):
+    return [True, 0.0]
+"""
+
+
+def test_functions_written_for_trl_run_unchanged(tmp_path):
+    """Called with keywords as TRL calls them (a function without a prompts parameter works), given
+    trainer_state (reward_trainer_state: steps completed, max steps), returning numpy arrays, tensors and
+    numpy scalars; a bool is still not a reward; a record field that shadows a keyword is refused."""
+    from trainer.rl.rewards import RewardError, call_reward_functions, load_reward_function, reward_trainer_state
+
+    path = write_module(tmp_path, TRL_DOCS_STYLE)
+    state = reward_trainer_state(step=5, total_steps=30)
+    assert (state.global_step, state.max_steps) == (4, 30)
+
+    def run(name):
+        fn = load_reward_function(f"{path}:{name}", {}, 8, "grpo")
+        return call_reward_functions([(name, fn, 1.0)], ["p", "q"], ["abc", "a"], {}, "grpo", trainer_state=state)[:, 0].tolist()
+
+    assert run("reward_len") == [0.0, -2.0]
+    assert run("as_numpy") == [1.5, 2.0]
+    assert run("as_tensor") == [4.0, 30.0]
+    assert run("numpy_scalars") == [0.25, 3.0]
+    with pytest.raises(RewardError, match="returned True on sample 0"):
+        run("a_bool")
+
+    from types import SimpleNamespace
+
+    from trainer.rl.rewards import row_rewards
+    ro = SimpleNamespace(n_rows=1, answer_ids=lambda width: [[1]])
+    tok = SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: ["x"])
+    fn = load_reward_function(f"{path}:reward_len", {}, 8, "grpo")
+    with pytest.raises(RewardError, match="a prompt record has a field 'completions'"):
+        row_rewards(ro, [{"prompt": "p", "completions": "shadow"}], None, [("reward_len", fn, 1.0)], tok, 4, 1.0, "grpo")
+
 SECOND_ROW_FAILS = """
 def strict(prompts, completions, answer, **kw):
     out = []
@@ -526,7 +578,7 @@ def test_a_reward_function_over_its_time_limit_is_one_line(tmp_path):
 
     from trainer.rl.rewards import RewardError, call_reward_functions, load_reward_function
 
-    fn = load_reward_function(f"{write_module(tmp_path, 'import time' + chr(10) + 'def slow(p, c, **kw):' + chr(10) + '    time.sleep(5)')}:slow", {}, 8, "ppo")
+    fn = load_reward_function(f"{write_module(tmp_path, 'import time' + chr(10) + 'def slow(prompts, completions, **kw):' + chr(10) + '    time.sleep(5)')}:slow", {}, 8, "ppo")
     start = time.perf_counter()
     with pytest.raises(RewardError, match=r"'slow' took longer than ppo.reward_timeout_s = 0.2 s on this replica's 2 completions$"):
         call_reward_functions([("slow", fn, 1.0)], ["p", "q"], ["a", "b"], {}, "ppo", timeout_s=0.2)

@@ -52,7 +52,7 @@ from trainer.rl.grpo_rollout import actor_batch, make_experience, minibatch_weig
 from trainer.rl.ppo_losses import reduce_scores, reduce_token_logps
 from trainer.rl.ppo_metrics import logprob_gap
 from trainer.rl.ppo_models import check_models, frozen_config, with_parts
-from trainer.rl.rewards import load_reward_functions, score_rows
+from trainer.rl.rewards import load_reward_functions, reward_trainer_state, score_rows
 from trainer.rl.rollout import PromptSampler, generate_rollout, step_prompt_records
 
 SHOWN = {"reward": "GRPO/reward_mean", "kl": "GRPO/kl", "len": "GRPO/completions/mean_length"}
@@ -104,7 +104,8 @@ def run(cfg, topo, device_name: str) -> dict:
             #    with max_refill_rounds, more rounds until the groups have a reward signal.
             spent = {"generate": 0.0, "score": 0.0, "tokens": 0.0}  # over the step's rounds (generate_round)
             one_round = functools.partial(generate_round, actor, actor_plan, reward, sampler, data.train if data else None,
-                                          funcs, tokenizer, stop_ids, pad_id, cfg, opts, topo, spent, step)
+                                          funcs, tokenizer, stop_ids, pad_id, cfg, opts, topo, spent,
+                                          reward_trainer_state(step, total_steps), step)
             batch, rounds, first_rewards = sample_groups(one_round, opts.n_samples_per_prompt, opts.max_refill_rounds,
                                                          topo.dp_rank, topo.data, all_reduce_sum)
             ro = batch.ro
@@ -158,7 +159,7 @@ def sampling_of(opts) -> SamplingConfig:
 
 
 def generate_round(actor, actor_plan, reward, sampler, dataset, funcs, tokenizer, stop_ids, pad_id: int, cfg, opts, topo,
-                   spent: dict, step: int, round_: int) -> ScoredRound:
+                   spent: dict, trainer_state, step: int, round_: int) -> ScoredRound:
     """Collective: round round_ of the step's rollout: rollout_batch_size prompts from rank 0's sampler,
     this replica's share generated, the reward model's scores and the reward functions' rewards. Adds its
     seconds to spent["generate"] (prompts and generation) and spent["score"] (rewards), and on the last
@@ -170,7 +171,7 @@ def generate_round(actor, actor_plan, reward, sampler, dataset, funcs, tokenizer
     t1 = time.perf_counter()
     rm_scores = reward_model_scores(ro, reward, cfg)
     rewards = score_rewards(ro, replica_share(records, actor.module, opts.n_samples_per_prompt), rm_scores, funcs,
-                            tokenizer, cfg, opts, topo)
+                            tokenizer, cfg, opts, topo, trainer_state)
     spent["generate"] += t1 - t0
     spent["score"] += time.perf_counter() - t1
     spent["tokens"] += float(ro.answer.sum()) if topo.is_last_stage else 0.0
@@ -203,11 +204,12 @@ def reward_model_scores(ro, reward, cfg):
     return torch.cat(scores) if scores is not None else None
 
 
-def score_rewards(ro, records, rm_scores, funcs, tokenizer, cfg, opts, topo) -> tuple:
+def score_rewards(ro, records, rm_scores, funcs, tokenizer, cfg, opts, topo, trainer_state=None) -> tuple:
     """Collective: (rewards float64[R], per function float64[R,F]) on the last stage, (None, None)
-    elsewhere; a reward function's failure on any replica stops every rank with its message."""
+    elsewhere; a reward function's failure on any replica stops every rank with its message.
+    trainer_state: what the functions get as TRL's trainer_state (trainer.rl.rewards.reward_trainer_state)."""
     return score_rows(ro, records, rm_scores, funcs, tokenizer, cfg.max_seq_len, opts.reward_model_weight, opts.section,
-                      opts.reward_timeout_s, topo.is_last_stage)
+                      opts.reward_timeout_s, topo.is_last_stage, trainer_state)
 
 
 def update(actor, ro, exp, cfg, opts, topo, step: int) -> list:

@@ -85,7 +85,7 @@ from trainer.rl.ppo_losses import ActorLoss, CriticLoss, reduce_scores, reduce_t
 from trainer.rl.ppo_metrics import logprob_gap, rollout_sums, step_metrics, whitening_moments
 from trainer.rl.ppo_models import check_models, critic_config, frozen_config, log_plans, model_configs, plan_models
 from trainer.rl.ptx import load_ptx_batches, ptx_step
-from trainer.rl.rewards import load_reward_functions, metric_names, score_rows
+from trainer.rl.rewards import load_reward_functions, metric_names, reward_trainer_state, score_rows
 from trainer.rl.rollout import (
     PromptSampler,
     actor_batch,
@@ -164,7 +164,8 @@ def run(cfg, topo, device_name: str) -> dict:
             # 2. Score: the models' forward-only passes; the reward functions; results on the last stage.
             old_logps, ref_logps, values, rm_scores = score_rollout(ro, actor, ref, critic, reward, cfg, opts)
             scores, per_function = score_rewards(ro, replica_share(records, actor.module, opts.n_samples_per_prompt),
-                                                 rm_scores, funcs, tokenizer, cfg, opts, topo)
+                                                 rm_scores, funcs, tokenizer, cfg, opts, topo,
+                                                 reward_trainer_state(step, total_steps))
             t2 = time.perf_counter()
             # 3. Advantages: token rewards, GAE, returns (last stage); whitened over the whole rollout.
             exp = make_experience(ro, old_logps, ref_logps, values, scores, per_function, rm_scores, opts) \
@@ -225,12 +226,13 @@ def score_rollout(ro, actor, ref, critic, reward, cfg, opts) -> tuple:
     return old, ref_logps, values, rm_scores
 
 
-def score_rewards(ro, records: list, rm_scores, funcs: list, tokenizer, cfg, opts, topo) -> tuple:
+def score_rewards(ro, records: list, rm_scores, funcs: list, tokenizer, cfg, opts, topo, trainer_state=None) -> tuple:
     """Collective: (each row's score float64[R] = sum_f w_f r_f (None skipped) + reward_model_weight x the
     RM score, each function's rewards float64[R,F]) on the last stage, (None, None) elsewhere; a reward
-    function's failure on any replica stops every rank with its message. records: this replica's rows'."""
+    function's failure on any replica stops every rank with its message. records: this replica's rows';
+    trainer_state: what the functions get as TRL's trainer_state (trainer.rl.rewards.reward_trainer_state)."""
     return score_rows(ro, records, rm_scores, funcs, tokenizer, cfg.max_seq_len, opts.reward_model_weight, opts.section,
-                      opts.reward_timeout_s, topo.is_last_stage)
+                      opts.reward_timeout_s, topo.is_last_stage, trainer_state)
 
 
 def update(actor, critic, ro, exp, cfg, opts, topo, step: int, ptx, ema) -> dict:

@@ -2,12 +2,14 @@
 
     f(prompts: list[str | list[dict]], completions: list[str | list[dict]], **columns) -> list[float | None]
 
-prompts: each row's prompt as the record gave it; completions: the generated answers decoded without
-special tokens; columns: every other field of the prompt records, one list per field (e.g. answer=[...]),
-plus completion_ids (the answer token ids, as TRL passes them). A function may ignore what it does not
-need (**kwargs). None means "does not apply to this sample": a row's reward is the weighted sum over the
-functions that apply (TRL's nansum; a row no function applies to gets 0), plus reward_model_weight x the
-reward model's score where the recipe has one.
+called with keywords, as TRL calls them: prompts, each row's prompt as the record gave it; completions,
+the generated answers decoded without special tokens; columns, every other field of the prompt records,
+one list per field (e.g. answer=[...]); completion_ids, the answer token ids; trainer_state, a
+transformers.TrainerState (global_step: the RL steps completed, max_steps). A function may ignore what
+it does not need (**kwargs), so TRL's `def f(completions, **kwargs)` runs unchanged. It returns a list (or
+a 1-D array / tensor) of numbers or None. None means "does not apply to this sample": a row's reward is
+the weighted sum over the functions that apply (TRL's nansum; a row no function applies to gets 0), plus
+reward_model_weight x the reward model's score where the recipe has one.
 
 Shapes (TRL's two formats, decided per row): a record whose prompt is a list of {"role", "content"}
 messages is conversational: its prompt is passed as that list and its completion as
@@ -39,6 +41,7 @@ import importlib
 import importlib.util
 import json
 import math
+import numbers
 import re
 import signal
 import sys
@@ -224,6 +227,15 @@ def load_reward_functions(opts) -> list[tuple[str, Callable, float]]:
             for spec, w in zip(opts.reward_funcs, opts.weights())]
 
 
+def reward_trainer_state(step: int, total_steps: int):
+    """What TRL passes its reward functions as trainer_state during RL step `step` (1-based) of
+    total_steps: a transformers.TrainerState with global_step = the steps completed (step - 1) and
+    max_steps = total_steps, e.g. for a curriculum."""
+    from transformers import TrainerState
+
+    return TrainerState(global_step=step - 1, max_steps=total_steps)
+
+
 def metric_names(funcs: list) -> list[str]:
     """Each function's name in the metrics (RECIPE/rewards/<name>/mean): a spec's function part."""
     return [spec.rpartition(":")[2] for spec, _, _ in funcs]
@@ -269,11 +281,11 @@ def _sample(i: int, prompts: list, completions: list) -> str:
             f"completion {_excerpt(completions[i])})")
 
 
-def _first_failing_row(fn, prompts: list, completions: list, columns: dict):
+def _first_failing_row(fn, prompts: list, completions: list, columns: dict, extra: dict):
     """(row, exception) of the first row whose call alone raises, else None (the failure needs several rows)."""
     for i in range(len(completions)):
         try:
-            fn([prompts[i]], [completions[i]], **{k: [v[i]] for k, v in columns.items()})
+            fn(prompts=[prompts[i]], completions=[completions[i]], **{k: [v[i]] for k, v in columns.items()}, **extra)
         except _Timeout:  # the search's own time limit (the caller's), not the row's failure
             raise
         except Exception as e:  # noqa: BLE001 - the user's code
@@ -281,23 +293,40 @@ def _first_failing_row(fn, prompts: list, completions: list, columns: dict):
     return None
 
 
+def _as_number(value) -> Optional[float]:
+    """A reward value as a float: any real number (Python's, numpy's) or a one-element tensor / array, as
+    TRL's torch.tensor(rewards) takes them; None for anything else (a bool, a string, a list)."""
+    if isinstance(value, (bool, str)) or type(value).__name__ == "bool_":
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if hasattr(value, "numel") and value.numel() == 1 and value.dtype != torch.bool:  # a torch tensor
+        return float(value.reshape(()).item())
+    if hasattr(value, "size") and hasattr(value, "dtype") and value.size == 1 and value.dtype.kind in "iuf":  # numpy
+        return float(value.reshape(()).item())
+    return None
+
+
 def call_reward_functions(funcs: list, prompts: list, completions: list, columns: dict, section: str,
-                          timeout_s: Optional[float] = None) -> torch.Tensor:
-    """float64[R, F]: each function's reward per row, NaN where it returned None. RewardError (one line)
+                          timeout_s: Optional[float] = None, trainer_state=None) -> torch.Tensor:
+    """float64[R, F]: each function's reward per row, NaN where it returned None. Each function is called
+    as TRL calls it: f(prompts=..., completions=..., **columns, trainer_state=...). RewardError (one line)
     on an exception (naming the first sample that raises alone: the function is called again row by
     row, within one more timeout_s), a call longer than timeout_s (SECTION.reward_timeout_s), a wrong
-    length, a NaN or a non-number (naming the sample)."""
+    length, a NaN or a non-number (naming the sample). A list, tuple, numpy array or tensor of numbers
+    (Python's, numpy's, one-element tensors) or None is a valid return."""
     n = len(completions)
+    extra = {"trainer_state": trainer_state}
     out = torch.full((n, len(funcs)), math.nan, dtype=torch.float64)
     for f, (name, fn, _) in enumerate(funcs):
         try:
-            values = _call_with_timeout(fn, timeout_s, prompts, completions, **columns)
+            values = _call_with_timeout(fn, timeout_s, prompts=prompts, completions=completions, **columns, **extra)
         except _Timeout:
             raise RewardError(f"reward function {name!r} took longer than {section}.reward_timeout_s = {timeout_s} s on "
                               f"this replica's {n} completions") from None
         except Exception as e:  # noqa: BLE001 - the user's code: reported in one line on every rank
             try:
-                found = _call_with_timeout(_first_failing_row, timeout_s, fn, prompts, completions, columns)
+                found = _call_with_timeout(_first_failing_row, timeout_s, fn, prompts, completions, columns, extra)
             except _Timeout:
                 found = None
             if found is None:
@@ -306,6 +335,8 @@ def call_reward_functions(funcs: list, prompts: list, completions: list, columns
             i, row_error = found
             raise RewardError(f"reward function {name!r} raised {type(row_error).__name__}: {_one_line(row_error)} on "
                               f"{_sample(i, prompts, completions)}") from None
+        if hasattr(values, "tolist") and getattr(values, "ndim", 0) == 1:  # a numpy array or a tensor of rewards
+            values = values.tolist()
         if not isinstance(values, (list, tuple)) or len(values) != n:
             got = f"{len(values)} values" if isinstance(values, (list, tuple)) else f"a {type(values).__name__}"
             raise RewardError(f"reward function {name!r} returned {got} for this replica's {n} completions "
@@ -313,10 +344,11 @@ def call_reward_functions(funcs: list, prompts: list, completions: list, columns
         for i, v in enumerate(values):
             if v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v):
+            number = _as_number(v)
+            if number is None or math.isnan(number) or math.isinf(number):
                 raise RewardError(f"reward function {name!r} returned {v!r} on {_sample(i, prompts, completions)}: "
                                   "a finite number or None is needed")
-            out[i, f] = float(v)
+            out[i, f] = number
     return out
 
 
@@ -327,13 +359,15 @@ def weighted_sum(per_function: torch.Tensor, weights) -> torch.Tensor:
 
 
 def row_rewards(ro, records: list, rm_scores: Optional[torch.Tensor], funcs: list, tokenizer, prompt_width: int,
-                rm_weight: float, section: str, timeout_s: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                rm_weight: float, section: str, timeout_s: Optional[float] = None,
+                trainer_state=None) -> tuple[torch.Tensor, torch.Tensor]:
     """A replica's rows (ro: a trainer.rl.rollout.Rollout, records: each row's prompt record) -> (rewards
     float64[R] = sum_f w_f r_f (None skipped) + rm_weight x rm_scores, each function's rewards float64[R,F]
     (NaN: None)). Functions get each prompt as its record gave it (else the decoded prompt) and the
     answer decoded without special tokens, both in the row's shape (module doc), every other record field
-    as a column, and completion_ids. Without functions nothing is decoded. RewardError names the function
-    and the sample; one call may take at most timeout_s seconds (None: no limit)."""
+    as a column, completion_ids, and trainer_state (reward_trainer_state). Without functions nothing is
+    decoded. RewardError names the function and the sample; one call may take at most timeout_s seconds
+    (None: no limit)."""
     per_function = torch.zeros(ro.n_rows, 0, dtype=torch.float64)
     if funcs:
         assert len(records) == ro.n_rows, (len(records), ro.n_rows)  # this replica's records, one per row
@@ -346,11 +380,13 @@ def row_rewards(ro, records: list, rm_scores: Optional[torch.Tensor], funcs: lis
                        for prompt, text in zip(prompts, texts)]
         names = sorted({k for rec in records for k in rec} - {"prompt"})
         columns = {k: [rec.get(k) for rec in records] for k in names}
-        if "completion_ids" in columns:
-            raise RewardError("a prompt record has a field 'completion_ids': the name is the answers' token ids "
-                              "(TRL's); rename the field")
+        taken = sorted(set(columns) & {"prompts", "completions", "completion_ids", "trainer_state"})
+        if taken:
+            raise RewardError(f"a prompt record has a field {taken[0]!r}: the reward functions get that name from the "
+                              "trainer (TRL's keywords: prompts, completions, completion_ids, trainer_state); rename "
+                              "the field")
         per_function = call_reward_functions(funcs, prompts, completions, {**columns, "completion_ids": ids}, section,
-                                             timeout_s)
+                                             timeout_s, trainer_state)
     rewards = weighted_sum(per_function, [w for _, _, w in funcs])
     if rm_scores is not None:
         rewards = rewards + rm_weight * rm_scores.double()
@@ -358,13 +394,15 @@ def row_rewards(ro, records: list, rm_scores: Optional[torch.Tensor], funcs: lis
 
 
 def score_rows(ro, records: list, rm_scores: Optional[torch.Tensor], funcs: list, tokenizer, prompt_width: int,
-               rm_weight: float, section: str, timeout_s: Optional[float], on_last_stage: bool) -> tuple:
+               rm_weight: float, section: str, timeout_s: Optional[float], on_last_stage: bool,
+               trainer_state=None) -> tuple:
     """Collective when there are functions: row_rewards on the last stage, (None, None) elsewhere; a reward
     function's failure on any replica stops every rank with its message (stop_all_ranks_on)."""
     out, message = (None, None), None
     if on_last_stage:
         try:
-            out = row_rewards(ro, records, rm_scores, funcs, tokenizer, prompt_width, rm_weight, section, timeout_s)
+            out = row_rewards(ro, records, rm_scores, funcs, tokenizer, prompt_width, rm_weight, section, timeout_s,
+                              trainer_state)
         except RewardError as e:
             message = str(e)
     if funcs:  # every rank holds the same list: all join the collective or none
