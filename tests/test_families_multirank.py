@@ -39,6 +39,7 @@ TRAINED = ("qwen2", "qwen3", "mistral", "llama3", "qwen2_sliding", "mistral_slid
 TEMPLATE_MODEL = ("qwen2", "llama3")  # acceptance: Qwen2.5-shaped and Llama-3.1-shaped
 LAYOUTS = {2: [2, 5], 3: [2, 2, 3]}
 # 3 stages: one model per family and the sliding variants (tied/untied heads are covered on 2 stages).
+GRPO_FAMILIES = ("qwen3", "gemma3")
 THREE_STAGES = ("qwen2", "qwen3", "mistral_sliding", "llama3", "qwen2_sliding", "gemma3")   # 2 stages: block 1 (full) and blocks 2-3 (sliding in qwen2_sliding) share stage 1
 
 
@@ -71,8 +72,8 @@ def write_spec(tmp, stages, model_dirs, batch, train_configs=()):
 
 def recipe_configs(tmp, model_dirs) -> list:
     """The other recipes on the families (each 2 stages, 2-3 steps): SFT with packing on a model with
-    sliding-window layers (its parity with HF is checked below), RM, DPO (sliding windows), and PPO
-    with the RM as critic and reward model."""
+    sliding-window layers (its parity with HF is checked below), RM, DPO (sliding windows), PPO
+    with the RM as critic and reward model, and GRPO with a reference on Qwen3 and Gemma 3."""
     from test_train_parity import PACK_SEQ
 
     pairs = str(REPO / "data" / "samples" / "preferences.jsonl")
@@ -93,7 +94,18 @@ def recipe_configs(tmp, model_dirs) -> list:
                model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [2, 5]})
     ppo["ppo"].update(rollout_batch_size=8, max_new_tokens=6)
     (tmp / "ppo_llama3.json").write_text(json.dumps(ppo))
-    return configs + [tmp / "ppo_llama3.json"]
+    configs.append(tmp / "ppo_llama3.json")
+    for family in GRPO_FAMILIES:  # GRPO with a reference (kl_coef > 0): generation, scoring and training per family
+        grpo = json.loads((REPO / "configs" / "grpo_tiny.json").read_text())
+        grpo.pop("csv_monitor")
+        grpo.update(actor_path=str(model_dirs[family][1]), save_path=str(tmp / f"grpo_{family}"), train_steps=2,
+                    resume="never", save_interval=0, model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]},
+                                                                 "parts": LAYOUTS[2]})
+        grpo["grpo"].update(rollout_batch_size=2, n_samples_per_prompt=4, max_new_tokens=6, kl_coef=0.05,
+                            reward_funcs=["overlong"], reward_kwargs={"overlong": {"max_length": 6, "buffer": 4}})
+        (tmp / f"grpo_{family}.json").write_text(json.dumps(grpo))
+        configs.append(tmp / f"grpo_{family}.json")
+    return configs
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +245,18 @@ def test_rm_dpo_and_ppo_recipes_run_on_the_families(runs, name):
     assert summary["step"] == 2
     history = summary["history"]
     assert len(history) == 2 and all(math.isfinite(loss) for _, loss in history), history
+
+
+
+@pytest.mark.parametrize("family", GRPO_FAMILIES)
+def test_grpo_generates_with_the_weights_it_trains_on_the_families(runs, family):
+    """Two GRPO steps with a reference: the generator's log-probs equal the training forward's (the KV-cached
+    decoder and the pipeline's forward agree on the family's layers: q/k norms, sliding windows, scaled
+    embeddings), the reference starts equal to the actor (KL 0), and the update is finite."""
+    import math
+
+    summary = summary_of(runs, f"grpo_{family}")
+    assert summary["step"] == 2 and all(math.isfinite(loss) for _, loss in summary["history"])
+    metrics = [m for _, m in summary["train_metrics"]]
+    assert max(m["GRPO/logprob_gap"] for m in metrics) <= 1e-5, metrics
+    assert metrics[0]["GRPO/kl"] == 0.0 and metrics[0]["GRPO/completions/mean_length"] > 0
