@@ -278,13 +278,27 @@ def numpy_scalars(completions, **kwargs):
 
 def a_bool(completions, **kwargs):
     return [True, 0.0]
+
+async def checked_remotely(completions, **kwargs):  # TRL's async reward functions (e.g. a sandbox's API)
+    import asyncio
+
+    async def one(c):
+        await asyncio.sleep(0.01)
+        return float(len(c))
+    return list(await asyncio.gather(*(one(c) for c in completions)))
+
+async def never_answers(completions, **kwargs):
+    import asyncio
+
+    await asyncio.sleep(30)
 """
 
 
 def test_functions_written_for_trl_run_unchanged(tmp_path):
     """Called with keywords as TRL calls them (a function without a prompts parameter works), given
     trainer_state (reward_trainer_state: steps completed, max steps), returning numpy arrays, tensors and
-    numpy scalars; a bool is still not a reward; a record field that shadows a keyword is refused."""
+    numpy scalars; a bool is still not a reward; async functions are awaited, within reward_timeout_s; a
+    record field that shadows a keyword is refused."""
     from trainer.rl.rewards import RewardError, call_reward_functions, load_reward_function, reward_trainer_state
 
     path = write_module(tmp_path, TRL_DOCS_STYLE)
@@ -301,6 +315,10 @@ def test_functions_written_for_trl_run_unchanged(tmp_path):
     assert run("numpy_scalars") == [0.25, 3.0]
     with pytest.raises(RewardError, match="returned True on sample 0"):
         run("a_bool")
+    assert run("checked_remotely") == [3.0, 1.0]
+    fn = load_reward_function(f"{path}:never_answers", {}, 8, "grpo")
+    with pytest.raises(RewardError, match=r"'never_answers' took longer than grpo.reward_timeout_s = 0.2 s"):
+        call_reward_functions([("never_answers", fn, 1.0)], ["p"], ["a"], {}, "grpo", timeout_s=0.2)
 
     from types import SimpleNamespace
 

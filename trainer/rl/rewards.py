@@ -6,8 +6,9 @@ called with keywords, as TRL calls them: prompts, each row's prompt as the recor
 the generated answers decoded without special tokens; columns, every other field of the prompt records,
 one list per field (e.g. answer=[...]); completion_ids, the answer token ids; trainer_state, a
 transformers.TrainerState (global_step: the RL steps completed, max_steps). A function may ignore what
-it does not need (**kwargs), so TRL's `def f(completions, **kwargs)` runs unchanged. It returns a list (or
-a 1-D array / tensor) of numbers or None. None means "does not apply to this sample": a row's reward is
+it does not need (**kwargs), so TRL's `def f(completions, **kwargs)` runs unchanged; an `async def`
+function is awaited (on its own event loop: it may gather its own requests, e.g. to a sandbox). It returns
+a list (or a 1-D array / tensor) of numbers or None. None means "does not apply to this sample": a row's reward is
 the weighted sum over the functions that apply (TRL's nansum; a row no function applies to gets 0), plus
 reward_model_weight x the reward model's score where the recipe has one.
 
@@ -37,8 +38,10 @@ Built-ins:
                   (max_length - buffer - L) / buffer up to max_length, -1 beyond (reward_kwargs "overlong":
                   {"max_length": (SECTION.max_new_tokens), "buffer": (a fifth of max_length)})
 """
+import asyncio
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import numbers
@@ -266,6 +269,17 @@ def _call_with_timeout(fn, timeout_s: Optional[float], *args, **kwargs):
         signal.signal(signal.SIGALRM, previous)
 
 
+def _invoke(fn, **kwargs):
+    """fn(**kwargs); a result to await (an async def function, TRL's async reward functions) is run to
+    completion on an event loop of its own."""
+    result = fn(**kwargs)
+    if inspect.isawaitable(result):
+        async def wait():
+            return await result
+        result = asyncio.run(wait())
+    return result
+
+
 def _one_line(text) -> str:
     return " ".join(str(text).split("\n"))
 
@@ -285,7 +299,8 @@ def _first_failing_row(fn, prompts: list, completions: list, columns: dict, extr
     """(row, exception) of the first row whose call alone raises, else None (the failure needs several rows)."""
     for i in range(len(completions)):
         try:
-            fn(prompts=[prompts[i]], completions=[completions[i]], **{k: [v[i]] for k, v in columns.items()}, **extra)
+            _invoke(fn, prompts=[prompts[i]], completions=[completions[i]], **{k: [v[i]] for k, v in columns.items()},
+                    **extra)
         except _Timeout:  # the search's own time limit (the caller's), not the row's failure
             raise
         except Exception as e:  # noqa: BLE001 - the user's code
@@ -320,7 +335,8 @@ def call_reward_functions(funcs: list, prompts: list, completions: list, columns
     out = torch.full((n, len(funcs)), math.nan, dtype=torch.float64)
     for f, (name, fn, _) in enumerate(funcs):
         try:
-            values = _call_with_timeout(fn, timeout_s, prompts=prompts, completions=completions, **columns, **extra)
+            values = _call_with_timeout(_invoke, timeout_s, fn, prompts=prompts, completions=completions, **columns,
+                                        **extra)
         except _Timeout:
             raise RewardError(f"reward function {name!r} took longer than {section}.reward_timeout_s = {timeout_s} s on "
                               f"this replica's {n} completions") from None
