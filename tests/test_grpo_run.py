@@ -127,16 +127,16 @@ def test_grpo_toy_reward_rises(grpo_run):
 
 @pytest.mark.multirank
 def test_a_reward_model_and_reward_functions_weighted_together(grpo_run):
-    """GRPO/reward_mean = sum_f w_f GRPO/rewards/<f>/mean + reward_model_weight x GRPO/score_mean (the RM's
+    """GRPO/reward_mean = sum_f w_f GRPO/rewards/<f>/mean + reward_model_weight x GRPO/rm_score_mean (the RM's
     raw score), each function applying to every row; every term is non-zero."""
     runs, _ = grpo_run
     summary = runs["rm_and_functions"]
     assert summary["step"] == 2
     for _, m in summary["train_metrics"]:
         parts = (FUNCTION_WEIGHTS[0] * m["GRPO/rewards/marker_count/mean"], FUNCTION_WEIGHTS[1] * m["GRPO/rewards/overlong/mean"],
-                 RM_WEIGHT * m["GRPO/score_mean"])
+                 RM_WEIGHT * m["GRPO/rm_score_mean"])
         assert m["GRPO/reward_mean"] == pytest.approx(sum(parts), rel=1e-6, abs=1e-9), (m, parts)
-    for name in ("GRPO/rewards/marker_count/mean", "GRPO/rewards/overlong/mean", "GRPO/score_mean"):
+    for name in ("GRPO/rewards/marker_count/mean", "GRPO/rewards/overlong/mean", "GRPO/rm_score_mean"):
         assert any(m[name] != 0 for _, m in summary["train_metrics"]), name
 
 

@@ -2,7 +2,7 @@
 elsewhere), all-reduced over every rank, then means.
 
     GRPO/reward_mean, GRPO/reward_std (TRL's: the mean over groups of each group's std),
-    GRPO/rewards/<function>/mean (over the rows it applied to), GRPO/score_mean (the reward model's raw
+    GRPO/rewards/<function>/mean (over the rows it applied to), GRPO/rm_score_mean (the reward model's raw
     score, with reward_path), GRPO/frac_reward_zero_std (groups whose rewards are all equal: no signal; with
     grpo.max_refill_rounds those of the step's first generation round, as without refill),
     GRPO/kl (the rollout's KL estimate per answer token, kl_estimator, old vs reference log-probs; 0
@@ -63,7 +63,7 @@ def step_metrics(sums: dict, loss_stats, losses: list, function_names: list, wit
         "GRPO/reward_std": sums["group_std"] / groups,
         **{f"GRPO/rewards/{name}/mean": s / c if c else 0.0
            for name, s, c in zip(function_names, sums["function_sums"], sums["function_counts"])},
-        **({"GRPO/score_mean": sums["rm_score"] / rows} if with_rm else {}),
+        **({"GRPO/rm_score_mean": sums["rm_score"] / rows} if with_rm else {}),
         "GRPO/frac_reward_zero_std": sums["zero_std"] / groups,
         "GRPO/kl": sums["kl"] / max(sums["answer_tokens"], 1.0),
         "GRPO/loss": sum(losses) / max(len(losses), 1),
