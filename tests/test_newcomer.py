@@ -328,7 +328,8 @@ def test_plots_and_endings_say_what_they_show(tmp_path, monkeypatch):
     from trainer.recipes.common import finish
 
     figures = saved_figures(monkeypatch)
-    cfg = SimpleNamespace(stage="ppo", save_path=str(tmp_path), options=SimpleNamespace(ema_decay=None))
+    cfg = SimpleNamespace(stage="ppo", save_path=str(tmp_path), options=SimpleNamespace(ema_decay=None, reward_funcs=(),
+                                                                                         reward_path=None))
     curve = [[s, -1.0 + s * 0.1, -0.9 + s * 0.1, 0.01 * s] for s in range(1, 21)]
     summary = {"step": 20, "start_step": 0, "history": [[s, 0.5] for s in range(1, 21)], "evals": [],
                "train_metrics": [[s, {"PPO/reward_mean": r, "PPO/score_mean": c, "PPO/kl": k}] for s, r, c, k in curve]}
@@ -340,6 +341,11 @@ def test_plots_and_endings_say_what_they_show(tmp_path, monkeypatch):
     assert [l.get_label() for l in left.get_lines()] == ["reward (RM score - KL penalty)", "RM score"]
     assert [l.get_label() for l in right.get_lines()] == ["KL to the reference"]
     assert right.get_ylabel() == "KL (nats per answer)" and "reward" in left.get_ylabel()
+    # PPO scored by reward functions alone: the line and the curve name their score, not an RM's
+    cfg.options.reward_funcs = ("math_answer",)
+    assert "; reward functions' score -0.6 -> 0.9), KL 0.18" in done_line(cfg, summary)
+    assert [l.get_label() for l in figures[-1].axes[0].get_lines()] == ["reward (reward functions' score - KL penalty)",
+                                                                         "reward functions' score"]
 
     rerun = done_line(SimpleNamespace(stage="sft", save_path="runs/x"), {**summary, "start_step": 20})
     assert rerun.startswith("done: nothing to train: runs/x already holds step 20") and "raise train_steps or n_epochs" in rerun

@@ -318,7 +318,15 @@ def state_result(summary: dict) -> dict:
 
 
 def headline(result: dict, cfg) -> dict:
-    return {**reward_trend(result["curve"]), "reward_curve": str(Path(cfg.save_path) / REWARD_CURVE)}
+    return {**reward_trend(result["curve"]), "reward_curve": str(Path(cfg.save_path) / REWARD_CURVE),
+            "score_name": score_name(cfg.options)}
+
+
+def score_name(opts) -> str:
+    """What PPO/score_mean is, in words: the reward model's score, the reward functions' or both."""
+    if not opts.reward_funcs:
+        return "RM score"
+    return "score (RM + reward functions)" if opts.reward_path else "reward functions' score"
 
 
 def reward_trend(curve: list) -> dict:
@@ -339,17 +347,19 @@ def headline_text(numbers: dict) -> str:
 
     s = numbers
     return (f"reward {fmt(s['reward_start'])} -> {fmt(s['reward_end'])} (means of the first / last {s['window']} "
-            f"steps; RM score {fmt(s['score_start'])} -> {fmt(s['score_end'])}), KL {fmt(s['kl_end'])}; "
+            f"steps; {s.get('score_name', 'RM score')} {fmt(s['score_start'])} -> {fmt(s['score_end'])}), "
+            f"KL {fmt(s['kl_end'])}; "
             f"curve {s['reward_curve']}")
 
 
 def write_plots(result: dict, numbers: dict) -> None:
-    """The reward curve (reward, raw RM score, KL per step) where the headline names it."""
+    """The reward curve (reward, raw score, KL per step) where the headline names it."""
     from trainer.metrics import write_metric_curves
 
     curve = result["curve"]
-    write_metric_curves(numbers["reward_curve"], {"reward (RM score - KL penalty)": [(s, r) for s, r, _, _ in curve],
-                                                  "RM score": [(s, c) for s, _, c, _ in curve]},
+    score = numbers.get("score_name", "RM score")
+    write_metric_curves(numbers["reward_curve"], {f"reward ({score} - KL penalty)": [(s, r) for s, r, _, _ in curve],
+                                                  score: [(s, c) for s, _, c, _ in curve]},
                         "PPO step", "reward per answer (mean over the rollout)", "PPO reward",
                         right={"KL to the reference": [(s, k) for s, _, _, k in curve]},
                         right_ylabel="KL (nats per answer)")
