@@ -52,7 +52,7 @@ from trainer.rl.grpo_rollout import actor_batch, make_experience, minibatch_weig
 from trainer.rl.ppo_losses import reduce_scores, reduce_token_logps
 from trainer.rl.ppo_metrics import logprob_gap
 from trainer.rl.ppo_models import check_models, frozen_config, with_parts
-from trainer.rl.rewards import load_reward_functions, reward_trainer_state, score_rows
+from trainer.rl.rewards import load_reward_functions, metric_names, reward_trainer_state, score_rows
 from trainer.rl.rollout import PromptSampler, generate_rollout, step_prompt_records
 
 SHOWN = {"reward": "GRPO/reward_mean", "kl": "GRPO/kl", "len": "GRPO/completions/mean_length"}
@@ -121,9 +121,9 @@ def run(cfg, topo, device_name: str) -> dict:
             losses = update(actor, ro, exp, cfg, opts, topo, step)
             t3 = time.perf_counter()
             # 5. Log and save.
-            metrics = step_metrics(sums, all_reduce_sum(loss_fn.take_stats()), losses, [f[0].rpartition(":")[2] for f in funcs],
-                                   reward is not None, logprob_gap(ro, exp), {"generate": spent["generate"], "score": spent["score"] + t2 - t1, "train": t3 - t2},
-                                   rounds if opts.max_refill_rounds else None)
+            seconds = {"generate": spent["generate"], "score": spent["score"] + t2 - t1, "train": t3 - t2}
+            metrics = step_metrics(sums, all_reduce_sum(loss_fn.take_stats()), losses, metric_names(funcs), reward is not None,
+                                   logprob_gap(ro, exp), seconds, rounds if opts.max_refill_rounds else None)
             state.step = step
             state.history.append([step, metrics["GRPO/loss"]])
             train_metrics.append([step, metrics])
