@@ -55,7 +55,7 @@ def test_readme_activation_line_makes_the_later_commands_work(tmp_path):
 def test_quickstart_scripts_end_with_the_activation_line():
     """Point 1: the quickstarts' closing messages say how to get the commands in a new shell."""
     line = activation_line()
-    for script in ("tools/quickstart.sh", "tools/rlhf_quickstart.sh"):
+    for script in ("tools/quickstart.sh", "tools/rlhf_quickstart.sh", "tools/grpo_quickstart.sh"):
         closing = (REPO / script).read_text().rsplit("<<MSG", 1)[1]
         assert line in closing, script
 
@@ -384,7 +384,7 @@ def test_deepspeed_noise_is_dropped(capsys):
     finally:
         ds_logger.removeHandler(handler)
     assert seen == ["a real warning"]
-    for script in ("tools/quickstart.sh", "tools/rlhf_quickstart.sh"):
+    for script in ("tools/quickstart.sh", "tools/rlhf_quickstart.sh", "tools/grpo_quickstart.sh"):
         text = (REPO / script).read_text()
         assert "deepspeed --quiet --num_gpus 2" in text and "command -v nvidia-smi >/dev/null || export DS_ACCELERATOR=cpu" in text
 
